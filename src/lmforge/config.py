@@ -1,0 +1,96 @@
+"""Typed recipes: dataclasses filled from a YAML file, then from `section.key=value` overrides.
+
+Every field of every section can be overridden from the command line; unknown keys and values
+of the wrong type are errors that name the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from lmforge.errors import LmforgeError
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """['train.lr=1e-3', 'model.dim=64'] -> {'train': {'lr': 0.001}, 'model': {'dim': 64}}."""
+    tree: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise LmforgeError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise LmforgeError(f"{where} must be a mapping, got {value!r}")
+        return build(tp, value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise LmforgeError(f"{where} must be {tp.__name__}, got {value!r}")
+    if origin in (list, dict) and not isinstance(value, origin):
+        raise LmforgeError(f"{where} must be a {origin.__name__}, got {value!r}")
+    return value
+
+
+def build(cls, values: dict, where: str = ""):
+    """Instantiate dataclass `cls` from a nested dict, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - fields
+    if unknown:
+        raise LmforgeError(f"unknown key(s) {sorted(unknown)} in {where or cls.__name__}; "
+                           f"valid keys: {', '.join(sorted(fields))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}".lstrip(".")) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise LmforgeError(f"invalid {where or cls.__name__}: {e}") from e
+
+
+def load_recipe(cls, path: str | Path | None = None, overrides: list[str] | None = None, defaults: dict | None = None):
+    values = dict(defaults or {})
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise LmforgeError(f"recipe not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise LmforgeError(f"{path}: invalid YAML ({e})") from e
+        if not isinstance(loaded, dict):
+            raise LmforgeError(f"{path}: a recipe must be a mapping of sections")
+        values = merge(values, loaded)
+    return build(cls, merge(values, parse_overrides(overrides)))
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)

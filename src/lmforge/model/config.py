@@ -1,0 +1,123 @@
+"""ModelConfig: one dataclass for every Llama-family shape, with named presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 768                      # hidden size
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None       # None -> n_heads (plain multi-head attention)
+    hidden_dim: int | None = None       # SwiGLU intermediate size; None -> ~8/3 * dim rounded up
+    multiple_of: int = 64
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None    # {"type": "linear", "factor": f} or {"type": "llama3", ...}
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    n_experts: int = 0                  # 0 -> dense SwiGLU MLP; >0 -> MoE with top-k routing
+    n_experts_per_token: int = 2
+    moe_aux_loss_coef: float = 0.01
+    init_std: float = 0.02
+    head_dim_override: int | None = field(default=None, repr=False)  # for HF configs with explicit head_dim
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            h = int(8 * self.dim / 3)
+            self.hidden_dim = self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_dim_override or self.dim // self.n_heads
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive (got {getattr(self, name)})")
+        if not problems:
+            if self.head_dim_override is None and self.dim % self.n_heads:
+                problems.append(f"n_heads={self.n_heads} does not divide dim={self.dim}")
+            if self.n_heads % self.n_kv_heads:
+                problems.append(f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}")
+            if self.head_dim % 2:
+                problems.append(f"head_dim={self.head_dim} must be even for RoPE")
+            if self.n_experts < 0 or (self.n_experts and not 1 <= self.n_experts_per_token <= self.n_experts):
+                problems.append(f"n_experts_per_token={self.n_experts_per_token} must be in 1..n_experts={self.n_experts}")
+        if problems:
+            raise LmforgeError("invalid model config: " + "; ".join(problems))
+
+    # --- arithmetic -------------------------------------------------------------------------
+    def num_params(self, *, active: bool = False, embeddings: bool = True) -> int:
+        """Parameter count. active=True counts only the experts a token uses (MoE)."""
+        d, hd = self.dim, self.head_dim
+        attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
+        expert = 3 * d * self.hidden_dim
+        if self.n_experts:
+            used = self.n_experts_per_token if active else self.n_experts
+            mlp = used * expert + d * self.n_experts
+        else:
+            mlp = expert
+        per_layer = attn + mlp + 2 * d
+        total = self.n_layers * per_layer + d
+        if embeddings:
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        else:
+            total += 0 if self.tie_embeddings else self.vocab_size * d  # the output head still computes
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 * (non-embedding active params incl. LM head) + attention term.
+
+        The attention term is 6 * 2 * n_layers * seq_len * n_heads * head_dim / 2 for causal
+        attention (QK^T and AV, half the matrix is masked), following the PaLM/Chinchilla accounting.
+        """
+        t = seq_len or self.max_seq_len
+        n = self.num_params(active=True, embeddings=False)
+        if self.tie_embeddings:
+            n += self.vocab_size * self.dim  # tied head still costs a matmul
+        attn = 6 * self.n_layers * t * self.n_heads * self.head_dim
+        return 6 * n + attn
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise LmforgeError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict] = {
+    # ~4M params: trains on 2 CPU cores inside the speedrun's 15-minute budget.
+    "tiny": dict(vocab_size=4096, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=704,
+                 max_seq_len=256, tie_embeddings=True),
+    "tiny-moe": dict(vocab_size=4096, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=352,
+                     max_seq_len=256, tie_embeddings=True, n_experts=4, n_experts_per_token=2),
+    "125m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048,
+                 max_seq_len=2048, tie_embeddings=True),
+    # The seed checklist's 1B layout: 40 layers, hidden 2048, intermediate 5504.
+    "1b": dict(vocab_size=32000, dim=2048, n_layers=40, n_heads=16, n_kv_heads=16, hidden_dim=5504,
+               max_seq_len=2048),
+    # Llama-2-7B shapes.
+    "7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008,
+               max_seq_len=4096),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise LmforgeError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

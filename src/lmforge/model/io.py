@@ -1,0 +1,124 @@
+"""One loader for every model source, and the two writers (lmforge checkpoint, HF directory).
+
+An lmforge checkpoint is a directory holding `lmforge_model.json` (the exact ModelConfig) and
+`model.safetensors` (our parameter names); a Hugging Face directory holds `config.json`.
+Weights are only ever read from safetensors (or GGUF), never unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model.config import ModelConfig
+from lmforge.model.hf import (config_from_hf, config_to_hf, from_hf_key, read_safetensors_dir,
+                              to_hf_key, write_safetensors_dir)
+from lmforge.model.layers import rope_inv_freq
+from lmforge.model.transformer import Transformer
+
+LMFORGE_CONFIG = "lmforge_model.json"
+
+
+def state_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
+    """State dict without the tied head (safetensors refuses shared storage; loaders re-tie)."""
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], where, dtype=None, device=None):
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device or "cpu")
+    model.inv_freq = rope_inv_freq(cfg).to(model.inv_freq.device)  # buffers are not in the file
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    expected = set(state_for_saving(model))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise LmforgeError(f"{where}: weights do not match the config "
+                           f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    for name, tensor in state.items():
+        target = model.get_parameter(name)
+        if target.shape != tensor.shape:
+            raise LmforgeError(f"{where}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(tensor)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device=None) -> Transformer:
+    """Load a model from an lmforge checkpoint dir, a Hugging Face Llama dir, or a .gguf file."""
+    path = Path(ref)
+    if not path.exists():
+        raise LmforgeError(f"model not found: {ref}")
+    if path.suffix == ".gguf":
+        from lmforge.model.gguf import load_gguf_model  # optional dependency path
+        return load_gguf_model(path, dtype=dtype, device=device)
+    if (path / LMFORGE_CONFIG).exists():
+        try:
+            cfg = ModelConfig.from_dict(json.loads((path / LMFORGE_CONFIG).read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise LmforgeError(f"{path / LMFORGE_CONFIG}: corrupt config ({e})") from e
+        return model_from_state(cfg, read_safetensors_dir(path), path, dtype, device)
+    if (path / "config.json").exists():
+        try:
+            hf = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path / 'config.json'}: corrupt JSON ({e})") from e
+        cfg = config_from_hf(hf)
+        state = {from_hf_key(k): v for k, v in read_safetensors_dir(path).items()}
+        return model_from_state(cfg, state, path, dtype, device)
+    raise LmforgeError(f"{ref}: not an lmforge checkpoint, Hugging Face directory or .gguf file")
+
+
+def _atomic_dir(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def _commit_dir(tmp: Path, path: Path) -> None:
+    """Swap a fully written temp dir into place; a crash before this leaves the old one intact."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
+
+
+def save(model: Transformer, path: str | os.PathLike, extra_files: dict[str, Path] | None = None) -> Path:
+    """Write an lmforge checkpoint directory atomically."""
+    path = Path(path)
+    tmp = _atomic_dir(path)
+    (tmp / LMFORGE_CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    write_safetensors_dir(state_for_saving(model), tmp)
+    for name, src in (extra_files or {}).items():
+        shutil.copy(src, tmp / name)
+    _commit_dir(tmp, path)
+    return path
+
+
+def save_hf(model: Transformer, path: str | os.PathLike, max_shard_bytes: int | None = None,
+            extra_config: dict | None = None, extra_files: dict[str, Path] | None = None) -> Path:
+    """Write a Hugging Face Llama directory (config.json + safetensors, sharded if large)."""
+    path = Path(path)
+    hf_config = config_to_hf(model.cfg, extra_config)
+    tmp = _atomic_dir(path)
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    write_safetensors_dir({to_hf_key(k): v for k, v in state_for_saving(model).items()}, tmp, max_shard_bytes)
+    for name, src in (extra_files or {}).items():
+        shutil.copy(src, tmp / name)
+    _commit_dir(tmp, path)
+    return path
