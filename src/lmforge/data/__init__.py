@@ -1,0 +1,1 @@
+"""Data pipeline: readers, cleaning, dedup, filters, shards."""
