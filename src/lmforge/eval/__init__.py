@@ -1,0 +1,1 @@
+"""Evaluation harness: bits-per-byte, multiple choice, math, code (pass@k), needle-in-a-haystack."""
