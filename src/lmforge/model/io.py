@@ -98,12 +98,17 @@ def _commit_dir(tmp: Path, path: Path) -> None:
         tmp.rename(path)
 
 
+def write_model_files(model: Transformer, directory: Path) -> None:
+    """The model part of an lmforge checkpoint, into an existing directory (not atomic by itself)."""
+    (directory / LMFORGE_CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    write_safetensors_dir(state_for_saving(model), directory)
+
+
 def save(model: Transformer, path: str | os.PathLike, extra_files: dict[str, Path] | None = None) -> Path:
     """Write an lmforge checkpoint directory atomically."""
     path = Path(path)
     tmp = _atomic_dir(path)
-    (tmp / LMFORGE_CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2))
-    write_safetensors_dir(state_for_saving(model), tmp)
+    write_model_files(model, tmp)
     for name, src in (extra_files or {}).items():
         shutil.copy(src, tmp / name)
     _commit_dir(tmp, path)

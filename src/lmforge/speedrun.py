@@ -1,0 +1,176 @@
+"""`lmforge speedrun`: every stage, end to end, on the embedded stdlib corpus, with a report card.
+
+Each stage reads the previous stage's files and writes its own under runs/NAME/; a stage whose
+output already exists is skipped, so an interrupted speedrun picks up where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lmforge.config import load_recipe, to_dict
+from lmforge.train.config import TrainConfig, TrainRecipe
+
+
+@dataclass
+class RunConfig:
+    name: str = "speedrun"
+    root: str = "runs"
+    tokenizer_kind: str = "byte-bpe"
+    vocab_size: int = 4096
+    samples: int = 3
+    sample_tokens: int = 48
+    eval_tokens: int = 262144     # held-out tokens scored for bpb (0: the whole val split)
+
+
+@dataclass
+class SpeedrunRecipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\nclass ", "    for line in "]
+
+
+class Stages:
+    def __init__(self, recipe: SpeedrunRecipe, console: Console):
+        self.recipe, self.console = recipe, console
+        self.dir = Path(recipe.run.root) / recipe.run.name
+        self.report: dict = {"name": recipe.run.name, "recipe": to_dict(recipe), "stages": {}}
+
+    def timed(self, name: str, fn):
+        self.console.rule(f"[bold]{name}")
+        t = time.perf_counter()
+        result = fn()
+        result["seconds"] = round(time.perf_counter() - t, 2)
+        self.report["stages"][name] = result
+        (self.dir / "report.json").write_text(json.dumps(self.report, indent=2))
+        return result
+
+    # --- stages -------------------------------------------------------------------------------
+    def corpus(self) -> dict:
+        from lmforge.data.stdlib import stdlib_documents
+        docs = list(stdlib_documents())
+        self.docs = docs
+        train = [d for d in docs if d.meta["split"] == "train"]
+        return {"documents": len(docs), "train_documents": len(train), "val_documents": len(docs) - len(train),
+                "bytes": sum(len(d.text.encode()) for d in docs)}
+
+    def tokenizer(self) -> dict:
+        from lmforge.tokenizer import compression_report, load_tokenizer, train_tokenizer
+        out = self.dir / "tokenizer"
+        if (out / "tokenizer.json").exists():
+            self.tok = load_tokenizer(out)
+        else:
+            run = self.recipe.run
+            self.tok = train_tokenizer((d.text for d in self.docs if d.meta["split"] == "train"),
+                                       kind=run.tokenizer_kind, vocab_size=run.vocab_size)
+            self.tok.save(out)
+        report = compression_report(self.tok, [d.text for d in self.docs if d.meta["split"] == "val"])
+        return {"vocab_size": self.tok.vocab_size, **report}
+
+    def shards(self) -> dict:
+        from lmforge.data.shards import ShardWriter, read_index
+        out = self.dir / "data"
+        if not (out / "index.json").exists():
+            writer = ShardWriter(out, self.tok.vocab_size, self.tok.eos_id)
+            batch = 64
+            for i in range(0, len(self.docs), batch):
+                chunk = self.docs[i:i + batch]
+                for doc, ids in zip(chunk, self.tok.encode_batch([d.text for d in chunk])):
+                    writer.add(doc.meta["split"], ids)
+            writer.close()
+        index = read_index(out)
+        return {split: sum(s["tokens"] for s in shards) for split, shards in index["splits"].items()}
+
+    def pretrain(self) -> dict:
+        from lmforge.train.trainer import train
+        r = self.recipe
+        r.train.data, r.train.out = str(self.dir / "data"), str(self.dir / "train")
+        summary = train(TrainRecipe(model=r.model, train=r.train), resume=True, console=self.console)
+        self.model_dir = Path(summary["model_dir"])
+        self.tok.save(self.model_dir)  # a self-contained model directory for generate/serve/eval
+        return summary
+
+    def evaluate(self) -> dict:
+        from lmforge.data.shards import TokenShards
+        from lmforge.eval.bpb import bits_per_byte, unigram_byte_bpb
+        from lmforge.model import load
+        model = load(self.model_dir)
+        val = TokenShards(self.dir / "data", "val")
+        n = min(len(val), self.recipe.run.eval_tokens or len(val))
+        result = bits_per_byte(model, val.slice(0, n), self.tok.token_byte_lengths(),
+                               seq_len=self.recipe.train.seq_len, batch_size=16)
+        result["unigram_baseline_bpb"] = unigram_byte_bpb(
+            (d.text for d in self.docs if d.meta["split"] == "train"),
+            (d.text for d in self.docs if d.meta["split"] == "val"))
+        return result
+
+    def samples(self) -> dict:
+        from lmforge.model import load
+        from lmforge.model.sampling import generate
+        model = load(self.model_dir)
+        run = self.recipe.run
+        outputs = []
+        for i, prompt in enumerate(SAMPLE_PROMPTS[: run.samples]):
+            ids = list(generate(model, self.tok.encode(prompt), run.sample_tokens, temperature=0.7, top_k=50,
+                                seed=i, stop_ids={self.tok.eos_id}))
+            outputs.append({"prompt": prompt, "completion": self.tok.decode(ids, skip_special=True)})
+        return {"samples": outputs}
+
+
+def report_card(report: dict, console: Console) -> None:
+    s = report["stages"]
+    table = Table(title=f"lmforge speedrun: {report['name']}", show_header=True)
+    table.add_column("stage")
+    table.add_column("result")
+    table.add_column("seconds", justify="right")
+    c, t, tr, ev = s["corpus"], s["tokenizer"], s["pretrain"], s["evaluate"]
+    table.add_row("corpus", f"{c['documents']} stdlib files, {c['bytes'] / 1e6:.1f} MB", str(c["seconds"]))
+    table.add_row("tokenizer", f"vocab {t['vocab_size']}, {t['bytes_per_token']:.2f} bytes/token held out",
+                  str(t["seconds"]))
+    table.add_row("shards", ", ".join(f"{k} {v:,} tokens" for k, v in s["shards"].items() if k != "seconds"),
+                  str(s["shards"]["seconds"]))
+    table.add_row("pretrain", f"{tr['params'] / 1e6:.2f}M params, {tr['steps']} steps, "
+                  f"{tr['tokens_seen']:,} tokens, loss {tr['final_loss']:.3f}", str(tr["seconds"]))
+    table.add_row("evaluate", f"val bpb [bold green]{ev['bpb']:.3f}[/] vs unigram baseline "
+                  f"{ev['unigram_baseline_bpb']:.3f} (ppl {ev['perplexity']:.1f})", str(ev["seconds"]))
+    table.add_row("samples", f"{len(s['samples']['samples'])} completions", str(s["samples"]["seconds"]))
+    console.print(table)
+    for sample in s["samples"]["samples"]:
+        console.print(f"[dim]{sample['prompt']}[/]{sample['completion']}", highlight=False)
+    console.print(f"total {report['total_seconds']:.0f} s; report: {report['path']}")
+
+
+def speedrun(recipe: SpeedrunRecipe, console: Console | None = None) -> dict:
+    console = console or Console()
+    stages = Stages(recipe, console)
+    stages.dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for name in ("corpus", "tokenizer", "shards", "pretrain", "evaluate", "samples"):
+        stages.timed(name, getattr(stages, name))
+    report = stages.report
+    report["total_seconds"] = round(time.perf_counter() - t0, 1)
+    report["path"] = str(stages.dir / "report.json")
+    (stages.dir / "report.json").write_text(json.dumps(report, indent=2))
+    report_card(report, console)
+    return report
+
+
+def speedrun_command(
+    overrides: list[str] = typer.Argument(None, help="section.key=value, e.g. train.max_steps=100 run.name=x"),
+    recipe: Path = typer.Option(Path(__file__).parent / "recipes" / "cpu-tiny.yaml", "--recipe", "-r"),
+):
+    """Run every stage end to end on the embedded stdlib corpus and print a report card."""
+    speedrun(load_recipe(SpeedrunRecipe, recipe, overrides))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("speedrun")(speedrun_command)

@@ -1,0 +1,65 @@
+"""`lmforge tokenizer train|encode`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from lmforge.errors import LmforgeError
+
+app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True)
+
+
+def _read_texts(inputs: list[Path]):
+    for path in inputs:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            try:
+                yield f.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+
+
+@app.command("train")
+def train_command(
+    inputs: list[Path] = typer.Argument(None, help="text files or directories (default: the stdlib corpus)"),
+    out: Path = typer.Option(Path("runs/tokenizer"), "--out", "-o"),
+    kind: str = typer.Option("byte-bpe", help="byte-bpe, bpe or unigram"),
+    vocab_size: int = typer.Option(4096, min=1),
+):
+    """Train a tokenizer and report its compression on held-out text."""
+    from rich.console import Console
+
+    from lmforge.data.stdlib import stdlib_documents
+    from lmforge.tokenizer import compression_report, train_tokenizer
+
+    if inputs:
+        missing = [str(p) for p in inputs if not p.exists()]
+        if missing:
+            raise LmforgeError(f"input not found: {', '.join(missing)}")
+        texts = list(_read_texts(inputs))
+        held_out, train_texts = texts[: max(1, len(texts) // 20)], texts[max(1, len(texts) // 20):] or texts
+    else:
+        train_texts = (d.text for d in stdlib_documents("train"))
+        held_out = [d.text for d in stdlib_documents("val")]
+    tok = train_tokenizer(train_texts, kind=kind, vocab_size=vocab_size, show_progress=True)
+    tok.save(out)
+    report = compression_report(tok, held_out)
+    (out / "compression.json").write_text(json.dumps(report, indent=2))
+    Console().print(f"saved {out / 'tokenizer.json'} (vocab {tok.vocab_size}); held-out: "
+                    f"{report['bytes_per_token']:.2f} bytes/token, {report['tokens_per_word']:.2f} tokens/word")
+
+
+@app.command("encode")
+def encode_command(tokenizer: Path = typer.Option(..., "--tokenizer", "-t"), text: str = typer.Argument(...)):
+    """Print the token ids and pieces of a text."""
+    from lmforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    ids = tok.encode(text)
+    typer.echo(json.dumps({"ids": ids, "pieces": [tok.hf.id_to_token(i) for i in ids]}, ensure_ascii=False))
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="tokenizer")

@@ -1,0 +1,1 @@
+"""Pretraining: loop, schedules, checkpoints, metrics."""

@@ -1,0 +1,71 @@
+"""The pretraining recipe: a model section (preset + overrides) and a train section."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmforge.errors import LmforgeError
+from lmforge.model.config import ModelConfig, preset
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""                    # token shard directory (index.json + .bin files)
+    out: str = "runs/train"
+    seq_len: int = 256
+    global_batch_tokens: int = 16384  # tokens per optimizer step; micro-batches accumulate to it
+    micro_batch: int = 16             # sequences per forward/backward
+    max_steps: int = 500
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1         # final lr as a fraction of lr
+    schedule: str = "wsd"             # "wsd" (warmup-stable-decay) or "cosine"
+    warmup: float = 0.1               # fraction of steps; wsd default 1:8:1
+    decay: float = 0.1                # fraction of steps in the final decay (wsd only)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_tokens: int = 65536
+    ckpt_every: int = 100
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"              # auto -> cuda if available, else cpu
+    dtype: str = "auto"               # auto -> bfloat16 autocast on cuda, float32 on cpu
+    compile: bool = False
+    activation_checkpointing: bool = False
+    tensorboard: bool = True
+    peak_flops: float = 0.0           # device peak for MFU; 0 -> looked up for known GPUs
+
+    def __post_init__(self):
+        if self.schedule not in ("wsd", "cosine"):
+            raise LmforgeError(f"train.schedule must be 'wsd' or 'cosine', got {self.schedule!r}")
+        if not 0 <= self.warmup < 1 or not 0 <= self.decay <= 1 or self.warmup + self.decay > 1:
+            raise LmforgeError("train.warmup and train.decay must be fractions summing to at most 1")
+        for name in ("seq_len", "global_batch_tokens", "micro_batch", "max_steps", "log_every",
+                     "eval_every", "ckpt_every", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise LmforgeError(f"train.{name} must be positive")
+        if self.global_batch_tokens % (self.micro_batch * self.seq_len):
+            raise LmforgeError(f"train.global_batch_tokens={self.global_batch_tokens} must be a multiple of "
+                               f"micro_batch*seq_len={self.micro_batch * self.seq_len}")
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch_tokens // (self.micro_batch * self.seq_len)
+
+
+@dataclass
+class TrainRecipe:
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        spec = dict(self.model)
+        name = spec.pop("preset", None)
+        if vocab_size is not None and "vocab_size" not in spec:
+            spec["vocab_size"] = vocab_size
+        cfg = preset(name, **spec) if name else ModelConfig.from_dict(spec)
+        if self.train.seq_len > cfg.max_seq_len:
+            raise LmforgeError(f"train.seq_len={self.train.seq_len} exceeds model max_seq_len={cfg.max_seq_len}")
+        return cfg

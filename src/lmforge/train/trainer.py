@@ -1,0 +1,172 @@
+"""The pretraining loop: one function, readable top to bottom."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+
+from lmforge.config import to_dict
+from lmforge.data.shards import TokenShards
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer, lm_loss, save
+from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.config import TrainConfig, TrainRecipe
+from lmforge.train.loader import ShardLoader
+from lmforge.train.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes, plot_loss_curve, read_metrics
+from lmforge.train.schedule import lr_at
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_optimizer(model: Transformer, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms); fused kernels on CUDA."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate_loss(model, shards: TokenShards, seq_len: int, n_tokens: int, batch: int, device, autocast) -> float:
+    """Mean next-token loss over the first n_tokens of a split, in fixed windows."""
+    n_windows = max(1, min(n_tokens, len(shards) - 1) // seq_len)
+    model.eval()
+    total = count = 0.0
+    for start in range(0, n_windows, batch):
+        rows = [shards.slice(i * seq_len, seq_len + 1) for i in range(start, min(n_windows, start + batch))]
+        x = torch.as_tensor(np.stack(rows), device=device)
+        with autocast():
+            loss = lm_loss(model(x[:, :-1]), x[:, 1:])
+        total += loss.item() * len(rows)
+        count += len(rows)
+    model.train()
+    return total / count
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """After a resume, drop metric rows logged after the checkpoint (they will be redone)."""
+    if path.exists():
+        keep = [r for r in read_metrics(path) if r["step"] <= last_step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(path)
+
+
+def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = None) -> dict:
+    tc = recipe.train
+    console = console or Console()
+    if not tc.data:
+        raise LmforgeError("train.data must point to a token shard directory (see `lmforge data shards`)")
+    shards = TokenShards(tc.data, "train")
+    try:
+        val = TokenShards(tc.data, "val")
+    except LmforgeError:
+        val = None
+    cfg = recipe.model_config(vocab_size=shards.vocab_size)
+    if cfg.vocab_size < shards.vocab_size:
+        raise LmforgeError(f"model vocab_size {cfg.vocab_size} < tokenizer vocab {shards.vocab_size}")
+    device = resolve_device(tc.device)
+    use_bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    torch.manual_seed(tc.seed)
+    model = Transformer(cfg).to(device)
+    model.gradient_checkpointing = tc.activation_checkpointing
+    optimizer = build_optimizer(model, tc, device)
+    loader = ShardLoader(shards, tc.seq_len, tc.micro_batch, tc.seed)
+    out = Path(tc.out)
+    ckpt_root = out / "ckpt"
+    start_step, tokens_seen = 0, 0
+    latest = latest_checkpoint(ckpt_root)
+    if latest and not resume:
+        raise LmforgeError(f"{out} already holds checkpoints (latest {latest.name}); pass --resume "
+                           "to continue it, or choose another train.out")
+    if resume and latest:
+        state = load_checkpoint(latest, model, optimizer)
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        loader.load_state_dict(state["loader"])
+        _truncate_metrics(out / "metrics.jsonl", start_step)
+        console.print(f"[cyan]resumed from {latest} at step {start_step}[/]")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+
+    forward = torch.compile(model) if tc.compile else model
+    flops_per_token = cfg.flops_per_token(tc.seq_len)
+    peak = tc.peak_flops or device_peak_flops(device)
+    logger = MetricsLogger(out, tc.tensorboard, console)
+    console.print(f"model {cfg.num_params() / 1e6:.2f}M params, {flops_per_token / 1e6:.1f} MFLOP/token, "
+                  f"device {device}{' bf16' if use_bf16 else ''}, {tc.max_steps} steps x "
+                  f"{tc.global_batch_tokens} tokens (grad accum {tc.grad_accum})")
+
+    def checkpoint(step):
+        save_checkpoint(ckpt_root, step, model, optimizer,
+                        {"tokens_seen": tokens_seen, "loader": loader.state_dict()}, tc.keep_last)
+
+    model.train()
+    step = start_step
+    t_last, tokens_last = time.perf_counter(), tokens_seen
+    val_loss = None
+    try:
+        for step in range(start_step, tc.max_steps):
+            lr = lr_at(step, tc.max_steps, tc.lr, tc.schedule, tc.warmup, tc.decay, tc.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(tc.grad_accum):
+                batch = loader.next_batch().to(device, non_blocking=True)
+                with autocast():
+                    loss = lm_loss(forward(batch[:, :-1]), batch[:, 1:])
+                    if cfg.n_experts:
+                        loss = loss + cfg.moe_aux_loss_coef * model.aux_loss()
+                (loss / tc.grad_accum).backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += tc.global_batch_tokens
+            done = step + 1
+            loss_value = loss_sum.item() / tc.grad_accum
+            if not math.isfinite(loss_value):
+                raise LmforgeError(f"loss became {loss_value} at step {done}; lower train.lr or check the data")
+            if done % tc.log_every == 0 or done == tc.max_steps:
+                now = time.perf_counter()
+                tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+                t_last, tokens_last = now, tokens_seen
+                metrics = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
+                           "tokens_seen": tokens_seen, "peak_mem_mb": peak_memory_bytes(device) / 2**20}
+                if peak:
+                    metrics["mfu"] = flops_per_token * tps / peak
+                logger.log(done, metrics)
+            if val is not None and (done % tc.eval_every == 0 or done == tc.max_steps):
+                val_loss = evaluate_loss(model, val, tc.seq_len, tc.eval_tokens, tc.micro_batch, device, autocast)
+                logger.log(done, {"val_loss": val_loss})
+            if done % tc.ckpt_every == 0 or done == tc.max_steps:
+                checkpoint(done)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted: saving a checkpoint at step {step}[/]")
+        if step > start_step:
+            checkpoint(step)
+        raise
+    finally:
+        logger.close()
+    save(model, out / "model")
+    plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
+    last = read_metrics(out / "metrics.jsonl")
+    losses = [r["loss"] for r in last if "loss" in r]
+    return {"steps": tc.max_steps, "tokens_seen": tokens_seen, "final_loss": losses[-1] if losses else None,
+            "val_loss": val_loss, "model_dir": str(out / "model"), "params": cfg.num_params(),
+            "flops_per_token": flops_per_token}
