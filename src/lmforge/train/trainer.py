@@ -67,6 +67,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = None) -> dict:
     tc = recipe.train
     console = console or Console()
+    recipe.model_config()  # fail fast on model config errors, before touching any data
     if not tc.data:
         raise LmforgeError("train.data must point to a token shard directory (see `lmforge data shards`)")
     shards = TokenShards(tc.data, "train")
