@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.fused_loss import linear_cross_entropy
 from lmforge.model.layers import MoE, RMSNorm, Block, rope_cos_sin, rope_inv_freq
 
 
@@ -39,9 +40,11 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only).
 
+        With targets [B, T] (already shifted, -100 to ignore) it returns the mean cross-entropy
+        instead, fused with the LM head so the full logits are never materialised.
         positions default to 0..T-1, or continue from the cache's length when a cache is given.
         """
         B, T = tokens.shape
@@ -58,6 +61,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
+        if targets is not None:
+            return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)

@@ -15,7 +15,7 @@ from rich.console import Console
 from lmforge.config import to_dict
 from lmforge.data.shards import TokenShards
 from lmforge.errors import LmforgeError
-from lmforge.model import Transformer, lm_loss, save
+from lmforge.model import Transformer, save
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.config import TrainConfig, TrainRecipe
 from lmforge.train.loader import ShardLoader
@@ -48,7 +48,7 @@ def evaluate_loss(model, shards: TokenShards, seq_len: int, n_tokens: int, batch
         rows = [shards.slice(i * seq_len, seq_len + 1) for i in range(start, min(n_windows, start + batch))]
         x = torch.as_tensor(np.stack(rows), device=device)
         with autocast():
-            loss = lm_loss(model(x[:, :-1]), x[:, 1:])
+            loss = model(x[:, :-1], targets=x[:, 1:])
         total += loss.item() * len(rows)
         count += len(rows)
     model.train()
@@ -130,7 +130,7 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
             for _ in range(tc.grad_accum):
                 batch = loader.next_batch().to(device, non_blocking=True)
                 with autocast():
-                    loss = lm_loss(forward(batch[:, :-1]), batch[:, 1:])
+                    loss = forward(batch[:, :-1], targets=batch[:, 1:])
                     if cfg.n_experts:
                         loss = loss + cfg.moe_aux_loss_coef * model.aux_loss()
                 (loss / tc.grad_accum).backward()
