@@ -69,6 +69,11 @@ def build(cls, values: dict, where: str = ""):
     if unknown:
         raise LmforgeError(f"unknown key(s) {sorted(unknown)} in {where or cls.__name__}; "
                            f"valid keys: {', '.join(sorted(fields))}")
+    defaults = {f.name: f.default_factory() for f in dataclasses.fields(cls)
+                if f.default_factory is not dataclasses.MISSING}
+    # A dict section (e.g. `model`) is updated key by key, so `model.dim=64` keeps the preset.
+    values = {k: merge(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+              for k, v in values.items()}
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}".lstrip(".")) for k, v in values.items()}
     try:
         return cls(**kwargs)

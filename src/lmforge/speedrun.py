@@ -22,6 +22,7 @@ from lmforge.train.config import TrainConfig, TrainRecipe
 class RunConfig:
     name: str = "speedrun"
     root: str = "runs"
+    max_documents: int = 0        # 0: the whole stdlib; fewer for quick checks
     tokenizer_kind: str = "byte-bpe"
     vocab_size: int = 4096
     samples: int = 3
@@ -57,7 +58,7 @@ class Stages:
     # --- stages -------------------------------------------------------------------------------
     def corpus(self) -> dict:
         from lmforge.data.stdlib import stdlib_documents
-        docs = list(stdlib_documents())
+        docs = list(stdlib_documents(limit=self.recipe.run.max_documents or None))
         self.docs = docs
         train = [d for d in docs if d.meta["split"] == "train"]
         return {"documents": len(docs), "train_documents": len(train), "val_documents": len(docs) - len(train),
