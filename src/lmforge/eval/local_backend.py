@@ -1,0 +1,136 @@
+"""The in-process backend: an lmforge model (checkpoint, HF directory or GGUF) and its tokenizer."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.eval.backend import BackendInfo, GenerationRequest, Progress, truncate_at_stop
+from lmforge.eval.batch_generate import generate_batch
+from lmforge.eval.loglikelihood import score_continuations
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _files_fingerprint(ref: str) -> str:
+    """Cheap identity of a model on disk (paths, sizes, mtimes): the result cache is keyed on it."""
+    path = Path(ref)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+class LocalBackend:
+    def __init__(self, model, tokenizer, name: str = "in-memory", batch_tokens: int | None = None,
+                 generation_rows: int | None = None, fingerprint: str | None = None):
+        self.model, self.tok = model, tokenizer
+        params = next(model.parameters())
+        on_gpu = params.device.type == "cuda"
+        self.batch_tokens = batch_tokens or (32768 if on_gpu else 4096)
+        self.generation_rows = generation_rows or (64 if on_gpu else 16)
+        self.max_length = model.cfg.max_seq_len
+        self.prefix_id = next((i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None), None)
+        if fingerprint is None:  # an in-memory model: identify it by its weights
+            h = hashlib.sha256()
+            for p in model.parameters():
+                h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+            fingerprint = h.hexdigest()[:16]
+        self.info = BackendInfo("local", name, {
+            "fingerprint": fingerprint, "device": str(params.device), "dtype": str(params.dtype).replace("torch.", ""),
+            "parameters": model.num_params(), "max_seq_len": self.max_length, "vocab_size": model.cfg.vocab_size})
+
+    @classmethod
+    def from_ref(cls, ref: str, tokenizer: str | None = None, dtype: str | None = None, device: str | None = None,
+                 batch_tokens: int | None = None) -> LocalBackend:
+        from lmforge.model import load
+        from lmforge.tokenizer import load_tokenizer
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is not None and dtype not in DTYPES:
+            raise LmforgeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.startswith("cuda") else None)
+        model = load(ref, dtype=torch_dtype, device=device)
+        tok = load_tokenizer(tokenizer or ref)
+        return cls(model, tok, name=str(ref), batch_tokens=batch_tokens,
+                   fingerprint=_files_fingerprint(ref) + (f":{dtype}" if dtype else ""))
+
+    # --- log-likelihood ----------------------------------------------------------------------
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of context and continuation as the model would see `context + continuation`.
+        Trailing context whitespace moves to the continuation (" Paris" is one token, not two)."""
+        stripped = context.rstrip()
+        context, continuation = stripped, context[len(stripped):] + continuation
+        ctx = self.tok.encode(context) if context else []
+        whole = self.tok.encode(context + continuation)
+        cont = whole[len(ctx):] if whole[: len(ctx)] == ctx else self.tok.encode(continuation)
+        if not ctx:
+            if self.prefix_id is None:
+                raise LmforgeError("an empty context needs a BOS or EOS token to condition on")
+            ctx = [self.prefix_id]
+        return ctx, cont
+
+    def loglikelihood(self, requests: list[tuple[str, str]], progress: Progress = None) -> list[tuple[float, bool]]:
+        pairs = [self.encode_pair(c, x) for c, x in requests]
+        empty = [i for i, (_, cont) in enumerate(pairs) if not cont]
+        if empty:
+            raise LmforgeError(f"{len(empty)} continuation(s) encode to no tokens (e.g. {requests[empty[0]][1]!r})")
+        return score_continuations(self.model, pairs, self.batch_tokens, progress=progress)
+
+    def loglikelihood_rolling(self, texts: list[str], progress: Progress = None) -> list[tuple[float, int]]:
+        """(log-likelihood in nats, tokens scored) of each text from its start, in disjoint windows
+        of max_seq_len tokens (each window conditioned on the token before it)."""
+        if self.prefix_id is None:
+            raise LmforgeError("rolling log-likelihood needs a BOS or EOS token to start from")
+        pairs, owner = [], []
+        for t, text in enumerate(texts):
+            ids = [self.prefix_id] + self.tok.encode(text)
+            for start in range(1, len(ids), self.max_length):
+                pairs.append((ids[start - 1: start], ids[start: start + self.max_length]))
+                owner.append(t)
+        scores = score_continuations(self.model, pairs, self.batch_tokens)
+        totals, counts = [0.0] * len(texts), [0] * len(texts)
+        for t, (lp, _), (_, cont) in zip(owner, scores, pairs):
+            totals[t] += lp
+            counts[t] += len(cont)
+        if progress:
+            progress(len(texts))
+        return list(zip(totals, counts))
+
+    # --- generation --------------------------------------------------------------------------
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        text = request.prompt
+        if request.chat:
+            text = self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return self.tok.encode(text)
+
+    def generate(self, requests: list[GenerationRequest], progress: Progress = None) -> list[str]:
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.stop), []).append(i)
+        stop_ids = self.tok.stop_ids()
+        for (max_new, temperature, top_p, top_k, stop), members in groups.items():
+            encoded = {i: self.prompt_ids(requests[i]) for i in members}
+            members = sorted(members, key=lambda i: len(encoded[i]), reverse=True)
+            for start in range(0, len(members), self.generation_rows):
+                rows = members[start: start + self.generation_rows]
+                seed = requests[rows[0]].seed
+
+                def is_done(row, ids, stop=stop):  # a stop string just completed in the recent tail
+                    return bool(stop) and any(s in self.tok.decode(ids[-32:]) for s in stop)
+
+                outs = generate_batch(self.model, [encoded[i] for i in rows], max_new, temperature, top_k, top_p,
+                                      seed, stop_ids, is_done)
+                for i, ids in zip(rows, outs):
+                    ids = [t for t in ids if t not in stop_ids]
+                    results[i] = truncate_at_stop(self.tok.decode(ids, skip_special=True), stop)
+                if progress:
+                    progress(len(rows))
+        return results  # type: ignore[return-value]

@@ -1,0 +1,110 @@
+"""Log-likelihoods from the in-process backend equal those computed directly with `transformers`
+on the same (random Llama) model and the same token ids; batched generation equals one-at-a-time."""
+import random
+
+import pytest
+import torch
+
+from lmforge.eval.batch_generate import generate_batch
+from lmforge.eval.loglikelihood import score_continuations
+from lmforge.model import ModelConfig, Transformer
+from lmforge.model.sampling import generate
+
+transformers = pytest.importorskip("transformers")
+
+PAIRS = [
+    ("Question: What is 2 + 2?\nAnswer:", " 4"),
+    ("Question: What is 2 + 2?\nAnswer:", " five"),
+    ("Question: What is 2 + 2?\nAnswer:", " The quick brown fox"),
+    ("A. red\nB. blue\nAnswer: ", "B"),          # trailing space moves into the continuation
+    ("def add(a, b):\n", "    return a + b\n"),
+    ("", "The lighthouse keeper"),                # empty context: conditioned on EOS/BOS
+    ("The quick brown fox jumps over the lazy dog. " * 30, " over the lazy dog."),  # longer than context
+]
+
+
+def hf_continuation_logprob(hf, ctx_ids, cont_ids):
+    ids = torch.tensor([ctx_ids + cont_ids])
+    with torch.no_grad():
+        logp = hf(ids).logits[0, :-1].double().log_softmax(-1)
+    positions = range(len(ctx_ids) - 1, len(ctx_ids) + len(cont_ids) - 1)
+    targets = ids[0, 1:]
+    total = sum(float(logp[p, targets[p]]) for p in positions)
+    greedy = all(int(logp[p].argmax()) == int(targets[p]) for p in positions)
+    return total, greedy
+
+
+def test_loglikelihood_matches_transformers(tiny_model_dir, tiny_backend):
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    got = tiny_backend.loglikelihood(PAIRS)
+    for (ctx, cont), (lp, greedy) in zip(PAIRS, got):
+        ctx_ids, cont_ids = tiny_backend.encode_pair(ctx, cont)
+        ref_lp, ref_greedy = hf_continuation_logprob(hf, ctx_ids, cont_ids)
+        assert lp == pytest.approx(ref_lp, abs=2e-4 * len(cont_ids))
+        assert greedy == ref_greedy
+    # the model is random but not flat: log-likelihoods differ between choices
+    assert len({round(lp, 3) for lp, _ in got[:3]}) == 3
+
+
+def test_greedy_flag_is_true_for_the_models_own_argmax(tiny_model_dir, tiny_backend):
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ctx = tiny_backend.tok.encode("Question: What is 2 + 2?\nAnswer:")
+    with torch.no_grad():
+        best = int(hf(torch.tensor([ctx])).logits[0, -1].argmax())
+    (lp, greedy), = score_continuations(tiny_backend.model, [(ctx, [best])])
+    assert greedy
+
+
+def test_rolling_loglikelihood_matches_transformers(tiny_model_dir, tiny_backend):
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    text = "The lighthouse keeper wrote the weather in a small notebook every evening."
+    (nats, n_tokens), = tiny_backend.loglikelihood_rolling([text])
+    ids = [tiny_backend.prefix_id] + tiny_backend.tok.encode(text)
+    ref, _ = hf_continuation_logprob(hf, ids[:1], ids[1:])
+    assert n_tokens == len(ids) - 1 and nats == pytest.approx(ref, abs=1e-3)
+
+
+def random_requests(rng, vocab, n_contexts=12):
+    reqs = []
+    for _ in range(n_contexts):
+        ctx = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+        reqs += [(ctx, [rng.randrange(vocab) for _ in range(rng.randint(1, 9))]) for _ in range(rng.randint(1, 4))]
+    return reqs
+
+
+@pytest.mark.parametrize("budget, rows", [(4096, 64), (50, 3)])  # one batch; many small batches and chunks
+def test_prefix_sharing_batches_equal_one_by_one_forward(budget, rows):
+    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=32)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    reqs = random_requests(random.Random(0), 97) + [([5] * 40, [6] * 8)]  # the last one needs truncation
+    got = score_continuations(model, reqs, token_budget=budget, max_rows=rows)
+    for (ctx, cont), (lp, greedy) in zip(reqs, got):
+        ctx = ctx[-(cfg.max_seq_len + 1 - len(cont)):]
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logp = model(ids[:, :-1])[0].log_softmax(-1)
+        pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+        assert lp == pytest.approx(float(logp[pos, ids[0, pos + 1]].sum()), abs=1e-4)
+        assert greedy == bool((logp[pos].argmax(-1) == ids[0, pos + 1]).all())
+
+
+def test_batched_generation_equals_sequential(tiny_backend):
+    model = tiny_backend.model
+    rng = random.Random(1)
+    prompts = [[rng.randrange(model.cfg.vocab_size) for _ in range(rng.randint(1, 30))] for _ in range(6)]
+    stops = {rng.randrange(model.cfg.vocab_size) for _ in range(40)}  # many stop ids: rows finish at different steps
+    batched = generate_batch(model, prompts, 24, temperature=0.0, stop_ids=stops)
+    sequential = [list(generate(model, p, 24, temperature=0.0, stop_ids=stops)) for p in prompts]
+    assert batched == sequential
+    assert len({len(b) for b in batched}) > 1
+
+
+def test_generation_stops_at_stop_strings(tiny_backend):
+    from lmforge.eval.backend import GenerationRequest
+
+    free, = tiny_backend.generate([GenerationRequest("The quick brown", 30)])
+    assert free  # the random model says something
+    stop = free[len(free) // 2: len(free) // 2 + 2]
+    cut, = tiny_backend.generate([GenerationRequest("The quick brown", 30, stop=(stop,))])
+    assert stop not in cut and free.startswith(cut)
