@@ -17,6 +17,7 @@ STAGES = (
     "lmforge.tokenizer.cli",
     "lmforge.train.cli",
     "lmforge.model.cli",
+    "lmforge.plan.cli",
     "lmforge.speedrun",
 )
 for _module in STAGES:

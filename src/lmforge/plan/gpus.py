@@ -1,0 +1,56 @@
+"""Accelerators the planner knows: memory and dense bf16 peak FLOP/s from the vendors' data sheets.
+
+Memory is the nominal capacity in GiB (what the product name says); peak FLOP/s are dense
+(no 2:4 sparsity) tensor-core figures with fp32 accumulation. V100 and T4 have no bf16, so
+their fp16 figure is given. Any other accelerator can be described with `custom_gpu`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmforge.errors import LmforgeError
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_bytes: float
+    peak_flops: float   # dense bf16 (fp16 where the card has no bf16)
+
+
+GPUS: dict[str, GPU] = {g.name.lower(): g for g in (
+    GPU("A100-40GB", 40 * GiB, 312e12),
+    GPU("A100-80GB", 80 * GiB, 312e12),
+    GPU("H100", 80 * GiB, 989e12),          # SXM; the PCIe card peaks at 756e12
+    GPU("H200", 141 * GiB, 989e12),
+    GPU("B200", 180 * GiB, 2250e12),
+    GPU("L4", 24 * GiB, 121e12),
+    GPU("L40S", 48 * GiB, 362e12),
+    GPU("A10G", 24 * GiB, 70e12),
+    GPU("RTX-4090", 24 * GiB, 165e12),
+    GPU("RTX-3090", 24 * GiB, 71e12),
+    GPU("V100-32GB", 32 * GiB, 125e12),
+    GPU("T4", 16 * GiB, 65e12),
+    GPU("MI300X", 192 * GiB, 1307e12),
+)}
+
+ALIASES = {"a100": "a100-80gb", "a100-40": "a100-40gb", "a100-80": "a100-80gb", "h100-80gb": "h100",
+           "h200-141gb": "h200", "4090": "rtx-4090", "rtx4090": "rtx-4090", "3090": "rtx-3090",
+           "rtx3090": "rtx-3090", "v100": "v100-32gb"}
+
+
+def get_gpu(name: str) -> GPU:
+    """Look a GPU up by name, case-insensitively ('h100', 'A100-40GB', 'rtx4090', ...)."""
+    key = name.strip().lower().replace("_", "-").replace(" ", "-")
+    key = ALIASES.get(key, key)
+    if key not in GPUS:
+        raise LmforgeError(f"unknown GPU {name!r}; known: {', '.join(g.name for g in GPUS.values())}")
+    return GPUS[key]
+
+
+def custom_gpu(memory_gib: float, peak_tflops: float, name: str = "custom") -> GPU:
+    if memory_gib <= 0 or peak_tflops <= 0:
+        raise LmforgeError("a custom GPU needs positive memory and peak FLOP/s")
+    return GPU(name, memory_gib * GiB, peak_tflops * 1e12)
