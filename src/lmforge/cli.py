@@ -17,6 +17,7 @@ STAGES = (
     "lmforge.tokenizer.cli",
     "lmforge.train.cli",
     "lmforge.model.cli",
+    "lmforge.serve.cli",
     "lmforge.plan.cli",
     "lmforge.speedrun",
 )

