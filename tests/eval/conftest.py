@@ -25,14 +25,28 @@ def make_tiny_hf_model(directory: Path, max_positions: int = 512, layers: int = 
     cfg = transformers.LlamaConfig(
         vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-        rms_norm_eps=1e-6, tie_word_embeddings=False)
+        rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=tok.eos_id,
+        bos_token_id=tok.hf.token_to_id("<|startoftext|>"), pad_token_id=tok.hf.token_to_id("<|pad|>"))
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # sharper logits than the default init, so argmax/greedy checks mean something
         model.lm_head.weight.mul_(8.0)
     model.save_pretrained(directory, safe_serialization=True)
     tok.save(directory)
+    # what transformers' AutoTokenizer (and so lm-eval's HF backend) reads besides tokenizer.json
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}))
     return directory
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: OpenMP threads waiting for a busy core make each
+    small matmul cost milliseconds. One thread keeps these tests fast and their timing stable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
