@@ -18,6 +18,7 @@ STAGES = (
     "lmforge.train.cli",
     "lmforge.model.cli",
     "lmforge.serve.cli",
+    "lmforge.eval.cli",
     "lmforge.plan.cli",
     "lmforge.speedrun",
 )
