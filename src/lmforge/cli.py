@@ -14,6 +14,7 @@ app = typer.Typer(help="lmforge: the whole life of a language model.", no_args_i
 
 # Each module exposes `register(app)`; the order is the order of a model's life.
 STAGES = (
+    "lmforge.data.cli",
     "lmforge.tokenizer.cli",
     "lmforge.train.cli",
     "lmforge.model.cli",

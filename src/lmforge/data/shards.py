@@ -3,7 +3,9 @@
 A shard directory holds `index.json` and raw token files `{split}_{n:05d}.bin` (uint16 when
 the vocabulary fits, else uint32). Each document's tokens are followed by the EOS token.
 Files are written under temporary names and renamed, and `index.json` is written last, so a
-reader never sees a half-written shard set.
+reader never sees a half-written shard set. With `resume=True`, a writer picks up the finished
+shards of an interrupted run (recorded in `.progress.json` after every shard) and tells its
+caller, through `skip(split)`, which of the re-sent documents are already in them.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 from lmforge.errors import LmforgeError
 
 INDEX = "index.json"
+PROGRESS = ".progress.json"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -26,7 +29,7 @@ class ShardWriter:
     """Append token sequences per split; shards roll over every `shard_tokens` tokens."""
 
     def __init__(self, out_dir: str | os.PathLike, vocab_size: int, eos_id: int,
-                 shard_tokens: int = 50_000_000, meta: dict | None = None):
+                 shard_tokens: int = 50_000_000, meta: dict | None = None, resume: bool = False):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dtype = token_dtype(vocab_size)
@@ -35,6 +38,39 @@ class ShardWriter:
         self.splits: dict[str, list[dict]] = {}
         self._buffers: dict[str, list[np.ndarray]] = {}
         self._counts: dict[str, list[int]] = {}  # [tokens, documents] in the open buffer
+        self._skip: dict[str, int] = {}  # documents per split already in resumed shards
+        if resume:
+            self._resume()
+
+    def _settings(self) -> dict:
+        return {"dtype": self.dtype.name, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                "shard_tokens": self.shard_tokens, "meta": self.meta}
+
+    def _resume(self) -> None:
+        path = self.dir / PROGRESS
+        try:
+            progress = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if progress.get("settings") != json.loads(json.dumps(self._settings())):
+            return  # written with other settings: start over
+        for split, shards in progress["splits"].items():
+            ok = all((self.dir / e["file"]).exists() and (self.dir / e["file"]).stat().st_size
+                     == e["tokens"] * self.dtype.itemsize for e in shards)
+            if ok:
+                self.splits[split] = shards
+                self._skip[split] = sum(e["documents"] for e in shards)
+
+    @property
+    def resumed_documents(self) -> int:
+        return sum(e["documents"] for shards in self.splits.values() for e in shards)
+
+    def skip(self, split: str) -> bool:
+        """True when the next document of `split` is already in a resumed shard (then don't add it)."""
+        if self._skip.get(split, 0) > 0:
+            self._skip[split] -= 1
+            return True
+        return False
 
     def add(self, split: str, tokens) -> None:
         arr = np.asarray(list(tokens) + [self.eos_id], dtype=np.int64)
@@ -58,6 +94,9 @@ class ShardWriter:
         tokens, docs = self._counts[split]
         shards.append({"file": name, "tokens": tokens, "documents": docs})
         self._buffers[split], self._counts[split] = [], [0, 0]
+        tmp = self.dir / f"{PROGRESS}.tmp"
+        tmp.write_text(json.dumps({"settings": self._settings(), "splits": self.splits}))
+        os.replace(tmp, self.dir / PROGRESS)
 
     def close(self) -> Path:
         for split in list(self._buffers):
@@ -67,6 +106,7 @@ class ShardWriter:
         tmp = self.dir / f".{INDEX}.tmp"
         tmp.write_text(json.dumps(index, indent=2))
         os.replace(tmp, self.dir / INDEX)
+        (self.dir / PROGRESS).unlink(missing_ok=True)
         return self.dir / INDEX
 
 
