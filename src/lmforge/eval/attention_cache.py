@@ -3,8 +3,8 @@
 `Transformer.forward(tokens, positions, cache)` hands each layer's q/k/v to `cache.attend`, so
 a cache decides what every query may see. That is all batched evaluation needs:
 
-- `PaddedCache`: rows of different lengths, left-padded, run in lockstep (batched prefill and
-  decoding). Pad slots are invisible to every real query.
+- `PaddedCache`: rows of different lengths, left-padded, prefilled as one batch. Pad slots are
+  invisible to every real query.
 - `SharedPrefixCache`: many continuations per context. The contexts were prefilled once into a
   `PaddedCache`; each continuation row attends to its own context's keys (picked per layer, never
   copied for the whole model) and causally to its own tokens. A 4-choice question costs one
@@ -51,11 +51,6 @@ class PaddedCache:
 
     def advance(self, n: int) -> None:
         self.length += n
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows so decoding cost follows the live batch."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
-        self.key_valid = self.key_valid[rows]
 
 
 class SharedPrefixCache:

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import threading
 from pathlib import Path
 
 import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.backend import BackendInfo, GenerationRequest, Progress, truncate_at_stop
-from lmforge.eval.batch_generate import generate_batch
 from lmforge.eval.loglikelihood import score_continuations
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -36,6 +35,8 @@ class LocalBackend:
         self.batch_tokens = batch_tokens or (32768 if on_gpu else 4096)
         self.generation_rows = generation_rows or (64 if on_gpu else 16)
         self.max_length = model.cfg.max_seq_len
+        self._engine = None
+        self._engine_lock = threading.Lock()  # one engine, one caller at a time
         self.prefix_id = next((i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None), None)
         if fingerprint is None:  # an in-memory model: identify it by its weights
             h = hashlib.sha256()
@@ -110,27 +111,36 @@ class LocalBackend:
             text = self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
         return self.tok.encode(text)
 
+    def engine(self):
+        """The serving engine (paged KV cache, continuous batching) over this model, made once."""
+        if self._engine is None:
+            from lmforge.serve import EngineConfig, LLMEngine
+
+            on_gpu = next(self.model.parameters()).device.type == "cuda"
+            self._engine = LLMEngine(self.model, self.tok, EngineConfig(
+                kv_cache_mb=8192 if on_gpu else 1024, max_num_seqs=self.generation_rows,
+                max_batched_tokens=4096 if on_gpu else 512))
+        return self._engine
+
     def generate(self, requests: list[GenerationRequest], progress: Progress = None) -> list[str]:
-        results: list[str | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.stop), []).append(i)
-        stop_ids = self.tok.stop_ids()
-        for (max_new, temperature, top_p, top_k, stop), members in groups.items():
-            encoded = {i: self.prompt_ids(requests[i]) for i in members}
-            members = sorted(members, key=lambda i: len(encoded[i]), reverse=True)
-            for start in range(0, len(members), self.generation_rows):
-                rows = members[start: start + self.generation_rows]
-                seed = requests[rows[0]].seed
+        """All requests as one continuously batched workload through the serving engine."""
+        from lmforge.serve import SamplingParams
 
-                def is_done(row, ids, stop=stop):  # a stop string just completed in the recent tail
-                    return bool(stop) and any(s in self.tok.decode(ids[-32:]) for s in stop)
-
-                outs = generate_batch(self.model, [encoded[i] for i in rows], max_new, temperature, top_k, top_p,
-                                      seed, stop_ids, is_done)
-                for i, ids in zip(rows, outs):
-                    ids = [t for t in ids if t not in stop_ids]
-                    results[i] = truncate_at_stop(self.tok.decode(ids, skip_special=True), stop)
-                if progress:
-                    progress(len(rows))
-        return results  # type: ignore[return-value]
+        engine = self.engine()
+        limit = engine.max_model_len
+        prompts, params = [], []
+        for r in requests:
+            max_tokens = max(1, min(r.max_new_tokens, limit - 1))
+            ids = self.prompt_ids(r)[-(limit - max_tokens):] or [self.prefix_id or 0]  # keep the prompt's end
+            prompts.append(ids)
+            params.append(SamplingParams(max_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p,
+                                         top_k=r.top_k, seed=r.seed, stop=[s for s in r.stop if s]))
+        texts = []
+        step = 4 * self.generation_rows  # a few engine batches per progress update
+        for start in range(0, len(prompts), step):
+            with self._engine_lock:
+                outs = engine.generate(prompts[start: start + step], params[start: start + step])
+            texts += [truncate_at_stop(o["text"], r.stop) for o, r in zip(outs, requests[start: start + step])]
+            if progress:
+                progress(len(outs))
+        return texts
