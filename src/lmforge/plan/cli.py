@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -209,16 +210,16 @@ def _report_fit(csv_path: Path, predict, plot: str, bootstrap: int, save: str, p
 @scaling_app.command("fit")
 def fit_command(
     runs_csv: Path = typer.Argument(..., help="CSV with columns N, D, loss (optional C, name)"),
-    predict: tuple[str, str] = typer.Option((None, None), help="predict the loss at N D, e.g. --predict 7e9 1.2e12"),
+    predict: Optional[tuple[str, str]] = typer.Option(None, help="predict the loss at N D, e.g. --predict 7e9 1.2e12"),
     plot: str = typer.Option("", help="PNG path (default: next to the CSV)"),
-    bootstrap: int = typer.Option(200, min=0, help="bootstrap resamples for confidence intervals (0: none)"),
+    bootstrap: int = typer.Option(100, min=0, help="bootstrap resamples for confidence intervals (0: none)"),
     save: str = typer.Option("", help="write the fitted law as JSON"),
     power_law: bool = typer.Option(False, "--power-law", help="fit L(C) = a C^-b instead of L(N, D)"),
     irreducible: bool = typer.Option(False, "--irreducible", help="with --power-law: add a constant E"),
     seed: int = typer.Option(0),
 ):
     """Fit L(N, D) = E + A/N^alpha + B/D^beta (Huber on log-loss, L-BFGS, bootstrap intervals)."""
-    _report_fit(runs_csv, predict if predict[0] is not None else None, plot, bootstrap, save, power_law,
+    _report_fit(runs_csv, predict if predict and predict[0] is not None else None, plot, bootstrap, save, power_law,
                 irreducible, seed, Console())
 
 
