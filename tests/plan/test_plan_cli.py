@@ -51,7 +51,8 @@ def test_scaling_fit_predicts_saves_and_plots(app, tmp_path):
     rows = []
     for i in range(40):
         n, d = 10 ** rng.uniform(7, 10), 10 ** rng.uniform(9, 12)
-        rows.append({"name": f"r{i}", "N": n, "D": d, "C": 6 * n * d, "loss": law.loss(n, d) * np.exp(rng.normal(0, 0.005))})
+        loss = law.loss(n, d) * np.exp(rng.normal(0, 0.005))
+        rows.append({"name": f"r{i}", "N": n, "D": d, "C": 6 * n * d, "loss": loss})
     csv = write_runs(tmp_path / "runs.csv", rows)
     out = invoke(app, "scaling", "fit", str(csv), "--predict", "7e9", "1.2e12", "--bootstrap", "30",
                  "--save", str(tmp_path / "law.json"))

@@ -42,7 +42,8 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 @plan_app.command("params")
 def params_command(model: str = typer.Argument(..., help="preset name, HF config.json, or model directory"),
-                   seq_len: int = typer.Option(None, help="sequence length for the attention FLOPs (default: the model's)")):
+                   seq_len: int = typer.Option(None, help="sequence length for the attention FLOPs "
+                                                          "(default: the model's)")):
     """Parameter count (total, active, embedding) and training FLOPs per token."""
     from lmforge.plan.arithmetic import resolve_model, summarize
     from lmforge.plan.tables import params_table

@@ -5,8 +5,12 @@ parameter costs 2 bytes of bf16 weights, 2 of bf16 gradients and K = 12 of optim
 (fp32 master weights, momentum and variance). ZeRO stage 1 shards the optimizer state over the
 N_d data-parallel ranks, stage 2 the gradients too, stage 3 the weights too:
   (2 + 2 + K)Psi,  (2 + 2 + K/N_d)Psi,  (2 + (2 + K)/N_d)Psi,  (2 + 2 + K)Psi/N_d.
-Activations come from `activations.py`. Pipeline stages hold their slice of the layers; under
-the 1F1B schedule the first stage keeps min(pp, micro-batches) micro-batches in flight.
+"mixed" is that Megatron/DeepSpeed layout (bf16 weights, gradients and activations). Plain
+torch autocast over fp32 weights, as lmforge's trainer runs on GPU, keeps fp32 gradients, bf16
+weight copies saved for backward and an fp32 residual stream, so it needs more than "mixed";
+it is not modelled separately. Activations come from `activations.py`. Pipeline stages hold
+their slice of the layers; under the 1F1B schedule the first stage keeps min(pp, micro-batches)
+micro-batches in flight.
 """
 from __future__ import annotations
 

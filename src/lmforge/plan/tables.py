@@ -68,7 +68,7 @@ def memory_table(v: Verdict) -> Table:
 def verdict_line(v: Verdict) -> str:
     e = v.estimate
     verdict = "[green]fits[/]" if v.fits else "[red]does not fit[/]"
-    return (f"largest GPU: the {e.stage} pipeline stage, {count(e.params_per_gpu)} params/GPU. "
+    return (f"largest GPU: the {e.stage} pipeline stage, {count(e.params_per_gpu)} params per TP/PP shard. "
             f"{v.gpu.name}: {gb(v.gpu.memory_bytes)}, {gb(v.usable)} usable -> {verdict}")
 
 
