@@ -45,3 +45,36 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+
+class RunningServer:
+    """An engine + app + uvicorn thread for one model, shut down on exit."""
+
+    def __init__(self, model, tokenizer, name="test-model", engine_config=None, max_queue=256, **app_kwargs):
+        from lmforge.serve.async_engine import AsyncEngine
+        from lmforge.serve.engine import EngineConfig, LLMEngine
+        from lmforge.serve.server import create_app
+        self.engine = AsyncEngine(LLMEngine(model, tokenizer, engine_config or EngineConfig(kv_cache_mb=64)),
+                                  max_queue=max_queue)
+        self.app = create_app(self.engine, tokenizer, name, **app_kwargs)
+        self.thread = ServerThread(self.app)
+        self.name = name
+
+    def __enter__(self) -> "RunningServer":
+        self.thread.__enter__()
+        self.url = self.thread.url
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.thread.__exit__(*exc)
+        self.engine.shutdown()
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """True once no request is queued or running and every KV block is free."""
+        e = self.engine.engine
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not e.has_work and e.blocks.num_used == 0 and self.engine.queue_depth == 0:
+                return True
+            time.sleep(0.02)
+        return False

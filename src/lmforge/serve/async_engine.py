@@ -70,6 +70,7 @@ class AsyncEngine:
         with self._lock:
             known = self._sinks.pop(request_id, None) is not None
         if known:
+            self.metrics.on_cancel()
             self._commands.put(("abort", request_id))
             self._wake.set()
 

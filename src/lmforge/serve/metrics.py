@@ -43,6 +43,7 @@ class ServeMetrics:
         self.generation_tokens = 0
         self.finished: dict[str, int] = {}
         self.rejected = 0
+        self.cancelled = 0
         self.window_s = window_s
         self.recent: deque[tuple[float, int]] = deque()   # (time, tokens) of recent steps
 
@@ -71,6 +72,10 @@ class ServeMetrics:
         with self.lock:
             self.rejected += 1
 
+    def on_cancel(self) -> None:
+        with self.lock:
+            self.cancelled += 1
+
     def tokens_per_second(self, now: float | None = None) -> float:
         now = now or time.monotonic()
         with self.lock:
@@ -86,6 +91,7 @@ class ServeMetrics:
                 "lmforge_prompt_tokens_total": ("Prompt tokens processed.", self.prompt_tokens),
                 "lmforge_generation_tokens_total": ("Tokens generated.", self.generation_tokens),
                 "lmforge_requests_rejected_total": ("Requests refused with 429 (queue full).", self.rejected),
+                "lmforge_requests_cancelled_total": ("Requests cancelled before finishing (client gone).", self.cancelled),
             }
             for name, (help_text, value) in counters.items():
                 lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]

@@ -182,12 +182,15 @@ async def completions(body: CompletionRequest, request: Request):
     encoded = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     if any(not ids for ids in encoded):
         raise APIError(400, "a prompt encodes to no tokens", param="prompt")
+    vocab = state.engine.engine.vocab_size
+    if any(not 0 <= t < vocab for ids in encoded for t in ids):
+        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     requests, texts = [], []
     for p, ids in zip(prompts, encoded):
         max_tokens = _max_tokens(state, len(ids), body.max_tokens)
         for c in range(body.n):
             requests.append((ids, body.sampling_params(max_tokens, body.logprobs, c)))
-            texts.append(p if isinstance(p, str) else tok.decode(ids))
+            texts.append(p if isinstance(p, str) else tok.decode(ids) if body.echo else "")
     gen = _start(state, requests)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": body.model,

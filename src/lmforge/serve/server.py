@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -50,6 +50,34 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+class GuardMiddleware:
+    """API-key check on /v1 and a body-size limit, as plain ASGI middleware (Starlette's
+    BaseHTTPMiddleware would hide client disconnects from the handlers)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            error = self._check(scope)
+            if error is not None:
+                await error(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _check(self, scope) -> JSONResponse | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if scope["path"].startswith("/v1/") and self.state.api_key:
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.state.api_key}".encode()):
+                return _error(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                              "authentication_error", code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.state.max_body_bytes):
+            return _error(413, f"the request body is larger than {self.state.max_body_bytes} bytes")
+        return None
+
+
 def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None,
                default_max_tokens: int = 512, max_body_bytes: int = 1 << 20) -> FastAPI:
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
@@ -57,17 +85,7 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
                                             max_body_bytes, int(time.time()))
     app.include_router(router)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and state.api_key:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
-                return _error(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                              "authentication_error", code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > state.max_body_bytes):
-            return _error(413, f"the request body is larger than {state.max_body_bytes} bytes")
-        return await call_next(request)
+    app.add_middleware(GuardMiddleware, state=state)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request, exc: RequestValidationError):
