@@ -25,8 +25,6 @@ _CHAIN = U64(0x9E3779B97F4A7C15)
 _WORD_BYTE = np.zeros(256, dtype=bool)
 _WORD_BYTE[[ord(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"]] = True
 _WORD_BYTE[0x80:] = True  # every byte of a multi-byte UTF-8 character
-_FOLD = np.arange(256, dtype=np.uint64) + U64(1)  # +1 so that no byte contributes zero
-_FOLD[ord("A"):ord("Z") + 1] += U64(32)
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -63,6 +61,23 @@ class _Powers:
 _POWERS = _Powers()
 
 
+class _Scratch:
+    """Work arrays reused from call to call: fresh multi-megabyte arrays for every batch would
+    cost a page fault per 4 KiB, which on a virtual machine dominates the hashing itself."""
+
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, n: int, dtype) -> np.ndarray:
+        a = self.arrays.get(name)
+        if a is None or a.size < n:
+            a = self.arrays[name] = np.empty(max(n, 1 << 16), dtype=dtype)
+        return a[:n]
+
+
+_SCRATCH = _Scratch()
+
+
 @dataclass
 class Words:
     """Every word of a batch: its hash, its document (index in the batch) and its byte length."""
@@ -92,17 +107,31 @@ def join_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"\x00".join(encoded), dtype=np.uint8), starts
 
 
+def _is_word_byte(buf: np.ndarray) -> np.ndarray:
+    """Same as _WORD_BYTE[buf], by arithmetic (a table lookup converts every index to int64)."""
+    letter = ((buf | np.uint8(32)) - np.uint8(ord("a"))) < 26  # uint8 arithmetic wraps below 'a'
+    return letter | (buf >= 0x80) | ((buf - np.uint8(ord("0"))) < 10) | (buf == ord("_"))
+
+
 def words(texts: list[str]) -> Words:
     buf, doc_starts = join_texts(texts)
     if buf.size == 0:
         empty = np.zeros(0, dtype=np.int64)
         return Words(np.zeros(0, dtype=np.uint64), empty, empty, len(texts), np.zeros(0, dtype=np.uint8))
-    is_word = _WORD_BYTE[buf].view(np.int8)
-    edges = np.diff(is_word, prepend=np.int8(0), append=np.int8(0))
+    n = buf.size
+    is_word = _is_word_byte(buf).view(np.int8)
+    edges = _SCRATCH.get("edges", n + 1, np.int8)  # +1 where a word starts, -1 just after it ends
+    edges[0], edges[n] = is_word[0], -is_word[n - 1]
+    np.subtract(is_word[1:], is_word[:-1], out=edges[1:n])
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    up, down = _POWERS.get(buf.size + 1)
-    prefix = np.zeros(buf.size + 1, dtype=np.uint64)
-    np.cumsum(_FOLD[buf] * up[:-1], out=prefix[1:])
+    up, down = _POWERS.get(n + 1)
+    weighted = _SCRATCH.get("weighted", n, np.uint64)  # byte value + 1, ASCII upper case folded to lower
+    np.add(buf, 1, out=weighted, dtype=np.uint64, casting="unsafe")
+    np.add(weighted, 32, out=weighted, where=(buf - np.uint8(ord("A"))) < 26)
+    np.multiply(weighted, up[:n], out=weighted)
+    prefix = _SCRATCH.get("prefix", n + 1, np.uint64)
+    prefix[0] = 0
+    np.cumsum(weighted, out=prefix[1:])
     # sum of byte*BASE**i over the word, shifted to start at BASE**0 so equal words hash equally
     hashes = mix64((prefix[ends] - prefix[starts]) * down[starts])
     doc = np.searchsorted(doc_starts, starts, side="right") - 1
