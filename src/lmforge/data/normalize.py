@@ -19,7 +19,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 _SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _INVISIBLE = re.compile("[\u200b-\u200d\u2060\ufeff\u00ad]")
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONTROL_CHARS = [chr(c) for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F]]
+_CONTROL = re.compile("[" + "".join(_CONTROL_CHARS) + "]")
 _TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
 _RUN_OF_SPACES = re.compile(r"(?<=\S)[ \t]{2,}")
 
@@ -40,14 +41,21 @@ class NormalizeConfig:
 
 
 def normalize_text(text: str, cfg: NormalizeConfig, is_code: bool = False) -> str:
-    if cfg.nfc:
-        text = unicodedata.normalize("NFC", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _INVISIBLE.sub("", _CONTROL.sub("", _SPACES.sub(" ", text)))
-    text = _TRAILING.sub("", text)
-    if cfg.collapse_spaces_in_text and not is_code:
+    # each step first checks cheaply (C-speed `in`, isascii) whether it has anything to do:
+    # most documents are clean, and a regex pass over every byte is what costs
+    if not text.isascii():
+        if cfg.nfc and not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+        text = _INVISIBLE.sub("", _SPACES.sub(" ", text))
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if any(c in text for c in _CONTROL_CHARS):
+        text = _CONTROL.sub("", text)
+    if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):
+        text = _TRAILING.sub("", text)
+    if cfg.collapse_spaces_in_text and not is_code and ("  " in text or "\t" in text):
         text = _RUN_OF_SPACES.sub(" ", text)
-    if cfg.max_blank_lines >= 0:
+    if cfg.max_blank_lines >= 0 and "\n" * (cfg.max_blank_lines + 2) in text:
         text = re.sub("\n{%d,}" % (cfg.max_blank_lines + 2), "\n" * (cfg.max_blank_lines + 1), text)
     ends_with_newline = text.endswith("\n")
     text = text.strip("\n")
