@@ -64,3 +64,16 @@ def test_bands_and_threshold_are_configurable(corpus):
     n_loose = find_near_duplicates(*batch_signatures(texts, loose), np.ones(len(texts)), loose).keep.sum()
     n_strict = find_near_duplicates(*batch_signatures(texts, strict), np.ones(len(texts)), strict).keep.sum()
     assert n_loose < n_strict  # a lower threshold removes more
+
+
+def test_datasketch_backend_finds_the_same_duplicates(corpus):
+    texts = [d.text for d in corpus.documents[:400]]
+    keep = {}
+    for backend in ("numpy", "datasketch"):
+        cfg = NearDupConfig(backend=backend)
+        keep[backend] = find_near_duplicates(*batch_signatures(texts, cfg), np.array([len(t) for t in texts]), cfg).keep
+    assert (keep["numpy"] != keep["datasketch"]).sum() <= 2  # estimates differ, decisions barely
+    assert (~keep["numpy"]).sum() > 40
+    from lmforge.errors import LmforgeError
+    with pytest.raises(LmforgeError, match="backend"):
+        batch_signatures(texts[:2], NearDupConfig(backend="faiss"))

@@ -12,6 +12,7 @@ import numpy as np
 
 from lmforge.data import hashing
 from lmforge.data.minhash import band_keys, candidate_pairs, jaccard_estimate, optimal_bands, signatures
+from lmforge.errors import LmforgeError
 
 
 @dataclass
@@ -30,6 +31,7 @@ class NearDupConfig:
     max_bucket: int = 64
     seed: int = 0
     recheck: bool = True  # measure the duplicate rate left after dedup with an independent seed
+    backend: str = "numpy"  # numpy: vectorised one-permutation MinHash; datasketch: datasketch.MinHash
 
     def band_layout(self) -> tuple[int, int]:
         if self.bands and self.rows:
@@ -39,9 +41,29 @@ class NearDupConfig:
 
 def batch_signatures(texts: list[str], cfg: NearDupConfig, seed: int | None = None):
     """Signatures of a batch of texts: ((n, num_perm) uint32, mask of texts with any word)."""
+    seed = cfg.seed if seed is None else seed
     w = hashing.words(texts)
     shingles, doc, _ = hashing.ngrams(w, cfg.shingle_size)
-    return signatures(shingles, doc, len(texts), cfg.num_perm, cfg.seed if seed is None else seed)
+    if cfg.backend == "datasketch":
+        return _datasketch_signatures(shingles, doc, len(texts), cfg.num_perm, seed)
+    if cfg.backend != "numpy":
+        raise LmforgeError(f"near.backend must be numpy or datasketch, got {cfg.backend!r}")
+    return signatures(shingles, doc, len(texts), cfg.num_perm, seed)
+
+
+def _datasketch_signatures(shingles: np.ndarray, doc: np.ndarray, n: int, num_perm: int, seed: int):
+    """The same shingles through datasketch's K-permutation MinHash (slower; for comparison)."""
+    from datasketch import MinHash
+    sig = np.zeros((n, num_perm), dtype=np.uint32)
+    valid = np.zeros(n, dtype=bool)
+    bounds = np.searchsorted(doc, np.arange(n + 1))
+    for i in range(n):
+        hs = np.unique(shingles[bounds[i]:bounds[i + 1]])
+        if hs.size:
+            m = MinHash(num_perm=num_perm, seed=seed + 1, hashfunc=int)
+            m.update_batch((hs >> np.uint64(32)).tolist())  # datasketch's hashes are 32-bit
+            sig[i], valid[i] = m.hashvalues.astype(np.uint32), True
+    return sig, valid
 
 
 class UnionFind:
