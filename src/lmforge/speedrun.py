@@ -1,5 +1,8 @@
 """`lmforge speedrun`: every stage, end to end, on the embedded stdlib corpus, with a report card.
 
+corpus -> clean (dedup, quality, PII, decontamination) -> tokenizer -> token shards -> pretrain ->
+held-out bits-per-byte -> HumanEval pass@1 -> completions through the serving engine.
+
 Each stage reads the previous stage's files and writes its own under runs/NAME/; a stage whose
 output already exists is skipped, so an interrupted speedrun picks up where it stopped.
 """
@@ -15,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmforge.config import load_recipe, to_dict
+from lmforge.data.config import PipelineConfig
 from lmforge.train.config import TrainConfig, TrainRecipe
 
 
@@ -28,11 +32,14 @@ class RunConfig:
     samples: int = 3
     sample_tokens: int = 48
     eval_tokens: int = 262144     # held-out tokens scored for bpb (0: the whole val split)
+    humaneval_problems: int = 20  # greedy pass@1 on the first N problems (0: skip)
+    humaneval_tokens: int = 96
 
 
 @dataclass
 class SpeedrunRecipe:
     run: RunConfig = field(default_factory=RunConfig)
+    data: PipelineConfig = field(default_factory=PipelineConfig)
     model: dict = field(default_factory=lambda: {"preset": "tiny"})
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -64,6 +71,17 @@ class Stages:
         return {"documents": len(docs), "train_documents": len(train), "val_documents": len(docs) - len(train),
                 "bytes": sum(len(d.text.encode()) for d in docs)}
 
+    def clean(self) -> dict:
+        from lmforge.data.pipeline import clean_corpus
+        from lmforge.data.report import print_report
+        result = clean_corpus(self.docs, self.dir / "clean", self.recipe.data, progress=True, console=self.console)
+        print_report(result.report, self.console)
+        self.docs = list(result.documents())
+        r = result.report
+        removed = {stage: v.get("removed", {}) for stage, v in r["stages"].items() if v.get("removed")}
+        return {"documents_in": r["documents_in"], "documents_out": r["documents_out"], "bytes_in": r["bytes_in"],
+                "bytes_out": r["bytes_out"], "removed": removed, "pii": r["pii"], "duplicates": r["duplicates"]}
+
     def tokenizer(self) -> dict:
         from lmforge.tokenizer import compression_report, load_tokenizer, train_tokenizer
         out = self.dir / "tokenizer"
@@ -78,16 +96,11 @@ class Stages:
         return {"vocab_size": self.tok.vocab_size, **report}
 
     def shards(self) -> dict:
-        from lmforge.data.shards import ShardWriter, read_index
+        from lmforge.data.shards import read_index
+        from lmforge.data.token_shards import write_token_shards
         out = self.dir / "data"
-        if not (out / "index.json").exists():
-            writer = ShardWriter(out, self.tok.vocab_size, self.tok.eos_id)
-            batch = 64
-            for i in range(0, len(self.docs), batch):
-                chunk = self.docs[i:i + batch]
-                for doc, ids in zip(chunk, self.tok.encode_batch([d.text for d in chunk])):
-                    writer.add(doc.meta["split"], ids)
-            writer.close()
+        write_token_shards(self.docs, self.tok, out, mixing=self.recipe.data.mixing, progress=True,
+                           console=self.console)
         index = read_index(out)
         return {split: sum(s["tokens"] for s in shards) for split, shards in index["splits"].items()}
 
@@ -114,17 +127,24 @@ class Stages:
             (d.text for d in self.docs if d.meta["split"] == "val"))
         return result
 
+    def humaneval(self) -> dict:
+        from lmforge.eval.quick import humaneval_pass_at_1
+        from lmforge.model import load
+        run = self.recipe.run
+        if not run.humaneval_problems:
+            return {"skipped": "run.humaneval_problems=0"}
+        result = humaneval_pass_at_1(load(self.model_dir), self.tok, limit=run.humaneval_problems,
+                                     max_new_tokens=run.humaneval_tokens, out_dir=self.dir / "eval")
+        result.pop("statuses", None)
+        return result
+
     def samples(self) -> dict:
         from lmforge.model import load
-        from lmforge.model.sampling import generate
-        model = load(self.model_dir)
-        run = self.recipe.run
-        outputs = []
-        for i, prompt in enumerate(SAMPLE_PROMPTS[: run.samples]):
-            ids = list(generate(model, self.tok.encode(prompt), run.sample_tokens, temperature=0.7, top_k=50,
-                                seed=i, stop_ids={self.tok.eos_id}))
-            outputs.append({"prompt": prompt, "completion": self.tok.decode(ids, skip_special=True)})
-        return {"samples": outputs}
+        from lmforge.serve.engine import complete
+        prompts = SAMPLE_PROMPTS[: self.recipe.run.samples]
+        texts = complete(load(self.model_dir), self.tok, prompts, self.recipe.run.sample_tokens,
+                         temperature=0.7, seed=0)
+        return {"samples": [{"prompt": p, "completion": t} for p, t in zip(prompts, texts)]}
 
 
 def report_card(report: dict, console: Console) -> None:
@@ -133,8 +153,11 @@ def report_card(report: dict, console: Console) -> None:
     table.add_column("stage")
     table.add_column("result")
     table.add_column("seconds", justify="right")
-    c, t, tr, ev = s["corpus"], s["tokenizer"], s["pretrain"], s["evaluate"]
+    c, cl, t, tr, ev, he = s["corpus"], s["clean"], s["tokenizer"], s["pretrain"], s["evaluate"], s["humaneval"]
     table.add_row("corpus", f"{c['documents']} stdlib files, {c['bytes'] / 1e6:.1f} MB", str(c["seconds"]))
+    pii = sum(cl["pii"].values()) if cl["pii"] else 0
+    table.add_row("clean", f"{cl['documents_in']} -> {cl['documents_out']} documents, "
+                  f"{cl['bytes_out'] / 1e6:.1f} MB kept, {pii} PII spans redacted", str(cl["seconds"]))
     table.add_row("tokenizer", f"vocab {t['vocab_size']}, {t['bytes_per_token']:.2f} bytes/token held out",
                   str(t["seconds"]))
     table.add_row("shards", ", ".join(f"{k} {v:,} tokens" for k, v in s["shards"].items() if k != "seconds"),
@@ -143,7 +166,10 @@ def report_card(report: dict, console: Console) -> None:
                   f"{tr['tokens_seen']:,} tokens, loss {tr['final_loss']:.3f}", str(tr["seconds"]))
     table.add_row("evaluate", f"val bpb [bold green]{ev['bpb']:.3f}[/] vs unigram baseline "
                   f"{ev['unigram_baseline_bpb']:.3f} (ppl {ev['perplexity']:.1f})", str(ev["seconds"]))
-    table.add_row("samples", f"{len(s['samples']['samples'])} completions", str(s["samples"]["seconds"]))
+    table.add_row("humaneval", he.get("skipped") or f"pass@1 {he['pass@1']:.3f} on {he['problems']} problems "
+                  "(greedy, sandboxed)", str(he["seconds"]))
+    table.add_row("samples", f"{len(s['samples']['samples'])} completions through the serving engine",
+                  str(s["samples"]["seconds"]))
     console.print(table)
     for sample in s["samples"]["samples"]:
         console.print(f"[dim]{sample['prompt']}[/]{sample['completion']}", highlight=False)
@@ -155,7 +181,7 @@ def speedrun(recipe: SpeedrunRecipe, console: Console | None = None) -> dict:
     stages = Stages(recipe, console)
     stages.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    for name in ("corpus", "tokenizer", "shards", "pretrain", "evaluate", "samples"):
+    for name in ("corpus", "clean", "tokenizer", "shards", "pretrain", "evaluate", "humaneval", "samples"):
         stages.timed(name, getattr(stages, name))
     report = stages.report
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
