@@ -64,20 +64,29 @@ def test_rolling_loglikelihood_matches_transformers(tiny_model_dir, tiny_backend
 
 
 def random_requests(rng, vocab, n_contexts=12):
+    """Questions with 1-4 choices; most contexts open with one of two shared "few-shot" prefixes."""
+    shots = [[rng.randrange(vocab) for _ in range(n)] for n in (18, 24)]
     reqs = []
-    for _ in range(n_contexts):
-        ctx = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+    for q in range(n_contexts):
+        tail = [rng.randrange(vocab) for _ in range(rng.randint(1, 12))]
+        ctx = (shots[q % 2] + tail) if q % 3 else [rng.randrange(vocab) for _ in range(rng.randint(1, 30))]
         reqs += [(ctx, [rng.randrange(vocab) for _ in range(rng.randint(1, 9))]) for _ in range(rng.randint(1, 4))]
     return reqs
 
 
-@pytest.mark.parametrize("budget, rows", [(4096, 64), (50, 3)])  # one batch; many small batches and chunks
+# one batch; batches sharing a prefix; many small batches and chunks
+@pytest.mark.parametrize("budget, rows", [(4096, 64), (120, 8), (50, 3)])
 def test_prefix_sharing_batches_equal_one_by_one_forward(budget, rows):
-    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=32)
+    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=64)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
-    reqs = random_requests(random.Random(0), 97) + [([5] * 40, [6] * 8)]  # the last one needs truncation
+    reqs = random_requests(random.Random(0), 97) + [([5] * 70, [6] * 8)]  # the last one needs truncation
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append(args[0].shape), with_kwargs=True)
     got = score_continuations(model, reqs, token_budget=budget, max_rows=rows)
+    hook.remove()
+    if budget == 4096:  # each shared "few-shot" prefix ran once, as a one-row forward
+        assert sorted(t for b, t in calls if b == 1 and t >= 18) == [18, 24]
     for (ctx, cont), (lp, greedy) in zip(reqs, got):
         ctx = ctx[-(cfg.max_seq_len + 1 - len(cont)):]
         ids = torch.tensor([ctx + cont])

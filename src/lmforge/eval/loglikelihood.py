@@ -2,9 +2,10 @@
 
 For each request (context ids, continuation ids) returns (sum of log p(continuation token | all
 before it), whether every continuation token was the argmax). How it is fast:
-- requests sharing a context (the choices of one question) run that context once
-  (`SharedPrefixCache`); single-token continuations (MMLU letters) need no second pass at all;
-- contexts are sorted by length and batched under a token budget, left-padded;
+- requests sharing a context (the choices of one question) run that context once, and contexts
+  sharing a prefix (the same few-shot examples) run that prefix once per batch
+  (`SegmentCache`); single-token continuations (MMLU letters) need no continuation pass at all;
+- contexts are clustered by their first tokens, batched under a token budget, left-padded;
 - the LM head runs only where a prediction is scored: the last context position and the
   continuation tokens, never over the whole prompt.
 """
@@ -14,7 +15,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from lmforge.eval.attention_cache import PaddedCache, SharedPrefixCache
+from lmforge.eval.attention_cache import SegmentCache
+
+MIN_SHARED = 16  # tokens: a shorter common prefix is not worth a separate forward
 
 
 def _fit(context: list[int], continuation: list[int], max_len: int) -> tuple[list[int], list[int]]:
@@ -34,13 +37,55 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     return picked - logits.logsumexp(-1), picked >= logits.max(-1).values
 
 
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _greedy(contexts: list[tuple[int, ...]], token_budget: int, max_rows: int, share: bool):
+    """Consecutive batches under a token budget; with `share`, the batch's common prefix P is
+    computed once, so a batch costs P + rows * (longest - P) tokens."""
+    batch: list[tuple[int, ...]] = []
+    shared = 0
+    for ctx in contexts:
+        if batch:
+            lcp = min(shared, _common_prefix(batch[0], ctx), len(ctx) - 1) if share else 0
+            lcp = lcp if lcp >= MIN_SHARED else 0
+            width = max(len(ctx), len(batch[0]) if not share else max(map(len, batch)))
+            if lcp + (len(batch) + 1) * (width - lcp) <= token_budget and len(batch) < max_rows:
+                batch.append(ctx)
+                shared = lcp
+                continue
+            yield batch, shared if len(batch) > 1 else 0
+        batch, shared = [ctx], len(ctx) - 1
+    if batch:
+        yield batch, shared if len(batch) > 1 else 0
+
+
+def _batches(contexts: list[tuple[int, ...]], token_budget: int, max_rows: int):
+    """Contexts that start alike (the same few-shot examples) are batched together, in
+    lexicographic order so the deepest common prefixes are adjacent; all other contexts are
+    batched longest first (least padding). -> (contexts, length of their shared prefix)."""
+    clusters: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+    for c in contexts:
+        clusters.setdefault(c[:MIN_SHARED], []).append(c)
+    related = sorted((sorted(m) for m in clusters.values() if len(m) > 1), key=lambda m: -max(map(len, m)))
+    alone = sorted((m[0] for m in clusters.values() if len(m) == 1), key=len, reverse=True)
+    for members in related:
+        yield from _greedy(members, token_budget, max_rows, share=True)
+    yield from _greedy(alone, token_budget, max_rows, share=False)
+
+
 @torch.no_grad()
 def score_continuations(model, requests: Sequence[tuple[list[int], list[int]]], token_budget: int | None = None,
                         max_rows: int = 64, progress: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
     if not requests:
         return []
     params = next(model.parameters())
-    device, dtype, max_len = params.device, params.dtype, model.cfg.max_seq_len
+    device, max_len = params.device, model.cfg.max_seq_len
     token_budget = token_budget or (32768 if device.type == "cuda" else 4096)
     fitted = []
     for ctx, cont in requests:
@@ -50,34 +95,37 @@ def score_continuations(model, requests: Sequence[tuple[list[int], list[int]]], 
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(fitted):
         groups.setdefault(tuple(ctx), []).append(i)
-    order = sorted(groups, key=len, reverse=True)  # longest first: the batch's width is its first context
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     was_training = model.training
     model.eval()
-    batch: list[tuple[int, ...]] = []
-    for ctx in order + [None]:
-        if ctx is not None and (not batch or (len(batch) + 1) * len(batch[0]) <= token_budget and len(batch) < max_rows):
-            batch.append(ctx)
-            continue
-        _score_batch(model, batch, groups, fitted, results, device, dtype, token_budget, max_rows)
+    for batch, shared in _batches(list(groups), token_budget, max_rows):
+        _score_batch(model, batch, shared, groups, fitted, results, device, token_budget, max_rows)
         if progress:
             progress(sum(len(groups[c]) for c in batch))
-        batch = [ctx] if ctx is not None else []
     model.train(was_training)
     return results  # type: ignore[return-value]
 
 
-def _score_batch(model, contexts, groups, fitted, results, device, dtype, token_budget, max_rows) -> None:
-    width = max(len(c) for c in contexts)
-    tokens = torch.zeros(len(contexts), width, dtype=torch.long, device=device)
-    valid = torch.zeros(len(contexts), width, dtype=torch.bool, device=device)
+def _score_batch(model, contexts, shared, groups, fitted, results, device, token_budget, max_rows) -> None:
+    segments, maps = [], []
+    if shared:  # the common prefix, once
+        cache = SegmentCache([], [], torch.ones(1, shared, dtype=torch.bool, device=device))
+        model(torch.tensor([contexts[0][:shared]], device=device),
+              positions=torch.arange(shared, device=device)[None], cache=cache, last_only=True)
+        segments.append(cache.segment)
+    G = len(contexts)
+    width = max(len(c) for c in contexts) - shared
+    tokens = torch.zeros(G, width, dtype=torch.long, device=device)
+    valid = torch.zeros(G, width, dtype=torch.bool, device=device)
     for g, ctx in enumerate(contexts):  # left padding: every row's last slot is its last token
-        tokens[g, width - len(ctx):] = torch.tensor(ctx, device=device)
-        valid[g, width - len(ctx):] = True
-    positions = (torch.arange(width, device=device)[None] - (width - valid.sum(1, keepdim=True))).clamp(min=0)
-    cache = PaddedCache(model.cfg, len(contexts), width, device, dtype)
-    cache.prepare(valid)
+        tail = ctx[shared:]
+        tokens[g, width - len(tail):] = torch.tensor(tail, device=device)
+        valid[g, width - len(tail):] = True
+    lengths = torch.tensor([len(c) for c in contexts], device=device)
+    positions = (lengths[:, None] - width + torch.arange(width, device=device)[None]).clamp(min=0)
+    cache = SegmentCache(segments, [torch.zeros(G, dtype=torch.long, device=device)] * len(segments), valid)
     last = model(tokens, positions=positions, cache=cache, last_only=True)[:, -1]  # [G, V]
+    segments = segments + [cache.segment]
     rows = [(g, i) for g, ctx in enumerate(contexts) for i in groups[ctx]]
     first = torch.tensor([fitted[i][1][0] for _, i in rows], device=device)
     lp0, greedy0 = _token_logprobs(last[[g for g, _ in rows]], first)
@@ -97,10 +145,11 @@ def _score_batch(model, contexts, groups, fitted, results, device, dtype, token_
             inputs[r, : len(cont) - 1] = torch.tensor(cont[:-1], device=device)
             targets[r, : len(cont) - 1] = torch.tensor(cont[1:], device=device)
         group_rows = torch.tensor([g for g, _ in chunk], device=device)
-        start = valid.sum(1)[group_rows]  # each row continues right after its own context
-        positions = start[:, None] + torch.arange(n_tok, device=device)[None]
-        logits = model(inputs, positions=positions, cache=SharedPrefixCache(cache, group_rows, n_tok))
-        lp, greedy = _token_logprobs(logits, targets)
+        positions = lengths[group_rows][:, None] + torch.arange(n_tok, device=device)[None]
+        # right padding: pads come after every real token, so the causal mask already hides them
+        cache = SegmentCache(segments, [torch.zeros_like(group_rows)] * (len(segments) - 1) + [group_rows],
+                             torch.ones(len(chunk), n_tok, dtype=torch.bool, device=device), store=False)
+        lp, greedy = _token_logprobs(model(inputs, positions=positions, cache=cache), targets)
         for r, (_, i) in enumerate(chunk):
             n = len(fitted[i][1]) - 1
             total, all_greedy = results[i]

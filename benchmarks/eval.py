@@ -1,0 +1,146 @@
+"""Log-likelihood throughput: lmforge's in-process backend vs lm-evaluation-harness's HF backend,
+same model, same requests, same process, printing items/s and the ratio (target >= 2x).
+
+    python benchmarks/eval.py                      # SmolLM2-135M-Instruct (bundled GGUF), CPU
+    python benchmarks/eval.py --questions 64 --device cuda --hf-batch-size 32
+
+The model is loaded by lmforge (GGUF -> float32) and written once as a Hugging Face directory,
+which lm-eval's `hf` model then loads through transformers: both score identical weights.
+Two workloads of synthetic (self-generated) multiple-choice questions:
+  letters - 5-shot MMLU-style prompts (fixed examples per subject, as lm-eval's MMLU), four
+            one-token continuations (" A".." D")
+  cloze   - 3-shot ARC-style prompts (examples drawn per question), four multi-token answers
+Also checked: per-request log-likelihoods agree, and so does every question's argmax.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+WORDS = ("river lantern harbour garden teacher engine valley window market letter mountain bridge "
+         "orchard violin compass kettle ladder meadow carpet pigeon").split()
+ADJ = "quiet green distant old bright narrow heavy gentle busy patient sudden wooden".split()
+
+
+def question(rng: random.Random) -> tuple[str, list[str], int]:
+    a, b = rng.sample(WORDS, 2)
+    stem = (f"A {rng.choice(ADJ)} {a} stands beside a {rng.choice(ADJ)} {b}. The {a} was built "
+            f"{rng.randint(2, 90)} years ago by a {rng.choice(ADJ)} {rng.choice(WORDS)}. What is next to the {a}?")
+    choices = [f"the {rng.choice(ADJ)} {w}" for w in rng.sample([w for w in WORDS if w != b], 3)]
+    answer = rng.randrange(4)
+    choices.insert(answer, f"the {rng.choice(ADJ)} {b}")
+    return stem, choices, answer
+
+
+def render(kind: str, stem: str, choices: list[str], answer: int | None) -> tuple[str, list[str]]:
+    """(prompt block, continuations); with an answer, the block is a solved few-shot example."""
+    if kind == "letters":
+        body = stem + "".join(f"\n{'ABCD'[i]}. {c}" for i, c in enumerate(choices)) + "\nAnswer:"
+        conts = [f" {'ABCD'[i]}" for i in range(4)]
+    else:
+        body, conts = f"Question: {stem}\nAnswer:", [f" {c}" for c in choices]
+    return (body + conts[answer] + "\n\n" if answer is not None else body), conts
+
+
+def workload(kind: str, n: int, seed: int = 0, subjects: int = 4) -> list[list[tuple[str, str]]]:
+    """n questions, each a list of (context, continuation) requests sharing one context.
+    letters: like MMLU in lm-eval, every question of a subject has the same 5 solved examples;
+    cloze: like ARC in lm-eval, each question gets its own 3 randomly drawn examples."""
+    rng = random.Random(f"{kind}:{seed}")
+    fixed = [[render(kind, *question(rng))[0] for _ in range(5)] for _ in range(subjects)]
+    out = []
+    for q in range(n):
+        shots = fixed[q % subjects] if kind == "letters" else [render(kind, *question(rng))[0] for _ in range(3)]
+        stem, choices, _ = question(rng)
+        body, conts = render(kind, stem, choices, None)
+        header = f"The following are questions about subject {q % subjects}.\n\n" if kind == "letters" else ""
+        out.append([(header + "".join(shots) + body, c) for c in conts])
+    return out
+
+
+def prepare_hf_dir(model, tok, directory: Path) -> Path:
+    from lmforge.model import save_hf
+
+    save_hf(model, directory)
+    tok.save(directory)
+    eos = tok.hf.id_to_token(tok.eos_id) if tok.eos_id is not None else None
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "model_max_length": model.cfg.max_seq_len}))
+    return directory
+
+
+def timed(fn, *args) -> tuple[list, float]:
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="any model lmforge.model.load accepts (default: bundled SmolLM2-135M GGUF)")
+    ap.add_argument("--questions", type=int, default=48, help="questions per workload (4 requests each)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--hf-batch-size", default="16", help="lm-eval HF batch size (an int or 'auto')")
+    ap.add_argument("--workloads", default="letters,cloze")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        sys.exit(f"lm-evaluation-harness (with its HF backend) is not installed: pip install 'lm-eval[hf]' ({e})")
+
+    from lmforge.eval.local_backend import LocalBackend
+    from lmforge.model import load
+    from lmforge.tokenizer import load_tokenizer
+
+    ref = args.model
+    if ref is None:
+        from lmforge.model.gguf import bundled_smollm2
+        ref = str(bundled_smollm2())
+    model = load(ref, device=args.device)
+    tok = load_tokenizer(ref)
+    ours = LocalBackend(model, tok, name=ref)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = prepare_hf_dir(model, tok, Path(tmp) / "hf")
+        batch = args.hf_batch_size if args.hf_batch_size == "auto" else int(args.hf_batch_size)
+        theirs = HFLM(pretrained=str(hf_dir), device=args.device, batch_size=batch, dtype="float32")
+        print(f"model {ref} ({model.num_params() / 1e6:.0f}M params) on {args.device}, torch threads "
+              f"{torch.get_num_threads()}, lm-eval HF batch size {args.hf_batch_size}")
+        results = {}
+        for kind in args.workloads.split(","):
+            questions = workload(kind, args.questions)
+            requests = [r for q in questions for r in q]
+            instances = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)]
+            ours.loglikelihood(requests[:8])  # warm-up, both sides
+            theirs.loglikelihood(instances[:8], disable_tqdm=True)
+            mine, t_ours = timed(ours.loglikelihood, requests)
+            ref_out, t_hf = timed(lambda: theirs.loglikelihood(instances, disable_tqdm=True))
+            diff = max(abs(a[0] - b[0]) for a, b in zip(mine, ref_out))
+            argmax = lambda out: [max(range(4), key=lambda i: out[4 * q + i][0]) for q in range(len(questions))]  # noqa: E731
+            same = sum(x == y for x, y in zip(argmax(mine), argmax(ref_out)))
+            tokens = sum(len(tok.encode(c + x)) for c, x in requests)
+            results[kind] = {"requests": len(requests), "tokens": tokens, "lmforge_s": t_ours, "lm_eval_hf_s": t_hf,
+                             "lmforge_items_per_s": len(requests) / t_ours, "lm_eval_hf_items_per_s": len(requests) / t_hf,
+                             "speedup": t_hf / t_ours, "max_abs_logprob_diff": diff, "same_argmax": f"{same}/{len(questions)}"}
+            r = results[kind]
+            print(f"{kind:8s} {len(requests)} requests ({tokens} tokens): lmforge {r['lmforge_items_per_s']:.1f} items/s, "
+                  f"lm-eval HF {r['lm_eval_hf_items_per_s']:.1f} items/s -> {r['speedup']:.2f}x; "
+                  f"max |dlogp| {diff:.2e}, same answer {same}/{len(questions)}")
+    if args.json:
+        args.json.write_text(json.dumps({"model": ref, "device": args.device, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
