@@ -36,6 +36,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     tensorboard: bool = True
     peak_flops: float = 0.0           # device peak for MFU; 0 -> looked up for known GPUs
+    noise_scale: bool = False         # log the gradient noise scale B_simple (needs grad accum >= 2)
 
     def __post_init__(self):
         if self.schedule not in ("wsd", "cosine"):
@@ -49,6 +50,9 @@ class TrainConfig:
         if self.global_batch_tokens % (self.micro_batch * self.seq_len):
             raise LmforgeError(f"train.global_batch_tokens={self.global_batch_tokens} must be a multiple of "
                                f"micro_batch*seq_len={self.micro_batch * self.seq_len}")
+        if self.noise_scale and self.grad_accum < 2:
+            raise LmforgeError("train.noise_scale compares micro-batch and full-batch gradients: it needs "
+                               "global_batch_tokens >= 2 * micro_batch * seq_len")
 
     @property
     def grad_accum(self) -> int:

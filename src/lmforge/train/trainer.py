@@ -16,6 +16,7 @@ from lmforge.config import to_dict
 from lmforge.data.shards import TokenShards
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer, save
+from lmforge.plan.noise_scale import NoiseScaleTracker, noise_scale
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.config import TrainConfig, TrainRecipe
 from lmforge.train.loader import ShardLoader
@@ -55,6 +56,11 @@ def evaluate_loss(model, shards: TokenShards, seq_len: int, n_tokens: int, batch
     return total / count
 
 
+def grad_sq_norm(model) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(torch._foreach_norm(grads)).pow(2).sum())
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """After a resume, drop metric rows logged after the checkpoint (they will be redone)."""
     if path.exists():
@@ -92,6 +98,8 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
     out = Path(tc.out)
     ckpt_root = out / "ckpt"
     start_step, tokens_seen = 0, 0
+    # B_simple from the first micro-batch's gradient (B_small) and the accumulated one (B_big).
+    noise = NoiseScaleTracker() if tc.noise_scale else None
     latest = latest_checkpoint(ckpt_root)
     if latest and not resume:
         raise LmforgeError(f"{out} already holds checkpoints (latest {latest.name}); pass --resume "
@@ -100,6 +108,8 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
         state = load_checkpoint(latest, model, optimizer)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         loader.load_state_dict(state["loader"])
+        if noise is not None and "noise_scale" in state:
+            noise.__dict__.update(state["noise_scale"])
         _truncate_metrics(out / "metrics.jsonl", start_step)
         console.print(f"[cyan]resumed from {latest} at step {start_step}[/]")
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +125,8 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
 
     def checkpoint(step):
         save_checkpoint(ckpt_root, step, model, optimizer,
-                        {"tokens_seen": tokens_seen, "loader": loader.state_dict()}, tc.keep_last)
+                        {"tokens_seen": tokens_seen, "loader": loader.state_dict(),
+                         **({"noise_scale": vars(noise)} if noise else {})}, tc.keep_last)
 
     model.train()
     step = start_step
@@ -127,7 +138,7 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            for _ in range(tc.grad_accum):
+            for micro in range(tc.grad_accum):
                 batch = loader.next_batch().to(device, non_blocking=True)
                 with autocast():
                     loss = forward(batch[:, :-1], targets=batch[:, 1:])
@@ -135,7 +146,12 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
                         loss = loss + cfg.moe_aux_loss_coef * model.aux_loss()
                 (loss / tc.grad_accum).backward()
                 loss_sum += loss.detach()
+                if noise is not None and micro == 0:
+                    g2_small = grad_sq_norm(model) * tc.grad_accum ** 2
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            if noise is not None:
+                noise.update(noise_scale(tc.micro_batch * tc.seq_len, g2_small, tc.global_batch_tokens,
+                                         float(grad_norm) ** 2))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_seen += tc.global_batch_tokens
@@ -151,6 +167,8 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
                            "tokens_seen": tokens_seen, "peak_mem_mb": peak_memory_bytes(device) / 2**20}
                 if peak:
                     metrics["mfu"] = flops_per_token * tps / peak
+                if noise is not None:
+                    metrics["noise_scale_tokens"] = noise.b_simple
                 logger.log(done, metrics)
             if val is not None and (done % tc.eval_every == 0 or done == tc.max_steps):
                 val_loss = evaluate_loss(model, val, tc.seq_len, tc.eval_tokens, tc.micro_batch, device, autocast)
