@@ -42,9 +42,10 @@ def openai_style_app(local, echo_supported=True):
                 values.append(float(logp[i - 1, enc.ids[i]]))
                 best = int(logp[i - 1].argmax())
                 tops.append({tok.decode([best]): float(logp[i - 1, best])})
-            return {"choices": [{"text": prompt, "logprobs": {
-                "tokens": enc.tokens, "token_logprobs": values, "top_logprobs": tops,
-                "text_offset": [start for start, _ in enc.offsets]}}]}
+            # like OpenAI's API: the prompt's tokens, then max_tokens generated ones (here a fake one)
+            return {"choices": [{"text": prompt + " x", "logprobs": {
+                "tokens": enc.tokens + [" x"], "token_logprobs": values + [-0.5], "top_logprobs": tops + [{" x": -0.5}],
+                "text_offset": [start for start, _ in enc.offsets] + [len(prompt)]}}]}
         text, = local.generate([GenerationRequest(prompt, body.get("max_tokens", 16), body.get("temperature", 0.0),
                                                   stop=tuple(body.get("stop") or ()))])
         return {"choices": [{"text": text, "index": 0}]}
@@ -121,3 +122,31 @@ def test_unreachable_endpoint_is_a_clear_error():
         port = s.getsockname()[1]
     with pytest.raises(LmforgeError, match="could not list models"):
         EndpointBackend(f"http://127.0.0.1:{port}")
+
+
+def test_evaluates_lmforge_serve(tiny_backend):
+    """Our own OpenAI-compatible server, end to end: generation tasks run through it and match the
+    in-process backend (same weights, greedy); log-likelihood works if the server returns prompt
+    logprobs and otherwise fails with a clear message, never a wrong number."""
+    from lmforge.serve.async_engine import AsyncEngine
+    from lmforge.serve.engine import EngineConfig, LLMEngine
+    from lmforge.serve.server import create_app
+
+    engine = AsyncEngine(LLMEngine(tiny_backend.model, tiny_backend.tok, EngineConfig(kv_cache_mb=64)))
+    try:
+        with Server(create_app(engine, tiny_backend.tok, "tiny")) as url:
+            remote = EndpointBackend(url)
+            task = make_task(f"humaneval:{DATA / 'humaneval_style.jsonl'}", {"max_new_tokens": 24, "timeout": 3.0})
+            served = evaluate(remote, [task], None, None, show_progress=False)["tasks"]["humaneval"]
+            requests = [GenerationRequest(it["problem"]["prompt"], 24) for it in task.items()]
+            assert remote.generate(requests) == tiny_backend.generate(requests)
+            assert served["n"] == 4 and sum(served["details"]["statuses"].values()) == 4
+            try:
+                got = remote.loglikelihood(PAIRS)
+            except LmforgeError as e:
+                assert "logprobs" in str(e)
+            else:
+                for (lp, _), (ref, _) in zip(got, tiny_backend.loglikelihood(PAIRS)):
+                    assert lp == pytest.approx(ref, abs=1e-3)
+    finally:
+        engine.shutdown()

