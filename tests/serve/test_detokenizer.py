@@ -42,3 +42,13 @@ def test_partial_stop_string_is_held_back_then_released(smollm_tokenizer):
         d.push(t)
         shown += d.take()
     assert shown == "wait START" and not d.stopped
+
+
+def test_generation_ending_inside_a_character_is_flushed(smollm_tokenizer):
+    ids = smollm_tokenizer.encode("ok 🚀")
+    d = Detokenizer(smollm_tokenizer)
+    for t in ids[:-1]:                        # the rocket's last byte never arrives
+        d.push(t)
+    shown = d.take()
+    assert "\ufffd" not in shown
+    assert (shown + d.take(final=True)) == smollm_tokenizer.decode(ids[:-1])

@@ -15,6 +15,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import torch
+
 from lmforge.errors import LmforgeError
 from lmforge.serve.engine import LLMEngine
 from lmforge.serve.metrics import ServeMetrics
@@ -47,6 +49,7 @@ class AsyncEngine:
         self._sinks: dict[str, _Sink] = {}
         self._pending_adds = 0
         self._stop = False
+        self._threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
         self._thread.start()
 
@@ -96,6 +99,8 @@ class AsyncEngine:
 
     # --- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        # OpenMP thread counts are per calling thread: carry the creator's setting over.
+        torch.set_num_threads(self._threads)
         while not self._stop:
             self._drain_commands()
             if not self.engine.has_work:

@@ -38,8 +38,10 @@ def serve_command(
     default_max_tokens: int = typer.Option(512, min=1, help="chat max_tokens when the client gives none"),
     prefix_caching: bool = typer.Option(True, help="share KV blocks of identical prompt prefixes"),
     compile_decode: bool = typer.Option(False, "--compile", help="torch.compile the decode step (GPU)"),
+    threads: int = typer.Option(0, min=0, help="CPU threads for PyTorch (0: its default)"),
 ):
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
+    import torch
     import uvicorn
 
     from lmforge.serve.async_engine import AsyncEngine
@@ -47,6 +49,8 @@ def serve_command(
     from lmforge.serve.loading import load_for_serving
     from lmforge.serve.server import create_app
 
+    if threads:
+        torch.set_num_threads(threads)
     net, tok, default_name = load_for_serving(model, tokenizer, dtype, device, int8)
     config = _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len,
                             prefix_caching, compile_decode)

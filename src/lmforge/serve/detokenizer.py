@@ -52,13 +52,15 @@ class Detokenizer:
 
     def take(self, final: bool = False) -> str:
         """The text not handed out yet that is safe to show (all of it once `final`)."""
-        end = len(self.text) if final or self.stopped else len(self.text) - self._held_back()
-        if final and self.read_offset < len(self.ids) and not self.stopped:
-            # Flush a trailing incomplete character as the replacement character, like HF decode.
-            tail = self._decode(self.ids[self.prefix_offset:])[len(self._decode(self.ids[self.prefix_offset:self.read_offset])):]
-            self.text += tail
+        if final and not self.stopped and self.read_offset < len(self.ids):
+            # The generation ended inside a multi-byte character: flush it as U+FFFD, as decode() would.
+            pending = self._decode(self.ids[self.prefix_offset:])
+            done = self._decode(self.ids[self.prefix_offset:self.read_offset])
+            old_len = len(self.text)
+            self.text += pending[len(done):]
             self.read_offset = len(self.ids)
-            end = len(self.text)
+            self._check_stop(old_len)
+        end = len(self.text) if final or self.stopped else len(self.text) - self._held_back()
         out = self.text[self.emitted:end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return out
