@@ -76,9 +76,14 @@ def prepare_hf_dir(model, tok, directory: Path) -> Path:
     return directory
 
 
-def timed(fn, *args) -> tuple[list, float]:
+def answers(scores: list[tuple[float, bool]], n_questions: int) -> list[int]:
+    """The chosen (highest log-likelihood) choice of each 4-choice question."""
+    return [max(range(4), key=lambda i: scores[4 * q + i][0]) for q in range(n_questions)]
+
+
+def timed(fn, *args, **kwargs) -> tuple[list, float]:
     start = time.perf_counter()
-    out = fn(*args)
+    out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
 
 
@@ -126,10 +131,9 @@ def main() -> None:
             ours.loglikelihood(requests[:8])  # warm-up, both sides
             theirs.loglikelihood(instances[:8], disable_tqdm=True)
             mine, t_ours = timed(ours.loglikelihood, requests)
-            ref_out, t_hf = timed(lambda: theirs.loglikelihood(instances, disable_tqdm=True))
+            ref_out, t_hf = timed(theirs.loglikelihood, instances, disable_tqdm=True)
             diff = max(abs(a[0] - b[0]) for a, b in zip(mine, ref_out))
-            argmax = lambda out: [max(range(4), key=lambda i: out[4 * q + i][0]) for q in range(len(questions))]  # noqa: E731
-            same = sum(x == y for x, y in zip(argmax(mine), argmax(ref_out)))
+            same = sum(x == y for x, y in zip(answers(mine, len(questions)), answers(ref_out, len(questions))))
             tokens = sum(len(tok.encode(c + x)) for c, x in requests)
             results[kind] = {"requests": len(requests), "tokens": tokens, "lmforge_s": t_ours, "lm_eval_hf_s": t_hf,
                              "lmforge_items_per_s": len(requests) / t_ours, "lm_eval_hf_items_per_s": len(requests) / t_hf,

@@ -68,7 +68,7 @@ def compare(problems, checker, timeout=3.0, extra=(), only=None):
     with ThreadPoolExecutor(2) as pool:  # their checker forks a process per call; two at a time
         verdicts = list(pool.map(lambda case: checker(case[0], case[2], timeout)["passed"], cases))
     disagreements = []
-    for (p, name, comp), mine, theirs in zip(cases, ours, verdicts):
+    for (p, name, _), mine, theirs in zip(cases, ours, verdicts):
         if theirs != mine.passed:
             disagreements.append((p["task_id"], name, theirs, mine.status, mine.error))
     return cases, ours, disagreements

@@ -107,7 +107,7 @@ def score_continuations(model, requests: Sequence[tuple[list[int], list[int]]], 
 
 
 def _score_batch(model, contexts, shared, groups, fitted, results, device, token_budget, max_rows) -> None:
-    segments, maps = [], []
+    segments = []
     if shared:  # the common prefix, once
         cache = SegmentCache([], [], torch.ones(1, shared, dtype=torch.bool, device=device))
         model(torch.tensor([contexts[0][:shared]], device=device),

@@ -98,7 +98,7 @@ class MathTask(Task):
                                            seed=cfg.seed + s, chat=cfg.chat) for s in range(cfg.samples if cfg.samples > 1 else 0)]
         texts = iter(backend.generate(requests))
         results = []
-        for it in items:
+        for _ in items:
             greedy = next(texts)
             sampled = [next(texts) for _ in range(cfg.samples if cfg.samples > 1 else 0)]
             results.append({"greedy": greedy, "samples": sampled})
