@@ -32,3 +32,16 @@ def smollm(smollm_path):
 def tiny(smollm_tokenizer):
     """A 2-layer random model over SmolLM2's vocabulary: fast, deterministic, gibberish."""
     return tiny_model(smollm_tokenizer.vocab_size)
+
+
+@pytest.fixture(scope="package", autouse=True)
+def one_torch_thread():
+    """Run these tests on one intra-op thread, restored afterwards.
+
+    On a 2-core machine shared with anything else, OpenMP's spinning worker threads make small
+    batched matmuls 3-20x slower than one thread; these tests check behaviour, not speed."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
