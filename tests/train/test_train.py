@@ -70,8 +70,8 @@ def test_training_learns_and_writes_outputs(toy_shards, tmp_path):
 
 def test_kill9_and_resume_reproduces_losses_exactly(toy_shards, tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    train(load_recipe(TrainRecipe, None, recipe(toy_shards, ref, "train.max_steps=40")))
-    cmd = [sys.executable, "-m", "lmforge", "train", *recipe(toy_shards, cut, "train.max_steps=40")]
+    train(load_recipe(TrainRecipe, None, recipe(toy_shards, ref, "train.max_steps=60")))
+    cmd = [sys.executable, "-m", "lmforge", "train", *recipe(toy_shards, cut, "train.max_steps=60")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (cut / "ckpt" / "step_000008").exists():
@@ -82,8 +82,8 @@ def test_kill9_and_resume_reproduces_losses_exactly(toy_shards, tmp_path):
     proc.wait()
     assert not (cut / "model").exists(), "the run finished before it could be killed"
     killed_at = int(latest_checkpoint(cut / "ckpt").name.split("_")[1])
-    assert killed_at < 40
-    train(load_recipe(TrainRecipe, None, recipe(toy_shards, cut, "train.max_steps=40")), resume=True)
+    assert killed_at < 60
+    train(load_recipe(TrainRecipe, None, recipe(toy_shards, cut, "train.max_steps=60")), resume=True)
     assert losses(cut) == losses(ref)  # every step, bit for bit
 
 
