@@ -15,6 +15,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_rows: int):
         n_valid = (targets != ignore_index).sum().clamp_min(1)
+        any_ignored = bool(n_valid < targets.numel())  # skip a full masking pass in the common case
         grad_hidden = torch.empty_like(hidden)
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # at least fp32 accumulation
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
@@ -28,7 +29,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             total += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * valid).sum()
             grad = logits.sub_(lse[:, None]).exp_()                      # softmax, in place
             grad[torch.arange(len(t), device=t.device), safe_t] -= 1.0   # minus one-hot
-            grad.mul_(valid[:, None])
+            if any_ignored:
+                grad.mul_(valid[:, None])
             grad = grad.to(h.dtype)
             grad_hidden[start:start + chunk_rows] = grad @ weight.to(h.dtype)
             grad_weight += grad.t() @ h
