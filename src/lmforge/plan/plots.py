@@ -16,6 +16,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_chinchilla_fit(runs: Runs, law: ScalingLaw, path: str | Path, title: str = "") -> Path:
     """Left: loss against compute, runs coloured by model size, with the law's compute-optimal
     frontier L(N*(C), D*(C)). Right: fitted against observed loss."""
@@ -37,12 +46,7 @@ def plot_chinchilla_fit(runs: Runs, law: ScalingLaw, path: str | Path, title: st
     right.plot([lo, hi], [lo, hi], "k:", lw=1)
     right.scatter(runs.loss, predicted, c=np.log10(runs.N), cmap="viridis", s=28)
     right.set(xlabel="observed loss", ylabel="fitted loss", title="fit quality")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_power_law(compute, loss, law, path: str | Path) -> Path:
@@ -55,9 +59,4 @@ def plot_power_law(compute, loss, law, path: str | Path) -> Path:
     ax.plot(grid, law.loss(grid), "k--", label=label)
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="loss", title="L(C) power law")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
