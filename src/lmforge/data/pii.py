@@ -22,12 +22,15 @@ _EMAIL = re.compile(  # Unicode local parts and domains (főo@bar.com), obfuscat
     r"(?:@|\s?[\[(<]at[\])>]\s?)"
     r"(?:[^\W_](?:[\w-]{0,61}[^\W_])?(?:\.|\s?[\[(<]dot[\])>]\s?))+[^\W\d_]{2,24}(?!\w)")
 _EMAIL_HINTS = ("@", "[at]", "(at)", "<at>")
+_EXT = r"(?:\s?(?:x|ext\.?)\s?\d{1,6})?"  # an extension: 555-2671x123, 555-2671 ext. 12
+_EXT_TAIL = re.compile(r"\s?(?:x|ext\.?)\s?\d{1,6}$")
 _PHONE_KEYWORD = re.compile(r"(?i)(?:tel|phone|mobile|cell|fax|call|whatsapp|contact)\W{0,12}$")
 _PHONES = [  # (regex, whether it needs a phone keyword just before it)
-    (re.compile(r"(?<![\w+.-])\+\d{1,3}(?:[\s.-]\(?\d{1,5}\)?)(?:[\s.-]\d{2,8}){1,5}(?![\w-]|\.\d)"), False),
+    (re.compile(r"(?<![\w+.-])\+\d{1,3}(?:[\s.-]\(?\d{1,5}\)?|\s?\(0\)\s?\d{1,5})(?:[\s.-]\d{2,8}){0,5}"
+                r"(?:[\s.-]?\d{2,8})?" + _EXT + r"(?![\w-]|\.\d)"), False),  # +49 (0)30 1234 5678
     (re.compile(r"(?<![\w+.-])\+\d{8,15}(?![\w-]|\.\d)"), True),  # E.164 without separators
-    (re.compile(r"(?<![\w+.-])(?:\+?1[\s.-])?(?:\(\d{3}\)\s?\d{3}[\s.-]\d{4}|\d{3}([.-])\d{3}\1\d{4})"
-                r"(?![\w-]|\.\d)"), False),  # North American: (415) 555-2671, 415-555-2671
+    (re.compile(r"(?<![\w+.-])(?:(?:\+?1|001)[\s.-])?(?:\(\d{3}\)\s?\d{3}[\s.-]\d{4}|\d{3}([.-])\d{3}\1\d{4})"
+                + _EXT + r"(?![\w-]|\.\d)"), False),  # North American: (415) 555-2671, 001-415-555-2671x12
     (re.compile(r"(?<![\w+.-])(?:\(0\d{1,4}\)\s?\d{2,4}[\s-]?\d{3,4}|0\d{2,4}[\s-]\d{3,4}[\s-]\d{3,4})"
                 r"(?![\w-]|\.\d)"), False),  # national with trunk 0: 020 7946 0958, (030) 1234 5678
 ]
@@ -170,6 +173,7 @@ _GROUP_BEFORE = re.compile(r"[A-Z0-9]{4} $")
 
 
 def _phone_ok(text: str, s: str, at: int, needs_keyword: bool) -> bool:
+    s = _EXT_TAIL.sub("", s)  # the extension's digits are not part of the number's length
     if not v.phone_digits_ok(s) or _DATE_LIKE.match(s) or _GROUP_BEFORE.search(text, max(0, at - 5), at):
         return False
     if s.startswith("0") and not s.startswith("(") and not 10 <= sum(c.isdigit() for c in s) <= 11:
