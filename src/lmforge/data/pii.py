@@ -26,13 +26,13 @@ _EXT = r"(?:\s?(?:x|ext\.?)\s?\d{1,6})?"  # an extension: 555-2671x123, 555-2671
 _EXT_TAIL = re.compile(r"\s?(?:x|ext\.?)\s?\d{1,6}$")
 _PHONE_KEYWORD = re.compile(r"(?i)(?:tel|phone|mobile|cell|fax|call|whatsapp|contact)\W{0,12}$")
 _PHONES = [  # (regex, whether it needs a phone keyword just before it)
-    (re.compile(r"(?<![\w+.-])\+\d{1,3}(?:[\s.-]\(?\d{1,5}\)?|\s?\(0\)\s?\d{1,5})(?:[\s.-]\d{2,8}){0,5}"
+    (re.compile(r"(?<![\w+.-])\+\d{1,3}(?:\s?\(0\)\s?\d{1,5}|[\s.-](?:\(\d{1,5}\)|\d{1,5}))(?:[\s.-]\d{2,8}){0,5}"
                 r"(?:[\s.-]?\d{2,8})?" + _EXT + r"(?![\w-]|\.\d)"), False),  # +49 (0)30 1234 5678
     (re.compile(r"(?<![\w+.-])\+\d{8,15}(?![\w-]|\.\d)"), True),  # E.164 without separators
     (re.compile(r"(?<![\w+.-])(?:(?:\+?1|001)[\s.-])?(?:\(\d{3}\)\s?\d{3}[\s.-]\d{4}|\d{3}([.-])\d{3}\1\d{4})"
                 + _EXT + r"(?![\w-]|\.\d)"), False),  # North American: (415) 555-2671, 001-415-555-2671x12
-    (re.compile(r"(?<![\w+.-])(?:\(0\d{1,4}\)\s?\d{2,4}[\s-]?\d{3,4}|0\d{2,4}[\s-]\d{3,4}[\s-]\d{3,4})"
-                r"(?![\w-]|\.\d)"), False),  # national with trunk 0: 020 7946 0958, (030) 1234 5678
+    (re.compile(r"(?<![\w+.-])(?:\(0\d{1,4}\)\s?\d{2,4}[\s-]?\d{3,4}|0\d{2,4}[\s-]\d{3,4}[\s-]\d{3,4}|0[1-9](?:[ .]\d\d){4})"
+                r"(?![\w-]|\.\d)"), False),  # national with trunk 0: 020 7946 0958, (030) 1234 5678, 01 42 68 53 00
 ]
 _IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
                    r"(?!\w|\.\d)")
@@ -134,7 +134,7 @@ def _candidates(text: str, cfg: PIIConfig):
     if {"credit_card", "ip_address", "phone"} & wanted:
         ip_blobs, long_blobs = [], []  # an IPv4 has 3 dots; phones and cards have 9+ digits
         for m in _NUMBER_BLOB.finditer(text):
-            window = (max(0, m.start() - 1), min(len(text), m.end() + 3))
+            window = (max(0, m.start() - 1), min(len(text), m.end() + 12))  # + a phone extension
             if text.count(".", *window) >= 3:
                 ip_blobs.append(window)
             if sum(map(str.isdigit, m.group())) >= 9:
@@ -176,7 +176,7 @@ def _phone_ok(text: str, s: str, at: int, needs_keyword: bool) -> bool:
     s = _EXT_TAIL.sub("", s)  # the extension's digits are not part of the number's length
     if not v.phone_digits_ok(s) or _DATE_LIKE.match(s) or _GROUP_BEFORE.search(text, max(0, at - 5), at):
         return False
-    if s.startswith("0") and not s.startswith("(") and not 10 <= sum(c.isdigit() for c in s) <= 11:
+    if s.startswith("0") and not s.startswith("001") and not 10 <= sum(c.isdigit() for c in s) <= 11:
         return False
     return not needs_keyword or bool(_PHONE_KEYWORD.search(text, max(0, at - 24), at))
 
