@@ -112,13 +112,44 @@ def report_command(run_dir: Path = typer.Argument(..., help="a `data clean` outp
 
 @app.command("pii-bench")
 def pii_bench_command(
-    docs: int = typer.Option(1000, "--docs", min=1, help="synthetic documents to generate"),
+    docs: int = typer.Option(1000, "--docs", min=1, help="documents to generate"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    real: bool = typer.Option(False, "--real", help="score on stdlib docstrings, comments and code with "
+                                                    "faker PII values inserted (exact spans), against Presidio"),
+    faker_locales: str = typer.Option(None, "--faker-locales", help="comma-separated faker locales (with --real; "
+                                                                     "default en_US,en_GB,de_DE,fr_FR,it_IT,ja_JP)"),
+    presidio: bool = typer.Option(True, "--presidio/--no-presidio", help="also score Presidio (with --real)"),
 ):
-    """Precision and recall of PII detection on a labelled synthetic benchmark generated in code."""
+    """Precision and recall of PII detection: on a labelled synthetic benchmark generated in code, or
+    with --real on real stdlib text with faker values inserted."""
     from rich.console import Console
     from rich.table import Table
+
+    if real:
+        from lmforge.data.pii_eval import DEFAULT_LOCALES
+        from lmforge.data.pii_eval import evaluate as evaluate_real
+        locales = [loc.strip() for loc in (faker_locales or ",".join(DEFAULT_LOCALES)).split(",") if loc.strip()]
+        result = evaluate_real(docs, seed, locales, presidio=presidio)
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        table = Table(title=f"PII on real text: {result['documents']} stdlib windows + faker values "
+                            f"({', '.join(locales)}), seed {seed}, exact spans")
+        for col in ("type", "detector", "precision", "recall", "partial", "inserted", "agree"):
+            table.add_column(col, justify="left" if col in ("type", "detector") else "right")
+        for kind in [*result["detectors"]["lmforge"]["per_type"], "all"]:
+            for name, d in result["detectors"].items():
+                r = d["overall"] if kind == "all" else d["per_type"][kind]
+                agree = result.get("agreement", {}).get(kind, {}).get("agreement")
+                table.add_row(kind, name, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['partial']:,}",
+                              f"{r['support']:,}", "" if agree is None or name != "lmforge" else f"{agree:.3f}")
+        console = Console()
+        console.print(table)
+        for name, d in result["detectors"].items():
+            console.print(f"{name}: detections in the untouched base text {d['base_text_detections']} "
+                          f"({d['preexisting_emails']} pre-existing e-mails not counted)", highlight=False)
+        return
 
     from lmforge.data.pii_bench import evaluate
 
