@@ -271,3 +271,58 @@ def test_error_summary_is_bounded_and_printable():
                     SandboxLimits(**FAST))
     assert r.status == "failed" and r.error.startswith("ValueError: xxx") and len(r.error) <= 200
     assert SECRET not in r.error and "\x1b" not in r.error
+
+
+# --- what evaluation records ----------------------------------------------------------------------
+def test_code_task_records_layers_and_keeps_stderr_out_of_the_samples(scripted, tmp_path, monkeypatch):
+    from lmforge.eval.runner import evaluate
+    from lmforge.eval.tasks import make_task
+
+    from .conftest import DATA
+
+    # writes the secret (assembled at run time) to stderr, then a huge last line
+    hostile = f"    import sys\n    sys.stderr.write({SECRET[:4]!r} + {SECRET[4:]!r} + '\\n' * 3)\n    raise ValueError('y' * 9000)\n"
+    backend = scripted(generate=lambda req: hostile)
+    task = make_task(f"humaneval:{DATA / 'humaneval_style.jsonl'}", {"timeout": 3.0, "limit": 2, "workers": 2})
+    report = evaluate(backend, [task], tmp_path, show_progress=False)
+    sandbox = report["tasks"]["humaneval"]["details"]["sandbox"]
+    assert sandbox["isolation_of_samples"] == {"kernel": 2} and sandbox["layers"]["isolation"] == "kernel"
+    assert json.loads((tmp_path / "report.json").read_text())["tasks"]["humaneval"]["details"]["sandbox"] == sandbox
+    assert "humaneval sandbox: kernel isolation" in (tmp_path / "report.md").read_text()
+    samples = (tmp_path / "humaneval_samples.jsonl").read_text()
+    rows = [json.loads(line) for line in samples.splitlines()]
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert all(r["error_summary"].startswith("ValueError: yyy") and len(r["error_summary"]) <= 200 for r in rows)
+    assert SECRET not in samples
+
+    # no kernel isolation: refused before any generation, unless sandbox.allow_weak=true
+    monkeypatch.setenv(SIMULATE_ENV, "namespaces")
+    backend = scripted(generate=lambda req: "    return a + b\n")
+    with pytest.raises(SandboxRefused, match="allow_weak"):
+        evaluate(backend, [make_task(f"humaneval:{DATA / 'humaneval_style.jsonl'}", {"limit": 1})], None,
+                 show_progress=False)
+    assert backend.calls["generate"] == 0
+    weak = make_task(f"humaneval:{DATA / 'humaneval_style.jsonl'}", {"limit": 1, "allow_weak_sandbox": True})
+    report = evaluate(backend, [weak], None, show_progress=False)
+    sandbox = report["tasks"]["humaneval"]["details"]["sandbox"]
+    assert sandbox["isolation_of_samples"] == {"weak": 1} and "namespaces" in sandbox["layers"]["failed"]
+
+
+def test_cli_sandbox_allow_weak_key(tiny_model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    from .conftest import DATA
+
+    monkeypatch.setenv(SIMULATE_ENV, "uid")
+    base = ["eval", "--model", str(tiny_model_dir), "-t", f"humaneval:{DATA / 'humaneval_style.jsonl'}",
+            "-o", str(tmp_path), "--no-cache", "--no-progress", "-s", "humaneval.limit=1", "-s", "humaneval.max_new_tokens=4"]
+    result = CliRunner().invoke(app, base + ["-s", "sandbox.colour=red"])
+    assert isinstance(result.exception, LmforgeError) and "sandbox.allow_weak" in str(result.exception)
+    result = CliRunner().invoke(app, base)
+    assert isinstance(result.exception, SandboxRefused) and "failed: uid" in str(result.exception)
+    result = CliRunner().invoke(app, base + ["-s", "sandbox.allow_weak=true"])
+    assert result.exit_code == 0, result.output
+    sandbox = json.loads((tmp_path / "report.json").read_text())["tasks"]["humaneval"]["details"]["sandbox"]
+    assert sandbox["isolation_of_samples"] == {"weak": 1} and "uid" in sandbox["layers"]["failed"]
