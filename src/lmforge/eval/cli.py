@@ -42,10 +42,15 @@ def eval_command(
     if not specs:
         raise LmforgeError("--tasks is empty")
     tree = parse_overrides(options)
+    sandbox = tree.pop("sandbox", {})  # sandbox.allow_weak=true: code tasks run without kernel isolation
+    if not isinstance(sandbox, dict) or set(sandbox) - {"allow_weak"}:
+        raise LmforgeError("the sandbox section has one key: sandbox.allow_weak=true|false")
     built = []
     for spec in specs:
         name = spec.split(":", 1)[0].strip()
         opts = dict(tree.get(name, {}))
+        if sandbox and name in ("humaneval", "mbpp"):
+            opts.setdefault("allow_weak_sandbox", sandbox["allow_weak"])
         if limit and name not in ("needle",) and "limit" not in opts:
             opts["limit"] = limit
         built.append(make_task(spec, opts))

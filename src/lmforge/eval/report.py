@@ -30,6 +30,13 @@ def markdown_table(report: dict) -> str:
             se_text = f"{se:.4f}" if isinstance(se, float) and math.isfinite(se) else ""
             lines.append(f"| {name} | {metric} | {value:.4f} | {se_text} | {task['n']} |")
     lines += ["", f"backend: {report['metadata']['backend']}, started {report['metadata']['started']}"]
+    for name, task in report["tasks"].items():
+        sandbox = task.get("details", {}).get("sandbox")
+        if sandbox:  # code tasks: say how the generated programs were contained
+            layers = sandbox["layers"]
+            lines.append(f"{name} sandbox: {layers.get('isolation')} isolation (layers: {', '.join(layers.get('active', {}))}"
+                         f"{'; failed: ' + ', '.join(layers['failed']) if layers.get('failed') else ''}), "
+                         f"samples: {sandbox['isolation_of_samples']}")
     return "\n".join(lines) + "\n"
 
 

@@ -3,19 +3,27 @@
     result = run_program(source, SandboxLimits(cpu_seconds=5))
     result.passed, result.status, result.error, result.layers
 
-Layers, outermost first (each is reported in `result.layers`; which ones a machine grants
-depends on privileges, and the sandbox says so instead of failing):
-- kernel (`kernel=True`): new network namespace (no interfaces but a down loopback: nothing can
-  be reached), new PID namespace with a private /proc (other processes, their environments, are
-  invisible; when its PID 1 exits the kernel kills every process left in it), a private mount
-  namespace where every mount is read-only except the sandbox directory and the harness user's
-  home is covered by an empty tmpfs, a pids cgroup capping the number of processes (RLIMIT_NPROC
-  does not bind root), and an empty capability bounding set with no_new_privs;
+Layers (each one obtained or failed is named in `result.layers`):
+- kernel, all required: new network namespace (no interface up: nothing can be reached), new PID
+  namespace (other processes and their environments do not exist for the program; when its PID 1
+  exits the kernel kills everything left), a private mount namespace whose root is an empty tmpfs
+  holding only read-only bind mounts of the interpreter, its standard library and shared libraries,
+  plus the program's own writable directory (`sandbox_rootfs`), and an unprivileged identity:
+  host uid 65534 (nobody) when the harness is root, else uid 65534 in a nested user namespace;
+  no capabilities, no_new_privs; a pids cgroup where one is writable;
 - rlimits: CPU seconds, address space, file size, open files, processes;
-- process hygiene: scrubbed environment, fresh session, cwd = a private temp dir, and a
+- process hygiene: scrubbed environment, fresh session, cwd = the program's directory, and a
   supervisor (child subreaper) that kills every leftover process before reporting;
 - Python audit hook (`python_guard=True`): refuses fork/exec/sockets/ctypes, writes outside the
-  directory and reads of other processes' /proc entries with a clear error.
+  directory and reads of other processes' /proc entries with a clear error (CPython documents audit
+  hooks as no sandbox: it only turns naive misbehaviour into clear errors).
+
+If any kernel layer cannot be set up, nothing runs: `SandboxRefused` (an LmforgeError) names the
+layers obtained and the ones that failed. `SandboxLimits(allow_weak=True)` (`sandbox.allow_weak=true`
+on the command line) runs anyway, and every result then says `layers["isolation"] == "weak"`.
+The environment variable LMFORGE_SANDBOX_SIMULATE_FAILURE=namespaces,filesystem,uid makes those
+layers fail on purpose, to see (and test) that behaviour; `root-namespaces` makes a root harness
+take the unprivileged (user namespace) route.
 """
 from __future__ import annotations
 
@@ -25,22 +33,44 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lmforge.errors import LmforgeError
 from lmforge.eval import sandbox_linux
 
 HERE = Path(__file__).resolve().parent
 SUPERVISOR, GUARD = HERE / "sandbox_supervisor.py", HERE / "sandbox_guard.py"
 OUTPUT_LIMIT = 64 * 1024  # bytes of stdout/stderr kept per program
+ERROR_LIMIT = 200  # characters of the program's last stderr line kept as its error summary
+SIMULATE_ENV = "LMFORGE_SANDBOX_SIMULATE_FAILURE"
+KERNEL_LAYERS = ("namespaces", "filesystem", "uid")
+SYSTEM_LIBRARIES = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32",
+                    "/etc/ld.so.cache")
 
 
-def _default_hidden() -> tuple[str, ...]:
-    home = os.path.expanduser("~")
-    return (home,) if home not in ("/", "") else ()
+class SandboxRefused(LmforgeError):
+    """Kernel isolation is unavailable and weak isolation was not explicitly allowed."""
+
+
+def interpreter() -> str:
+    """The real interpreter binary behind sys.executable (a venv's python is a symlink to it)."""
+    return os.path.realpath(sys.executable)
+
+
+def allowlist() -> list[str]:
+    """Every path the program can see, read-only: the interpreter, its standard library, the
+    directory holding libpython, and the system's shared-library directories."""
+    stdlib = os.path.dirname(os.path.realpath(os.__file__))
+    libdir = sysconfig.get_config_var("LIBDIR")
+    paths = [interpreter(), stdlib, *SYSTEM_LIBRARIES]
+    if libdir and os.path.isdir(libdir):
+        paths.append(os.path.realpath(libdir))
+    return paths
 
 
 @dataclass
@@ -51,9 +81,9 @@ class SandboxLimits:
     file_size_mb: int = 16
     max_open_files: int = 256
     max_processes: int = 16
-    kernel: bool = True          # namespaces, read-only mounts, cgroup, capabilities (where permitted)
+    kernel: bool = True          # namespaces, allowlisted root, unprivileged uid, cgroup
     python_guard: bool = True    # the audit-hook layer
-    hide_paths: tuple[str, ...] = field(default_factory=_default_hidden)
+    allow_weak: bool = False     # run even when kernel layers are missing (reported as weak)
 
 
 @dataclass
@@ -82,8 +112,26 @@ def _tail(path: Path) -> str:
 
 
 def _last_error_line(stderr: str) -> str:
+    """The program's last stderr line (its exception, usually), printable characters only, bounded."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    return lines[-1].strip()[:300] if lines else ""
+    if not lines:
+        return ""
+    text = "".join(c if c.isprintable() else "?" for c in lines[-1].strip())
+    return text if len(text) <= ERROR_LIMIT else text[: ERROR_LIMIT - 3] + "..."
+
+
+def _describe(layers: dict) -> str:
+    active = list(layers.get("active", {})) + ["rlimits"] + (["python audit hook"] if layers.get("python_guard") else [])
+    failed = [f"{k} ({v})" for k, v in layers.get("failed", {}).items()]
+    missing = [k for k in KERNEL_LAYERS if k not in layers.get("active", {}) and k not in layers.get("failed", {})]
+    return (f"active layers: {', '.join(active)}; failed: {'; '.join(failed) or 'none'}"
+            + (f"; not reached: {', '.join(missing)}" if missing else ""))
+
+
+def refusal_message(layers: dict) -> str:
+    return ("the code sandbox refuses to run generated code without kernel isolation: " + _describe(layers)
+            + ". To run it anyway with only the active layers, set sandbox.allow_weak=true "
+              "(SandboxLimits(allow_weak=True)).")
 
 
 def _classify(verdict: dict, stdout: str, stderr: str, nonce: str, limits: SandboxLimits) -> tuple[str, str, str]:
@@ -113,18 +161,23 @@ def _classify(verdict: dict, stdout: str, stderr: str, nonce: str, limits: Sandb
 
 
 def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run `source` as a Python program in a fresh sandbox; never raises for the program's sake."""
+    """Run `source` as a Python program in a fresh sandbox. Never raises for the program's sake;
+    raises SandboxRefused when the sandbox cannot isolate it and limits.allow_weak is False."""
     limits = limits or SandboxLimits()
-    directory = Path(tempfile.mkdtemp(prefix="lmforge-sandbox-"))
+    directory = Path(tempfile.mkdtemp(prefix="lmforge-sandbox-")).resolve()
     os.chmod(directory, 0o700)
+    work = directory / "work"  # all the program sees of the host's files, besides the allowlist
+    work.mkdir()
     nonce = uuid.uuid4().hex
     cgroup_name = f"lmforge-sandbox-{os.getpid()}-{nonce[:12]}"
     try:
-        (directory / "program.py").write_text(source, encoding="utf-8")
-        keep = sorted({sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)), str(HERE)})
-        job = {**asdict(limits), "hide_paths": list(limits.hide_paths), "keep_paths": keep,
-               "dir": str(directory.resolve()), "program": str((directory / "program.py").resolve()),
-               "python": sys.executable, "guard": str(GUARD), "nonce": nonce, "cgroup_name": cgroup_name}
+        (work / "program.py").write_text(source, encoding="utf-8")
+        shutil.copyfile(GUARD, work / "_sandbox_guard.py")
+        simulate = [s.strip() for s in os.environ.get(SIMULATE_ENV, "").split(",") if s.strip()]
+        job = {**asdict(limits), "readonly_paths": allowlist(), "root": str(directory / "root"), "work": str(work),
+               "program": str(work / "program.py"), "guard": str(work / "_sandbox_guard.py"),
+               "stdout": str(directory / ".stdout"), "stderr": str(directory / ".stderr"), "python": interpreter(),
+               "nonce": nonce, "cgroup_name": cgroup_name, "simulate_failure": simulate}
         try:
             done = subprocess.run([sys.executable, "-I", "-S", str(SUPERVISOR)], input=json.dumps(job) + "\n",
                                   capture_output=True, text=True, env={}, start_new_session=True,
@@ -135,6 +188,8 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
             verdict = json.loads(done.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
             return SandboxResult(False, "error", f"sandbox supervisor failed: {_last_error_line(done.stderr)}")
+        if "refused" in verdict:
+            raise SandboxRefused(refusal_message(verdict.get("layers", {})))
         stdout, stderr = _tail(directory / ".stdout"), _tail(directory / ".stderr")
         status, error, stdout = _classify(verdict, stdout, stderr, nonce, limits)
         return SandboxResult(status == "passed", status, error, stdout, stderr, verdict.get("wall_s", 0.0),
@@ -144,6 +199,11 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
         shutil.rmtree(directory, ignore_errors=True)
         for root in sandbox_linux.CGROUP_ROOTS:
             sandbox_linux.remove_cgroup(f"{root}/{cgroup_name}")
+
+
+def check_isolation(limits: SandboxLimits | None = None) -> dict:
+    """Run an empty program: its layers, or SandboxRefused before any real work is done."""
+    return run_program("pass", limits).layers
 
 
 def run_programs(sources: list[str], limits: SandboxLimits | None = None, workers: int | None = None,

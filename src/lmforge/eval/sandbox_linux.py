@@ -17,7 +17,6 @@ MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 24, 38, 36
 
-# Flags a bind remount must repeat: inside a user namespace they are locked and dropping one is EPERM.
 _KEPT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
                "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
 
@@ -57,7 +56,28 @@ def enter_user_namespace(flags: int) -> None:
         f.write(f"0 {gid} 1")
 
 
-def _mount_points() -> list[tuple[str, set[str]]]:
+def umount(target: str) -> None:
+    _check(_libc.umount2(target.encode(), ctypes.c_int(MNT_DETACH)), f"umount {target}")
+
+
+# pivot_root has no libc wrapper; its number depends on the architecture
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+
+def pivot_root(new_root: str) -> None:
+    """Make `new_root` (a mount point) this mount namespace's root and detach the old root entirely,
+    so no path, `..` or open-directory trick leads back to the host's files."""
+    number = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is None:
+        raise OSError(f"pivot_root: unknown syscall number on {os.uname().machine}")
+    os.chdir(new_root)
+    # pivot_root(".", ".") stacks the old root on top of the new one; unmounting "." then drops it
+    _check(_libc.syscall(ctypes.c_long(number), b".", b"."), "pivot_root")
+    umount(".")
+    os.chdir("/")
+
+
+def mount_points() -> list[tuple[str, set[str]]]:
     """(mount point, options) of this mount namespace, from /proc/self/mountinfo."""
     out = []
     with open("/proc/self/mountinfo") as f:
@@ -68,52 +88,14 @@ def _mount_points() -> list[tuple[str, set[str]]]:
     return out
 
 
-def hide_directory(path: str, keep: list[str], stage: str) -> None:
-    """Cover `path` (e.g. the harness user's home, which may hold credentials) with an empty tmpfs,
-    re-exposing only the `keep` paths below it (the Python installation itself may live there)."""
-    os.mkdir(stage)
-    mount(path, stage, None, MS_BIND | MS_REC)
-    mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=64k")
-    for kept in keep:
-        rel = os.path.relpath(kept, path)
-        os.makedirs(os.path.join(path, rel), exist_ok=True)
-        mount(os.path.join(stage, rel), os.path.join(path, rel), None, MS_BIND | MS_REC)
-    _check(_libc.umount2(stage.encode(), ctypes.c_int(MNT_DETACH)), f"umount {stage}")
-    os.rmdir(stage)
+def remount_readonly(point: str, options: set[str]) -> None:
+    # Flags a bind remount must repeat: inside a user namespace they are locked and dropping one is EPERM.
+    kept = sum(flag for name, flag in _KEPT_FLAGS.items() if name in options)
+    mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
 
 
-def private_filesystem(writable_dir: str, hide: list[str], keep: list[str]) -> dict:
-    """In a fresh mount namespace: a /proc showing only our PID namespace, `hide` directories
-    covered, and every mount read-only except `writable_dir`. Returns what was achieved."""
-    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    hidden = []
-    for i, path in enumerate(hide):
-        path = os.path.realpath(path)
-        inside = [k for k in map(os.path.realpath, keep) if k.startswith(path + "/")]
-        if not os.path.isdir(path) or path == "/" or any(os.path.realpath(k) == path for k in keep):
-            continue
-        hide_directory(path, inside, os.path.join(writable_dir, f".stage{i}"))
-        hidden.append(path)
-    mount(writable_dir, writable_dir, None, MS_BIND | MS_REC)
-    failed = 0
-    for point, options in _mount_points():
-        if point == writable_dir or point == "/proc" or point.startswith("/proc/") or "ro" in options:
-            continue
-        kept = sum(flag for name, flag in _KEPT_FLAGS.items() if name in options)
-        try:
-            mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
-        except OSError:
-            failed += 1
-    if not os.statvfs("/").f_flag & os.ST_RDONLY:
-        raise OSError("the root mount is still writable")
-    return {"readonly_fs": "all mounts" if not failed else f"all but {failed} mounts",
-            "private_proc": True, "hidden_paths": hidden}
-
-
-def drop_privileges() -> None:
-    """Empty the capability bounding set and forbid privilege gain, so that even a uid-0 program
-    holds no capabilities after exec (cannot remount, load modules, ptrace, raise limits)."""
+def drop_bounding_set() -> None:
+    """Empty the capability bounding set, so no later exec can grant a capability (needs CAP_SETPCAP)."""
     last = 63
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
@@ -121,11 +103,37 @@ def drop_privileges() -> None:
     except OSError:
         pass
     for cap in range(last + 1):
-        try:
-            prctl(PR_CAPBSET_DROP, cap)
-        except OSError:
-            break  # EPERM without CAP_SETPCAP: nothing to drop from an unprivileged process
+        prctl(PR_CAPBSET_DROP, cap)
+
+
+def become_unprivileged(uid: int, in_user_namespace: bool) -> str:
+    """Turn the calling process (about to exec the program) into `uid`, holding no capabilities.
+
+    As real root: drop every capability from the bounding set, then switch to the host's `uid`
+    (nobody): the program is an ordinary unprivileged user to the kernel. Inside a user namespace
+    (unprivileged harness): enter a nested user namespace in which our identity is `uid`; the
+    program then holds no capability in the namespaces that own its mounts and network."""
+    if in_user_namespace:
+        outer_uid, outer_gid = os.getuid(), os.getgid()
+        unshare(CLONE_NEWUSER)
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{uid} {outer_uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{uid} {outer_gid} 1")
+        drop_bounding_set()
+        how = f"uid {uid} in a nested user namespace"
+    else:
+        drop_bounding_set()
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        how = f"host uid {uid}"
     prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if os.getuid() != uid or os.geteuid() != uid:
+        raise OSError(f"still uid {os.geteuid()} after switching to {uid}")
+    return f"{how}, no capabilities, no_new_privs"
 
 
 # --- cgroups: a hard cap on the number of processes (RLIMIT_NPROC does not bind uid 0) ---------

@@ -1,5 +1,10 @@
 """Code generation tasks (HumanEval, MBPP): n samples per problem, each run in the sandbox,
-pass@k with the unbiased estimator. Every completion and its sandbox verdict are kept."""
+pass@k with the unbiased estimator. Every completion and its sandbox verdict are kept.
+
+The samples file holds, per completion, its status and `error_summary`: the last line of the
+program's stderr (its exception, usually), printable characters only, at most 200 of them, never
+the raw stderr. The report's `details.sandbox` records the isolation every sample ran under and
+the sandbox layers of this machine (see `lmforge.eval.sandbox`)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +15,7 @@ from pathlib import Path
 from lmforge.errors import LmforgeError
 from lmforge.eval.backend import GenerationRequest
 from lmforge.eval.passk import mean_pass_at_k
-from lmforge.eval.sandbox import SandboxLimits, run_programs
+from lmforge.eval.sandbox import SandboxLimits, check_isolation, run_programs
 from lmforge.eval.tasks import code_problems as cp
 from lmforge.eval.tasks.base import Task
 
@@ -30,6 +35,7 @@ class CodeConfig:
     memory_mb: int = 1024
     workers: int = 0                 # parallel sandboxes (0: number of CPUs, at most 8)
     seed: int = 0
+    allow_weak_sandbox: bool = False  # run without kernel isolation (`sandbox.allow_weak=true`), reported
 
     def __post_init__(self):
         if self.samples < 1:
@@ -45,6 +51,7 @@ class CodeTask(Task):
     config_class = CodeConfig
     chunk_size = 16
     kind = "humaneval"
+    sandbox_layers: dict | None = None  # measured by this process, before the first program runs
 
     def problems(self) -> list[dict]:
         cfg = self.config
@@ -86,10 +93,12 @@ class CodeTask(Task):
 
     def evaluate(self, backend, items: list[dict]) -> list[dict]:
         cfg = self.config
+        limits = self.limits()
+        # refuse (SandboxRefused) before spending time on generation if the sandbox cannot isolate
+        self.sandbox_layers = check_isolation(limits)
         requests = [self.request_for(it["problem"], s) for it in items for s in range(cfg.samples)]
         completions = backend.generate(requests)
         programs = [self.program_for(items[i // cfg.samples]["problem"], c) for i, c in enumerate(completions)]
-        limits = SandboxLimits(cpu_seconds=cfg.timeout, wall_seconds=2 * cfg.timeout, memory_mb=cfg.memory_mb)
         verdicts = run_programs(programs, limits, workers=cfg.workers or None)
         results = []
         for i, _ in enumerate(items):
@@ -97,8 +106,14 @@ class CodeTask(Task):
             results.append({"completions": [completions[j] for j in mine],
                             "passed": [verdicts[j].passed for j in mine],
                             "status": [verdicts[j].status for j in mine],
-                            "errors": [verdicts[j].error for j in mine]})
+                            "errors": [verdicts[j].error for j in mine],
+                            "isolation": [verdicts[j].layers.get("isolation", "unknown") for j in mine]})
         return results
+
+    def limits(self) -> SandboxLimits:
+        cfg = self.config
+        return SandboxLimits(cpu_seconds=cfg.timeout, wall_seconds=2 * cfg.timeout, memory_mb=cfg.memory_mb,
+                             allow_weak=cfg.allow_weak_sandbox)
 
     def aggregate(self, items, results, out_dir) -> dict:
         n = [len(r["passed"]) for r in results]
@@ -108,16 +123,21 @@ class CodeTask(Task):
             if k <= min(n):
                 metrics[f"pass@{k}"], stderr[f"pass@{k}"] = mean_pass_at_k(n, c, k)
         statuses = Counter(s for r in results for s in r["status"])
+        # results cached before isolation was recorded count as "unknown"
+        isolation = Counter(i for r in results for i in r.get("isolation", ["unknown"] * len(r["passed"])))
+        if self.sandbox_layers is None:  # everything came from the cache: still say what this machine grants
+            self.sandbox_layers = check_isolation(self.limits())
+        sandbox = {"isolation_of_samples": dict(isolation), "layers": self.sandbox_layers}
         out = {"metrics": metrics, "stderr": stderr,
                "details": {"problems": len(items), "samples_per_problem": self.config.samples,
-                           "statuses": dict(statuses), "temperature": self.config.temperature}}
+                           "statuses": dict(statuses), "temperature": self.config.temperature, "sandbox": sandbox}}
         if out_dir is not None:
             path = Path(out_dir) / f"{self.name}_samples.jsonl"
             with open(path, "w", encoding="utf-8") as f:
                 for it, r in zip(items, results):
                     for j, comp in enumerate(r["completions"]):
                         f.write(json.dumps({"task_id": it["key"], "completion": comp, "passed": r["passed"][j],
-                                            "status": r["status"][j], "error": r["errors"][j]}) + "\n")
+                                            "status": r["status"][j], "error_summary": r["errors"][j]}) + "\n")
             out["artifacts"] = [str(path)]
         return out
 
