@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.config import load_recipe
-from lmforge.train.checkpoint import PAUSE_ENV, latest_checkpoint
+from lmforge.train.checkpoint import PAUSE_ENV
 from lmforge.train.config import TrainRecipe
 from lmforge.train.trainer import train
 
@@ -28,8 +28,10 @@ WRITE_PAUSE_S = 0.4  # per gap between checkpoint files, only in the run killed 
 
 
 def checkpoint_step(out) -> int:
-    latest = latest_checkpoint(out / "ckpt")
-    return int(latest.name.split("_")[1]) if latest else 0
+    """The last complete checkpoint, read from the layout (not with the code under test)."""
+    root = out / "ckpt"
+    steps = [int(p.name[5:]) for p in root.glob("step_*") if (p / "trainer.json").exists()] if root.exists() else []
+    return max(steps, default=0)
 
 
 def steps_in_log(log) -> list[int]:
