@@ -10,7 +10,6 @@ from lmforge.train.config import TrainRecipe
 BAD_TRAIN = [
     ("train.grad_clip=-1", "train.grad_clip"),
     ("train.grad_clip=0", "train.grad_clip"),
-    ("train.lr=0", "train.lr"),
     ("train.lr=-0.001", "train.lr"),
     ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
     ("train.min_lr_ratio=-0.1", "train.min_lr_ratio"),
@@ -45,7 +44,7 @@ BAD_TRAIN = [
     ("model.preset=huge", "preset"),
 ]
 
-GOOD_TRAIN = ["train.grad_clip=0.5", "train.min_lr_ratio=0", "train.min_lr_ratio=1", "train.warmup=0",
+GOOD_TRAIN = ["train.grad_clip=0.5", "train.lr=0", "train.min_lr_ratio=0", "train.min_lr_ratio=1", "train.warmup=0",
               "train.beta1=0", "train.weight_decay=0", "train.dtype=float32", "train.dtype=bfloat16",
               "train.device=cpu", "train.device=cuda:1", "train.seed=0", "model.rope_theta=500000",
               "model.rope_scaling={type: linear, factor: 2}",

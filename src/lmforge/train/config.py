@@ -50,8 +50,8 @@ class TrainConfig:
         if not 0 <= self.warmup < 1 or not 0 <= self.decay <= 1 or self.warmup + self.decay > 1:
             raise LmforgeError("train.warmup and train.decay must be fractions summing to at most 1")
         check_positive(self, "train", "seq_len", "global_batch_tokens", "micro_batch", "max_steps", "log_every",
-                       "eval_every", "eval_tokens", "ckpt_every", "keep_last", "lr", "grad_clip")
-        check_non_negative(self, "train", "weight_decay", "seed", "peak_flops")
+                       "eval_every", "eval_tokens", "ckpt_every", "keep_last", "grad_clip")
+        check_non_negative(self, "train", "lr", "weight_decay", "seed", "peak_flops")  # lr=0 freezes weights
         check_fraction(self, "train", "min_lr_ratio")
         for name in ("beta1", "beta2"):
             require(0 <= getattr(self, name) < 1, f"train.{name}", "in [0, 1)", getattr(self, name))
