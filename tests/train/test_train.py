@@ -104,6 +104,8 @@ def run_cli(monkeypatch, capsys, *args):
     (["train", "train.learning_rate=0.1"], "unknown key(s) ['learning_rate']"),
     (["train", "model.preset=tiny", "model.n_heads=7"], "does not divide dim"),
     (["train", "train.max_steps=ten"], "must be int"),
+    (["train", "train.grad_clip=-1"], "train.grad_clip must be > 0, got -1.0"),
+    (["train", "model.rope_scaling={type: yarn, factor: 4}"], "rope_scaling type 'yarn' is not implemented"),
     (["train", "train.data=/nonexistent/shards"], "no token shards"),
     (["generate", "--model", "/nonexistent/ckpt", "--prompt", "x"], "model not found"),
 ])
