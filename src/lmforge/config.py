@@ -88,7 +88,11 @@ def load_recipe(cls, path: str | Path | None = None, overrides: list[str] | None
         if not p.exists():
             raise LmforgeError(f"recipe not found: {path}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise LmforgeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        except IsADirectoryError as e:
+            raise LmforgeError(f"{path}: is a directory, not a recipe file") from e
         except yaml.YAMLError as e:
             raise LmforgeError(f"{path}: invalid YAML ({e})") from e
         if not isinstance(loaded, dict):
@@ -99,3 +103,31 @@ def load_recipe(cls, path: str | Path | None = None, overrides: list[str] | None
 
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
+
+
+# --- range checks for __post_init__ of recipe sections ---------------------------------------
+# Each raises LmforgeError naming the field as the user writes it (`section.key`).
+
+def require(ok: bool, name: str, rule: str, value) -> None:
+    if not ok:
+        raise LmforgeError(f"{name} must be {rule}, got {value!r}")
+
+
+def check_positive(obj, section: str, *names: str) -> None:
+    for n in names:
+        require(getattr(obj, n) > 0, f"{section}.{n}", "> 0", getattr(obj, n))
+
+
+def check_non_negative(obj, section: str, *names: str) -> None:
+    for n in names:
+        require(getattr(obj, n) >= 0, f"{section}.{n}", ">= 0", getattr(obj, n))
+
+
+def check_fraction(obj, section: str, *names: str) -> None:
+    for n in names:
+        require(0 <= getattr(obj, n) <= 1, f"{section}.{n}", "a fraction in [0, 1]", getattr(obj, n))
+
+
+def check_choice(obj, section: str, name: str, choices) -> None:
+    require(getattr(obj, name) in choices, f"{section}.{name}", f"one of {', '.join(map(str, choices))}",
+            getattr(obj, name))

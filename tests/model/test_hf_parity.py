@@ -1,4 +1,6 @@
 """Our logits equal transformers' Llama logits on converted weights, in both directions."""
+import math
+
 import pytest
 import torch
 
@@ -7,10 +9,10 @@ transformers = pytest.importorskip("transformers")
 from lmforge.model import ModelConfig, Transformer, load, save, save_hf
 
 
-def hf_llama(tmp_path, tie=False, rope_scaling=None):
+def hf_llama(tmp_path, tie=False, rope_scaling=None, hidden_size=64, heads=8):
     cfg = transformers.LlamaConfig(
-        vocab_size=257, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=257, hidden_size=hidden_size, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=128,
         rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie,
         **({"rope_scaling": rope_scaling} if rope_scaling else {}))
     torch.manual_seed(0)
@@ -36,11 +38,20 @@ def test_hf_to_lmforge_logits_match(tmp_path, tie):
 
 
 def test_llama3_rope_scaling_matches(tmp_path):
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
-    hf = hf_llama(tmp_path, rope_scaling=scaling)
+    """head_dim 32, theta 5000 and an original context of 32 put three frequencies inside the
+    blend band (wavelength between 32/high and 32/low), plus some on each side of it, so the
+    interpolation branch is compared too, not only the keep/divide branches."""
+    old_len, low, high = 32, 1.0, 4.0
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": low, "high_freq_factor": high,
+               "original_max_position_embeddings": old_len}
+    head_dim, theta = 32, 5000.0
+    wavelengths = [2 * math.pi * theta ** (i / head_dim) for i in range(0, head_dim, 2)]
+    in_band = [w for w in wavelengths if old_len / high <= w <= old_len / low]
+    assert len(in_band) >= 1, wavelengths
+    assert any(w < old_len / high for w in wavelengths) and any(w > old_len / low for w in wavelengths)
+    hf = hf_llama(tmp_path, rope_scaling=scaling, hidden_size=128, heads=4)
     ours = load(tmp_path / "hf")
-    assert ours.cfg.rope_scaling["factor"] == 8.0
+    assert ours.cfg.rope_scaling["factor"] == 8.0 and ours.cfg.head_dim == head_dim
     tokens = torch.randint(0, 257, (1, 100))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 from lmforge.errors import LmforgeError
@@ -53,6 +54,14 @@ class ModelConfig:
                 problems.append(f"head_dim={self.head_dim} must be even for RoPE")
             if self.n_experts < 0 or (self.n_experts and not 1 <= self.n_experts_per_token <= self.n_experts):
                 problems.append(f"n_experts_per_token={self.n_experts_per_token} must be in 1..n_experts={self.n_experts}")
+        for name in ("multiple_of", "rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be positive (got {getattr(self, name)})")
+        if self.moe_aux_loss_coef < 0:
+            problems.append(f"moe_aux_loss_coef must be >= 0 (got {self.moe_aux_loss_coef})")
+        if self.head_dim_override is not None and self.head_dim_override <= 0:
+            problems.append(f"head_dim_override must be positive (got {self.head_dim_override})")
+        problems += rope_scaling_problems(self.rope_scaling)
         if problems:
             raise LmforgeError("invalid model config: " + "; ".join(problems))
 
@@ -100,6 +109,35 @@ class ModelConfig:
         return cls(**d)
 
 
+ROPE_SCALING_TYPES = ("default", "linear", "llama3")  # what layers.rope_inv_freq implements
+
+
+def rope_scaling_problems(scaling: dict | None) -> list[str]:
+    """Refuse a rope_scaling lmforge cannot honour, rather than silently running plain RoPE."""
+    if scaling is None:
+        return []
+    if not isinstance(scaling, dict):
+        return [f"rope_scaling must be a mapping, got {scaling!r}"]
+    kind = scaling.get("type") or scaling.get("rope_type") or "default"
+    if kind not in ROPE_SCALING_TYPES:
+        return [f"rope_scaling type {kind!r} is not implemented; supported: {', '.join(ROPE_SCALING_TYPES)}"]
+    problems = []
+    if kind != "default" and not _number(scaling.get("factor")) > 0:
+        problems.append(f"rope_scaling.factor must be a positive number (got {scaling.get('factor')!r})")
+    if kind == "llama3":
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling.get("original_max_position_embeddings", 8192)
+        if not 0 < _number(low) < _number(high):
+            problems.append(f"rope_scaling needs 0 < low_freq_factor < high_freq_factor (got {low!r}, {high!r})")
+        if not _number(old_len) > 0:
+            problems.append(f"rope_scaling.original_max_position_embeddings must be positive (got {old_len!r})")
+    return problems
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+
 PRESETS: dict[str, dict] = {
     # ~4M params: trains on 2 CPU cores inside the speedrun's 15-minute budget.
     "tiny": dict(vocab_size=4096, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=704,
@@ -121,3 +159,23 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise LmforgeError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def _spec_fields() -> list[tuple]:
+    hints = typing.get_type_hints(ModelConfig)
+    return [("preset", str | None, field(default="tiny"))] + [
+        (f.name, hints[f.name] | None, field(default=None)) for f in dataclasses.fields(ModelConfig)]
+
+
+# The recipe's `model` section: a preset name plus any ModelConfig field (None: the preset's value,
+# or ModelConfig's default when preset is null). Typed, so unknown keys and wrong types are refused.
+ModelSpec = dataclasses.make_dataclass("ModelSpec", _spec_fields())
+ModelSpec.__module__ = __name__
+
+
+def spec_to_config(spec, vocab_size: int | None = None) -> ModelConfig:
+    values = {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
+    name = values.pop("preset", None)
+    if vocab_size is not None and "vocab_size" not in values:
+        values["vocab_size"] = vocab_size
+    return preset(name, **values) if name else ModelConfig(**values)

@@ -12,6 +12,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 
 SUPPORTED_TYPES = ("llama",)
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -19,6 +20,12 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise LmforgeError(f"unsupported model_type {hf.get('model_type')!r}; supported: {SUPPORTED_TYPES}")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise LmforgeError("Llama variants with attention/MLP biases are not supported")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise LmforgeError(f"config.json hidden_act {act!r} is not implemented; lmforge's Llama MLP is SwiGLU (silu)")
+    missing = [k for k in REQUIRED_KEYS if k not in hf]
+    if missing:
+        raise LmforgeError(f"config.json lacks {', '.join(missing)}")
     rope = hf.get("rope_parameters") or {}   # transformers >= 5 nests theta and scaling here
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = hf.get("rope_scaling")

@@ -1,5 +1,5 @@
 """Training checkpoints: model (safetensors), optimizer + RNG (torch.save, read back with
-weights_only=True) and trainer state (JSON), written to a temp dir and renamed into place.
+weights_only=True) and trainer state (JSON), written to a temp dir, fsynced and renamed into place.
 
 Layout: OUT/ckpt/step_000100/{lmforge_model.json, model.safetensors, optim.pt, trainer.json}.
 Only directories named step_* count; a crash mid-write leaves a hidden temp dir that is ignored
@@ -13,6 +13,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -36,31 +37,52 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+# Test hook: seconds to sleep between the files of a checkpoint, so a test can SIGKILL the
+# trainer while a checkpoint is half written (tests/train/test_resume.py). Unset in normal use.
+PAUSE_ENV = "LMFORGE_TEST_CKPT_WRITE_PAUSE_S"
+
+
 def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int) -> Path:
+    """Write every file into a hidden temp dir, fsync the files and the dir, rename it to step_N and
+    fsync the parent, so after a crash or power loss step_N is either absent or complete."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     write_model_files(model, tmp)
+    _pause_for_tests()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optim.pt")
+    _pause_for_tests()
     (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-    _fsync_dir(tmp)
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
     final = root / f"step_{step:06d}"
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
+    _fsync(root)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _fsync_dir(directory: Path) -> None:
-    for f in directory.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+def _pause_for_tests() -> None:
+    pause = os.environ.get(PAUSE_ENV)
+    if pause:
+        time.sleep(float(pause))
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes its entries durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:

@@ -3,8 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from lmforge.config import build, check_choice, check_fraction, check_non_negative, check_positive, require
 from lmforge.errors import LmforgeError
-from lmforge.model.config import ModelConfig, preset
+from lmforge.model.config import ModelConfig, ModelSpec, spec_to_config
+
+
+DTYPES = ("auto", "float32", "bfloat16")  # the trainer honours these: fp32 weights, optional bf16 autocast
 
 
 @dataclass
@@ -31,7 +37,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 1337
     device: str = "auto"              # auto -> cuda if available, else cpu
-    dtype: str = "auto"               # auto -> bfloat16 autocast on cuda, float32 on cpu
+    dtype: str = "auto"               # auto -> bfloat16 autocast on cuda, float32 on cpu (see DTYPES)
     compile: bool = False
     activation_checkpointing: bool = False
     tensorboard: bool = True
@@ -43,10 +49,18 @@ class TrainConfig:
             raise LmforgeError(f"train.schedule must be 'wsd' or 'cosine', got {self.schedule!r}")
         if not 0 <= self.warmup < 1 or not 0 <= self.decay <= 1 or self.warmup + self.decay > 1:
             raise LmforgeError("train.warmup and train.decay must be fractions summing to at most 1")
-        for name in ("seq_len", "global_batch_tokens", "micro_batch", "max_steps", "log_every",
-                     "eval_every", "ckpt_every", "keep_last"):
-            if getattr(self, name) <= 0:
-                raise LmforgeError(f"train.{name} must be positive")
+        check_positive(self, "train", "seq_len", "global_batch_tokens", "micro_batch", "max_steps", "log_every",
+                       "eval_every", "eval_tokens", "ckpt_every", "keep_last", "grad_clip")
+        check_non_negative(self, "train", "lr", "weight_decay", "seed", "peak_flops")  # lr=0 freezes weights
+        check_fraction(self, "train", "min_lr_ratio")
+        for name in ("beta1", "beta2"):
+            require(0 <= getattr(self, name) < 1, f"train.{name}", "in [0, 1)", getattr(self, name))
+        check_choice(self, "train", "dtype", DTYPES)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise LmforgeError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}") from e
         if self.global_batch_tokens % (self.micro_batch * self.seq_len):
             raise LmforgeError(f"train.global_batch_tokens={self.global_batch_tokens} must be a multiple of "
                                f"micro_batch*seq_len={self.micro_batch * self.seq_len}")
@@ -61,15 +75,16 @@ class TrainConfig:
 
 @dataclass
 class TrainRecipe:
-    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    model: ModelSpec = field(default_factory=ModelSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        if isinstance(self.model, dict):  # programmatic callers: a plain dict without preset means none
+            self.model = build(ModelSpec, {"preset": None, **self.model}, "model")
+        self.model_config()  # refuse an impossible model section when the recipe is read
+
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
-        spec = dict(self.model)
-        name = spec.pop("preset", None)
-        if vocab_size is not None and "vocab_size" not in spec:
-            spec["vocab_size"] = vocab_size
-        cfg = preset(name, **spec) if name else ModelConfig.from_dict(spec)
+        cfg = spec_to_config(self.model, vocab_size)
         if self.train.seq_len > cfg.max_seq_len:
             raise LmforgeError(f"train.seq_len={self.train.seq_len} exceeds model max_seq_len={cfg.max_seq_len}")
         return cfg

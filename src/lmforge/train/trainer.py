@@ -62,9 +62,12 @@ def grad_sq_norm(model) -> float:
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """After a resume, drop metric rows logged after the checkpoint (they will be redone)."""
+    """After a resume, drop metric rows logged after the checkpoint (they will be redone), and a
+    last line cut short by a kill mid-write."""
     if path.exists():
-        keep = [r for r in read_metrics(path) if r["step"] <= last_step]
+        lines = path.read_text().split("\n")
+        complete = [line for line in lines[:-1] if line.strip()]  # the part after the last newline is cut
+        keep = [r for r in map(json.loads, complete) if r["step"] <= last_step]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         tmp.replace(path)
@@ -111,7 +114,11 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
         if noise is not None and "noise_scale" in state:
             noise.__dict__.update(state["noise_scale"])
         _truncate_metrics(out / "metrics.jsonl", start_step)
-        console.print(f"[cyan]resumed from {latest} at step {start_step}[/]")
+        console.print(f"[cyan]resumed from step {start_step}[/] ({latest.name}); next step {start_step + 1}",
+                      highlight=False)
+    elif resume:
+        _truncate_metrics(out / "metrics.jsonl", 0)
+        console.print(f"no checkpoint in {ckpt_root}: starting at step 1", highlight=False)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
 
