@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import LmforgeError
-from lmforge.serve.async_engine import AsyncEngine, Overloaded
+from lmforge.serve.async_engine import AsyncEngine, GenerationFailed, Overloaded
 from lmforge.serve.openai_api import router
 from lmforge.serve.protocol import APIError
 
@@ -98,6 +98,10 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
     @app.exception_handler(Overloaded)
     async def on_overload(request, exc: Overloaded):
         return _error(429, str(exc), "rate_limit_error", code="server_overloaded")
+
+    @app.exception_handler(GenerationFailed)
+    async def on_generation_failed(request, exc: GenerationFailed):  # this request alone failed
+        return _error(500, str(exc), "server_error", code="generation_failed")
 
     @app.exception_handler(LmforgeError)
     async def on_user_error(request, exc: LmforgeError):
