@@ -47,8 +47,8 @@ def _pick(row: torch.Tensor, seq: Sequence, generator: torch.Generator | None) -
     p = seq.params
     if torch.isnan(row).any():
         raise FloatingPointError("the model produced NaN logits for this request")
-    # A tiny temperature overflows logits/temperature to +inf (and softmax to NaN): its limit is greedy.
-    if p.greedy or torch.isinf(row.max() / p.temperature):
+    # A tiny temperature overflows logits/temperature (softmax would be NaN): its limit is greedy.
+    if p.greedy or not torch.isfinite(row.max() / p.temperature):
         return int(row.argmax())
     return int(sample(row[None], p.temperature, p.top_k, p.top_p, generator)[0])
 

@@ -2,8 +2,10 @@
 web chat page at /. Every error is OpenAI-style JSON with a 4xx/5xx status, never a traceback."""
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -146,3 +148,30 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
         return model_card()
 
     return app
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """Bind the listening socket now, so a busy port or a bad address is a one-line error before
+    the model loads and before "serving on" is printed (uvicorn would only log it and exit)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise LmforgeError(f"cannot listen on {host}:{port}: unknown host ({e})") from e
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        reason = "the port is already in use" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+        raise LmforgeError(f"cannot listen on {host}:{port}: {reason}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_on_socket(app: FastAPI, sock: socket.socket) -> None:
+    """Serve `app` with uvicorn on an already bound socket until interrupted."""
+    import uvicorn
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
