@@ -28,16 +28,17 @@ def poisoned(monkeypatch):
 
 def test_degenerate_settings_in_a_batch_decode_greedily(tiny, smollm_tokenizer):
     """top_p 0 and vanishing temperatures (which overflow logits/T) give the reference greedy tokens."""
-    prompts = [[10, 20, 30], [7, 8, 9, 10], [400, 500], [42]]
+    prompts = [[10, 20, 30], [7, 8, 9, 10], [400, 500], [42], [3, 4]]
     reference = [list(generate(tiny, p, max_new_tokens=8, temperature=0)) for p in prompts]
     params = [SamplingParams(max_tokens=8, top_p=0.0, ignore_eos=True, seed=1),
               SamplingParams(max_tokens=8, temperature=1e-300, ignore_eos=True),
               SamplingParams(max_tokens=8, temperature=1e-38, top_p=0.5, top_k=3, ignore_eos=True),
-              SamplingParams(max_tokens=8, temperature=5e-324, logprobs=2, ignore_eos=True)]
+              SamplingParams(max_tokens=8, temperature=5e-324, logprobs=2, ignore_eos=True),
+              SamplingParams(max_tokens=8, top_p=1e-300, seed=2, ignore_eos=True)]   # rounds to 0 in float32
     engine = LLMEngine(tiny, smollm_tokenizer, EngineConfig(num_blocks=64))
     results = engine.generate(prompts, params)
     assert [r["token_ids"] for r in results] == reference
-    assert [r["finish_reason"] for r in results] == ["length"] * 4
+    assert [r["finish_reason"] for r in results] == ["length"] * 5
     assert all(lp.logprob <= 0 for lp in results[3]["logprobs"])
 
 

@@ -43,12 +43,20 @@ def _logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, float(lp[token]), top)
 
 
+def _greedy_limit(row: torch.Tensor, temperature: float, top_p: float) -> bool:
+    """Settings that decode as argmax, judged in the logits' precision: temperature or top_p 0, a
+    temperature so small that logits/temperature overflows (softmax would be NaN), a top_p that
+    rounds to 0 (the nucleus would be empty). Each is the limit of the values just above it."""
+    if temperature == 0 or top_p == 0 or torch.tensor(top_p, dtype=row.dtype) == 0:
+        return True
+    return not bool(torch.isfinite(row.max() / temperature))
+
+
 def _pick(row: torch.Tensor, seq: Sequence, generator: torch.Generator | None) -> int:
     p = seq.params
     if torch.isnan(row).any():
         raise FloatingPointError("the model produced NaN logits for this request")
-    # A tiny temperature overflows logits/temperature (softmax would be NaN): its limit is greedy.
-    if p.greedy or not torch.isfinite(row.max() / p.temperature):
+    if _greedy_limit(row, p.temperature, p.top_p):
         return int(row.argmax())
     return int(sample(row[None], p.temperature, p.top_k, p.top_p, generator)[0])
 
