@@ -29,6 +29,10 @@ class Overloaded(Exception):
     """The waiting queue is full (HTTP 429)."""
 
 
+class GenerationFailed(Exception):
+    """A request failed inside the engine (HTTP 500 for it alone, or an error event in its stream)."""
+
+
 @dataclass
 class _Sink:
     loop: asyncio.AbstractEventLoop
@@ -160,7 +164,7 @@ class AsyncEngine:
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.seqs):
             self.engine.abort(request_id)
-            self._post(request_id, RuntimeError(f"engine error: {error}"), finished=True)
+            self._post(request_id, GenerationFailed(f"engine error: {error}"), finished=True)
 
 
 class Generation:
@@ -183,12 +187,17 @@ class Generation:
     async def stream(self):
         """Yield (choice index, RequestOutput) until every sub-request has finished.
 
-        Cancelling the consumer (client disconnect) cancels every unfinished sub-request."""
+        Cancelling the consumer (client disconnect) cancels every unfinished sub-request. A failed
+        sub-request raises (LmforgeError: refused; GenerationFailed: failed while generating) and
+        cancels the others of this call, never other calls' requests."""
         try:
             while self.unfinished:
                 index, item = await self.queue.get()
                 if isinstance(item, Exception):
                     raise item
+                if item.error is not None:
+                    self.unfinished.discard(index)
+                    raise GenerationFailed(item.error)
                 if item.finished:
                     self.unfinished.discard(index)
                 yield index, item

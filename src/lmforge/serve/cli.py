@@ -41,8 +41,9 @@ def serve_command(
     threads: int = typer.Option(0, min=0, help="CPU threads for PyTorch (0: its default)"),
 ):
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
+    from lmforge.serve.server import listen_socket, run_on_socket
+    sock = listen_socket(host, port)  # a busy port fails now, before loading the model
     import torch
-    import uvicorn
 
     from lmforge.serve.async_engine import AsyncEngine
     from lmforge.serve.engine import LLMEngine
@@ -56,11 +57,12 @@ def serve_command(
                             prefix_caching, compile_decode)
     engine = AsyncEngine(LLMEngine(net, tok, config), max_queue=max_queue)
     app = create_app(engine, tok, name or default_name, api_key, default_max_tokens)
-    typer.echo(f"serving {name or default_name} on http://{host}:{port}  (chat page at /, API at /v1)")
+    typer.echo(f"serving {name or default_name} on http://{host}:{sock.getsockname()[1]}  (chat page at /, API at /v1)")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        run_on_socket(app, sock)
     finally:
         engine.shutdown()
+        sock.close()
 
 
 def chat_command(

@@ -11,6 +11,7 @@ choose tokens (sampler) -> detokenize and check stop conditions -> free finished
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from lmforge.serve.sampler import choose_tokens
 from lmforge.serve.scheduler import Scheduler
 from lmforge.serve.sequence import RequestOutput, SamplingParams, Sequence, Status
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class EngineConfig:
@@ -122,9 +124,29 @@ class LLMEngine:
         self.num_steps += 1
         if not step.sampled:
             return []
-        tokens, logprobs = choose_tokens(logits, step.sampled, self.generator)
+        tokens, logprobs, errors = choose_tokens(logits, step.sampled, self.generator)
         now = time.monotonic()
-        return [self._append(seq, tok, lp, now) for seq, tok, lp in zip(step.sampled, tokens, logprobs)]
+        outputs = []
+        for seq, tok, lp, error in zip(step.sampled, tokens, logprobs, errors):
+            if error is None:
+                try:
+                    outputs.append(self._append(seq, tok, lp, now))
+                    continue
+                except Exception as e:  # e.g. detokenizing: this request fails, the batch goes on
+                    log.exception("request %s failed after sampling", seq.request_id)
+                    error = e
+            outputs.append(self._fail(seq, error))
+        return outputs
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """Finish one sequence with an error, freeing its blocks; the others are untouched."""
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.request_id, None)
+        self.detoks.pop(seq.request_id, None)
+        seq.finish_reason = "error"
+        return RequestOutput(seq.request_id, [], "", [], True, "error", seq.num_prompt_tokens,
+                             seq.num_output_tokens, seq.num_cached_prompt,
+                             error=f"generation failed for this request ({type(error).__name__}: {error})")
 
     def _append(self, seq: Sequence, token: int, logprob, now: float) -> RequestOutput:
         seq.token_ids.append(token)
@@ -155,7 +177,8 @@ class LLMEngine:
         """Run all prompts as one continuously batched workload; results in prompt order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add_request(None, p, sp) for p, sp in zip(prompts, plist)]
-        results = {i: {"text": "", "token_ids": [], "logprobs": [], "finish_reason": None} for i in ids}
+        results = {i: {"text": "", "token_ids": [], "logprobs": [], "finish_reason": None, "error": None}
+                   for i in ids}
         while self.has_work:
             for out in self.step():
                 r = results[out.request_id]
@@ -163,6 +186,7 @@ class LLMEngine:
                 r["token_ids"] += out.new_token_ids
                 r["logprobs"] += out.logprobs
                 r["finish_reason"] = out.finish_reason
+                r["error"] = out.error
         return [results[i] for i in ids]
 
 
@@ -172,10 +196,12 @@ def complete(model, tokenizer, prompts: list[str], max_tokens: int, temperature:
 
     chat=True wraps each prompt as a user message in the tokenizer's chat template."""
     engine = LLMEngine(model, tokenizer, config or EngineConfig(kv_cache_mb=128))
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if chat else p for p in prompts]
+    # Prompts are text: special-token strings in them are not control tokens (the template's are).
+    encoded = [tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else tokenizer.encode_text(p)
+               for p in prompts]
     max_tokens = max(1, min(max_tokens, engine.max_model_len - 1))
     room = engine.max_model_len - max_tokens
-    prompt_ids = [(tokenizer.encode(t) or [tokenizer.eos_id or 0])[-room:] for t in texts]  # keep the end
+    prompt_ids = [(ids or [tokenizer.eos_id or 0])[-room:] for ids in encoded]  # keep the end
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature,
                              seed=None if seed is None else seed + i) for i in range(len(prompts))]
     return [r["text"] for r in engine.generate(prompt_ids, params)]

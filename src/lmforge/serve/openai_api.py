@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 
@@ -15,11 +16,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmforge.errors import LmforgeError
-from lmforge.serve.async_engine import Generation
+from lmforge.serve.async_engine import Generation, GenerationFailed
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from lmforge.serve.sequence import RequestOutput, TokenLogprob
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 # --- shared plumbing -----------------------------------------------------------------------------
@@ -78,6 +80,26 @@ def _sse(payload) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+async def _guarded(events, gen: Generation):
+    """A stream that always ends properly: a failure mid-stream (this request's alone) becomes an
+    OpenAI-style error event followed by [DONE]; a client that goes away has its requests freed."""
+    try:
+        async for event in events:
+            yield event
+    except LmforgeError as e:
+        yield _sse(APIError(400, str(e)).body())
+        yield "data: [DONE]\n\n"
+    except GenerationFailed as e:
+        yield _sse(APIError(500, str(e), "server_error", code="generation_failed").body())
+        yield "data: [DONE]\n\n"
+    except Exception:
+        log.exception("stream failed")
+        yield _sse(APIError(500, "internal server error", "server_error").body())
+        yield "data: [DONE]\n\n"
+    finally:
+        gen.cancel()
+
+
 def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
@@ -121,8 +143,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     _check_model(state, body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    try:
-        prompt_ids = state.tokenizer.encode(state.tokenizer.apply_chat_template(messages))
+    try:  # only the template inserts special tokens; what users typed stays text
+        prompt_ids = state.tokenizer.encode_chat(messages)
     except LmforgeError as e:
         raise APIError(400, str(e), param="messages") from e
     max_tokens = _max_tokens(state, len(prompt_ids), body.requested_max_tokens())
@@ -130,7 +152,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
     if body.stream:
-        return StreamingResponse(_chat_stream(state, body, gen, base), media_type="text/event-stream",
+        return StreamingResponse(_guarded(_chat_events(state, body, gen, base), gen), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     outs = await _collect(request, gen)
     choices = []
@@ -142,14 +164,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                         "finish_reason": parts[-1].finish_reason if parts else "stop"})
     usage = _totals({i: v[-1] for i, v in outs.items() if v}, body.n)
     return JSONResponse({**base, "object": "chat.completion", "choices": choices, "usage": usage})
-
-
-async def _chat_stream(state, body: ChatCompletionRequest, gen: Generation, base: dict):
-    try:
-        async for event in _chat_events(state, body, gen, base):
-            yield event
-    finally:  # the client went away mid-stream (or we are done): free what is still running
-        gen.cancel()
 
 
 async def _chat_events(state, body: ChatCompletionRequest, gen: Generation, base: dict):
@@ -179,7 +193,8 @@ async def completions(body: CompletionRequest, request: Request):
     _check_model(state, body.model)
     tok = state.tokenizer
     prompts = body.prompts()
-    encoded = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    # A text prompt is text even when it spells a special token; send token ids to use specials.
+    encoded = [tok.encode_text(p) if isinstance(p, str) else list(p) for p in prompts]
     if any(not ids for ids in encoded):
         raise APIError(400, "a prompt encodes to no tokens", param="prompt")
     vocab = state.engine.engine.vocab_size
@@ -196,7 +211,7 @@ async def completions(body: CompletionRequest, request: Request):
     base = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
             "system_fingerprint": None}
     if body.stream:
-        return StreamingResponse(_completion_stream(state, body, gen, base, texts), media_type="text/event-stream",
+        return StreamingResponse(_guarded(_completion_events(state, body, gen, base, texts), gen), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     outs = await _collect(request, gen)
     choices = []
@@ -209,14 +224,6 @@ async def completions(body: CompletionRequest, request: Request):
                         "finish_reason": parts[-1].finish_reason if parts else "stop"})
     usage = _totals({i: v[-1] for i, v in outs.items() if v}, body.n)
     return JSONResponse({**base, "choices": choices, "usage": usage})
-
-
-async def _completion_stream(state, body: CompletionRequest, gen: Generation, base: dict, texts: list[str]):
-    try:
-        async for event in _completion_events(state, body, gen, base, texts):
-            yield event
-    finally:
-        gen.cancel()
 
 
 async def _completion_events(state, body: CompletionRequest, gen: Generation, base: dict, texts: list[str]):

@@ -1,8 +1,17 @@
 """OpenAI-compatible request bodies, validated strictly (a wrong type is a 400, never a coercion),
 and their translation into engine SamplingParams. Unknown fields are accepted and ignored, as
-OpenAI clients send fields that a given server may not use."""
+OpenAI clients send fields that a given server may not use; null means "the default", as in
+OpenAI's API.
+
+Ranges follow OpenAI's API reference: temperature [0, 2], top_p [0, 1], penalties [-2, 2],
+logit_bias values [-100, 100], at most 4 stop strings, top_logprobs [0, 20], completions logprobs
+[0, 5]. top_p 0 is accepted (OpenAI accepts it and clients send it to ask for determinism) and
+decodes greedily: a nucleus shrinking to zero mass keeps just the most likely token, so 0 is the
+limit of the values just above it, not a special case. A temperature so small that logits/T
+overflows likewise decodes greedily (its limit), in the sampler."""
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -10,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from lmforge.serve.sequence import SamplingParams
 
 MAX_N = 8
-MAX_STOP = 8
+MAX_STOP = 4
+MAX_COMPLETION_LOGPROBS = 5
+TOKEN_ID = re.compile(r"[0-9]{1,12}")  # ASCII digits only: int() also reads e.g. Arabic-Indic digits
 
 
 class APIError(Exception):
@@ -27,6 +38,11 @@ class APIError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class TextPart(_Strict):
@@ -73,8 +89,8 @@ class _Sampling(_Strict):
         if len(stops) > MAX_STOP or any(not s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of at most {MAX_STOP} non-empty strings")
         for key, value in (self.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit() or not -100 <= value <= 100:
-                raise ValueError("logit_bias maps token ids (as strings) to values in [-100, 100]")
+            if not TOKEN_ID.fullmatch(key) or not -100 <= value <= 100:
+                raise ValueError("logit_bias maps token ids (as strings of digits) to values in [-100, 100]")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -123,7 +139,7 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)   # OpenAI's default for completions
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None

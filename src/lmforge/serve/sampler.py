@@ -1,11 +1,19 @@
 """Per-request next-token choice for a batch: penalties, logit bias, temperature, top-k/top-p,
-seeded generators and logprobs. Greedy rows are one batched argmax; the rest go row by row."""
+seeded generators and logprobs. Greedy rows are one batched argmax; the rest go row by row.
+
+One request's row can never fail the batch: degenerate settings fall back to their greedy limit
+(temperature 0 or so small that logits/temperature overflows, top_p 0), and if a row still raises,
+that request alone is reported as failed."""
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from lmforge.model.sampling import sample
 from lmforge.serve.sequence import Sequence, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 def _adjusted(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -35,15 +43,35 @@ def _logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, float(lp[token]), top)
 
 
+def _greedy_limit(row: torch.Tensor, temperature: float, top_p: float) -> bool:
+    """Settings that decode as argmax, judged in the logits' precision: temperature or top_p 0, a
+    temperature so small that logits/temperature overflows (softmax would be NaN), a top_p that
+    rounds to 0 (the nucleus would be empty). Each is the limit of the values just above it."""
+    if temperature == 0 or top_p == 0 or torch.tensor(top_p, dtype=row.dtype) == 0:
+        return True
+    return not bool(torch.isfinite(row.max() / temperature))
+
+
+def _pick(row: torch.Tensor, seq: Sequence, generator: torch.Generator | None) -> int:
+    p = seq.params
+    if torch.isnan(row).any():
+        raise FloatingPointError("the model produced NaN logits for this request")
+    if _greedy_limit(row, p.temperature, p.top_p):
+        return int(row.argmax())
+    return int(sample(row[None], p.temperature, p.top_k, p.top_p, generator)[0])
+
+
 def choose_tokens(logits: torch.Tensor, seqs: list[Sequence],
                   default_generator: torch.Generator | None = None
-                  ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits [N, V] (float32), one row per sequence -> next token ids and optional logprobs.
+                  ) -> tuple[list[int | None], list[TokenLogprob | None], list[Exception | None]]:
+    """logits [N, V] (float32), one row per sequence -> next token ids, optional logprobs, and
+    per-row errors (a row that failed has token None and its exception; the others are unaffected).
 
     Logprobs are those of the model's distribution after penalties and bias, before temperature
     and truncation (what OpenAI reports)."""
     tokens: list[int | None] = [None] * len(seqs)
     logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+    errors: list[Exception | None] = [None] * len(seqs)
     greedy = [i for i, s in enumerate(seqs) if s.params.greedy_only]
     if greedy:
         picked = logits[greedy].argmax(-1).tolist()
@@ -52,10 +80,12 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence],
     for i, seq in enumerate(seqs):
         if tokens[i] is not None:
             continue
-        p = seq.params
-        row = _adjusted(logits[i], seq)
-        gen = seq.generator or default_generator
-        tokens[i] = int(sample(row[None], p.temperature, p.top_k, p.top_p, gen)[0])
-        if p.logprobs is not None:
-            logprobs[i] = _logprob(row, tokens[i], p.logprobs)
-    return tokens, logprobs
+        try:
+            row = _adjusted(logits[i], seq)
+            tokens[i] = _pick(row, seq, seq.generator or default_generator)
+            if seq.params.logprobs is not None:
+                logprobs[i] = _logprob(row, tokens[i], seq.params.logprobs)
+        except Exception as e:  # this request fails alone; the rest of the batch goes on
+            log.exception("sampling failed for request %s", seq.request_id)
+            tokens[i], logprobs[i], errors[i] = None, None, e
+    return tokens, logprobs, errors

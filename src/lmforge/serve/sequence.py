@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -27,12 +28,21 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> None:
         problems = []
+        numbers = [self.temperature, self.top_p, self.presence_penalty, self.frequency_penalty,
+                   *(self.logit_bias or {}).values()]
+        if not all(math.isfinite(x) for x in numbers):
+            problems.append("sampling parameters must be finite numbers")
         if self.max_tokens < 1:
             problems.append(f"max_tokens must be >= 1 (got {self.max_tokens})")
         if not 0 <= self.temperature <= 100:
             problems.append(f"temperature must be in [0, 100] (got {self.temperature})")
         if not 0 <= self.top_p <= 1:
             problems.append(f"top_p must be in [0, 1] (got {self.top_p})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                problems.append(f"{name} must be in [-2, 2] (got {getattr(self, name)})")
+        if any(not -100 <= v <= 100 for v in (self.logit_bias or {}).values()):
+            problems.append("logit_bias values must be in [-100, 100]")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0 (got {self.top_k})")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
@@ -46,9 +56,14 @@ class SamplingParams:
             raise LmforgeError("; ".join(problems))
 
     @property
+    def greedy(self) -> bool:
+        """Argmax decoding: temperature 0, or top_p 0 (the limit of a nucleus shrinking to the top token)."""
+        return self.temperature == 0 or self.top_p == 0
+
+    @property
     def greedy_only(self) -> bool:
         """Plain argmax: no sampling, penalties, biases or logprobs to compute."""
-        return (self.temperature == 0 and not self.presence_penalty and not self.frequency_penalty
+        return (self.greedy and not self.presence_penalty and not self.frequency_penalty
                 and not self.logit_bias and self.logprobs is None)
 
 
@@ -73,10 +88,11 @@ class RequestOutput:
     text: str                           # new text, safe to show (never part of a stop string)
     logprobs: list[TokenLogprob]
     finished: bool
-    finish_reason: str | None           # "stop", "length" or "abort"
+    finish_reason: str | None           # "stop", "length", "abort" or "error"
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int                  # prompt tokens served from the prefix cache
+    error: str | None = None            # why this request failed (finish_reason "error"); others go on
 
 
 class Sequence:

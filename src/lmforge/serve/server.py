@@ -2,8 +2,10 @@
 web chat page at /. Every error is OpenAI-style JSON with a 4xx/5xx status, never a traceback."""
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -14,7 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import LmforgeError
-from lmforge.serve.async_engine import AsyncEngine, Overloaded
+from lmforge.serve.async_engine import AsyncEngine, GenerationFailed, Overloaded
 from lmforge.serve.openai_api import router
 from lmforge.serve.protocol import APIError
 
@@ -99,6 +101,10 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
     async def on_overload(request, exc: Overloaded):
         return _error(429, str(exc), "rate_limit_error", code="server_overloaded")
 
+    @app.exception_handler(GenerationFailed)
+    async def on_generation_failed(request, exc: GenerationFailed):  # this request alone failed
+        return _error(500, str(exc), "server_error", code="generation_failed")
+
     @app.exception_handler(LmforgeError)
     async def on_user_error(request, exc: LmforgeError):
         return _error(400, str(exc))
@@ -142,3 +148,30 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
         return model_card()
 
     return app
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """Bind the listening socket now, so a busy port or a bad address is a one-line error before
+    the model loads and before "serving on" is printed (uvicorn would only log it and exit)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise LmforgeError(f"cannot listen on {host}:{port}: unknown host ({e})") from e
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        reason = "the port is already in use" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+        raise LmforgeError(f"cannot listen on {host}:{port}: {reason}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_on_socket(app: FastAPI, sock: socket.socket) -> None:
+    """Serve `app` with uvicorn on an already bound socket until interrupted."""
+    import uvicorn
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

@@ -1,6 +1,8 @@
 """Chat templates are Jinja strings, as in Hugging Face tokenizer configs and GGUF metadata."""
 from __future__ import annotations
 
+import re
+import secrets
 from functools import lru_cache
 
 from jinja2 import TemplateError
@@ -35,3 +37,61 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
         return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
     except TemplateError as e:
         raise LmforgeError(f"chat template failed: {e}") from e
+
+
+def render_chat_parts(template: str, messages: list[dict], special_tokens: list[str],
+                      add_generation_prompt: bool = True, **extra) -> list[tuple[str, bool]]:
+    """The rendered chat as (text, is_control) parts, where is_control marks a special token that
+    the template itself wrote. Special-token strings inside the messages stay plain text.
+
+    Each special-token string in a message is swapped for a unique placeholder before rendering,
+    so any special token left in the rendered string came from the template; the placeholders are
+    swapped back in the text parts afterwards."""
+    specials = sorted({s for s in special_tokens if s}, key=len, reverse=True)
+    if not specials:
+        return [(render_chat(template, messages, add_generation_prompt, **extra), False)]
+    find = re.compile("|".join(re.escape(s) for s in specials))
+    holders = _placeholders(len(specials), [template, *_strings(messages), *_strings(extra)])
+    to_holder = dict(zip(specials, holders))
+    neutral = [_map_strings(m, lambda s: find.sub(lambda hit: to_holder[hit.group()], s)) for m in messages]
+    rendered = render_chat(template, neutral, add_generation_prompt, **extra)
+    back = re.compile("|".join(re.escape(h) for h in holders))
+    to_special = dict(zip(holders, specials))
+    parts, start = [], 0
+    for hit in find.finditer(rendered):
+        if hit.start() > start:
+            parts.append((back.sub(lambda h: to_special[h.group()], rendered[start:hit.start()]), False))
+        parts.append((hit.group(), True))
+        start = hit.end()
+    if start < len(rendered):
+        parts.append((back.sub(lambda h: to_special[h.group()], rendered[start:]), False))
+    return parts
+
+
+def _placeholders(n: int, texts: list[str]) -> list[str]:
+    """n strings found in none of `texts` (a random private-use-area tag; redrawn on a clash)."""
+    while True:
+        tag = "\U000F0000" + secrets.token_hex(8)
+        if not any(tag in t for t in texts):
+            return [f"{tag}:{i}\U000F0001" for i in range(n)]
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _map_strings(value, fn):
+    """`value` with fn applied to every string in it (through dicts and lists)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, fn) for v in value]
+    return value

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import pre_tokenizers
 
 from lmforge.errors import LmforgeError
-from lmforge.tokenizer.chat import CHATML, render_chat
+from lmforge.tokenizer.chat import CHATML, render_chat, render_chat_parts
 
 EOS, BOS, PAD = "<|endoftext|>", "<|startoftext|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -57,6 +57,22 @@ class Tokenizer:
         if add_eos and self.eos_id is not None:
             ids = ids + [self.eos_id]
         return ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Untrusted text (a user's message or prompt): special-token strings in it are encoded as
+        the characters they are, never as control tokens."""
+        return self._text_only.encode(text, add_special_tokens=False).ids
+
+    @cached_property
+    def _text_only(self) -> HFTokenizer:
+        # A copy, so that the shared tokenizer's behaviour never changes under another thread.
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        hf.encode_special_tokens = True
+        return hf
+
+    @cached_property
+    def special_tokens(self) -> list[str]:
+        return [t.content for t in self.hf.get_added_tokens_decoder().values() if t.special]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
@@ -114,6 +130,17 @@ class Tokenizer:
             raise LmforgeError("this tokenizer has no chat template")
         return render_chat(self.chat_template, messages, add_generation_prompt,
                            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat: only the template inserts special tokens; message text is text."""
+        if not self.chat_template:
+            raise LmforgeError("this tokenizer has no chat template")
+        parts = render_chat_parts(self.chat_template, messages, self.special_tokens, add_generation_prompt,
+                                  bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        ids: list[int] = []
+        for text, control in parts:
+            ids += [self.hf.token_to_id(text)] if control else self.encode_text(text)
+        return ids
 
     def stop_ids(self) -> set[int]:
         """Token ids that end a generation: EOS and the chat end-of-turn token when present."""
