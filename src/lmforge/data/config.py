@@ -13,7 +13,7 @@ from lmforge.data.mixing import MixingConfig
 from lmforge.data.normalize import NormalizeConfig
 from lmforge.data.pii import PIIConfig
 from lmforge.data.quality import QualityConfig
-from lmforge.data.readers import ReaderConfig
+from lmforge.corpus.readers import ReaderConfig
 from lmforge.data.toxicity import ToxicityConfig
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.backend import BackendInfo, GenerationRequest, Progress, truncate_at_stop
+from lmforge.eval.backend import BackendInfo, GenerationRequest, Progress
 from lmforge.eval.loglikelihood import score_continuations
+from lmforge.eval.stop_strings import truncate_at_stop
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

@@ -134,7 +134,7 @@ def load_tokenizer(ref: str | os.PathLike) -> Tokenizer:
     """From a tokenizer.json, or a directory with tokenizer.json (+ lmforge or HF config), or a .gguf."""
     path = Path(ref)
     if path.suffix == ".gguf":
-        from lmforge.model.gguf import load_gguf_tokenizer
+        from lmforge.tokenizer.gguf import load_gguf_tokenizer
         return load_gguf_tokenizer(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.exists():

@@ -16,7 +16,7 @@ from lmforge.config import to_dict
 from lmforge.data.shards import TokenShards
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer, save
-from lmforge.plan.noise_scale import NoiseScaleTracker, noise_scale
+from lmforge.train.noise_scale import NoiseScaleTracker, noise_scale
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.config import TrainConfig, TrainRecipe
 from lmforge.train.loader import ShardLoader

@@ -28,7 +28,7 @@ class BpbConfig:
 
 def read_texts(cfg: BpbConfig) -> list[str]:
     if cfg.path is None:
-        from lmforge.data.stdlib import stdlib_documents
+        from lmforge.corpus.stdlib import stdlib_documents
         return [d.text for d in stdlib_documents("val", limit=cfg.limit or None)]
     path = Path(cfg.path)
     if not path.exists():
