@@ -17,8 +17,8 @@ def smollm_path():
 
 @pytest.fixture(scope="session")
 def smollm_tokenizer(smollm_path):
-    from lmforge.tokenizer.gguf import load_gguf_tokenizer
-    return load_gguf_tokenizer(smollm_path)
+    from lmforge.tokenizer import load_tokenizer
+    return load_tokenizer(smollm_path)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer, load
 from lmforge.model.gguf import unpermute_rope_rows
 from lmforge.tokenizer import load_tokenizer
-from lmforge.tokenizer.gguf import load_gguf_tokenizer
 from lmforge.tokenizer.tokenizer import BYTE_TO_CHAR
 
 gguf = pytest.importorskip("gguf")
@@ -127,7 +126,7 @@ def test_bad_gguf_is_a_clear_error(tmp_path):
     with pytest.raises(LmforgeError):
         load(bad)
     with pytest.raises(LmforgeError):
-        load_gguf_tokenizer(tmp_path / "missing.gguf")
+        load_tokenizer(tmp_path / "missing.gguf")
 
 
 def test_smollm2_config_and_tokenizer_match_transformers(smollm_path, smollm_tokenizer):

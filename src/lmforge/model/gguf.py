@@ -19,7 +19,7 @@ from lmforge.gguf_file import bundled_smollm2, gguf_field, open_gguf  # bundled_
 from lmforge.model.config import ModelConfig
 
 SUPPORTED_ARCHS = ("llama",)
-__all__ = ["bundled_smollm2", "gguf_config", "gguf_state_dict", "load_gguf_model", "unpermute_rope_rows"]
+__all__ = ["bundled_smollm2", "gguf_config", "gguf_state_dict", "read_gguf_model", "unpermute_rope_rows"]
 
 # llama.cpp tensor names -> ours (HF Llama layout without the "model." prefix).
 _GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
@@ -97,9 +97,8 @@ def gguf_state_dict(reader, cfg: ModelConfig, where="gguf") -> dict[str, torch.T
     return state
 
 
-def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None):
-    """A Transformer with the GGUF file's weights dequantised (to float32, then `dtype` if given)."""
-    from lmforge.model.io import model_from_state
+def read_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and the float32 weights (dequantised) of a GGUF file; `model.load` builds the model."""
     reader = open_gguf(path)
     cfg = gguf_config(reader, path)
-    return model_from_state(cfg, gguf_state_dict(reader, cfg, path), path, dtype, device)
+    return cfg, gguf_state_dict(reader, cfg, path)

@@ -6,7 +6,6 @@ import os
 
 from lmforge.errors import LmforgeError
 from lmforge.gguf_file import gguf_field, open_gguf
-from lmforge.tokenizer.tokenizer import Tokenizer
 
 # Pre-tokenizer split patterns, by tokenizer.ggml.pre (the regex llama.cpp uses for each).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -25,8 +24,9 @@ def _pre_tokenizer(pre: str | None):
     return byte_level  # "gpt2", "default" and unknown: GPT-2's split
 
 
-def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The byte-level BPE tokenizer, special tokens, eos/bos and chat template stored in a GGUF file."""
+def read_gguf_tokenizer(path: str | os.PathLike):
+    """The byte-level BPE tokenizer stored in a GGUF file, and the keyword arguments of
+    `lmforge.tokenizer.Tokenizer` (chat_template, eos, bos): `load_tokenizer` builds the Tokenizer."""
     from tokenizers import AddedToken, decoders, models
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -51,5 +51,5 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
         i = gguf_field(reader, key)
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-    return Tokenizer(hf, gguf_field(reader, "tokenizer.chat_template"),
-                     eos=token("tokenizer.ggml.eos_token_id"), bos=token("tokenizer.ggml.bos_token_id"))
+    return hf, {"chat_template": gguf_field(reader, "tokenizer.chat_template"),
+                "eos": token("tokenizer.ggml.eos_token_id"), "bos": token("tokenizer.ggml.bos_token_id")}
