@@ -44,6 +44,7 @@ class Backend(Protocol):
     """What a task may call. Log-likelihoods are natural logs (nats)."""
 
     info: BackendInfo
+    max_length: int | None  # longest context in tokens; None when the backend cannot tell
 
     def loglikelihood(self, requests: list[tuple[str, str]], progress: Progress = None) -> list[tuple[float, bool]]:
         """(log p(continuation | context), whether the continuation is the greedy one) per pair."""
