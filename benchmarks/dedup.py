@@ -25,7 +25,7 @@ from datasketch import MinHash, MinHashLSH
 
 from lmforge.data.dedup_near import NearDupConfig, UnionFind, batch_signatures, find_near_duplicates
 from lmforge.data.planted import evaluate_pairs, planted_corpus
-from lmforge.data.stdlib import stdlib_documents
+from lmforge.corpus.stdlib import stdlib_documents
 
 WORD = re.compile(r"[A-Za-z0-9_\x80-\U0010ffff]+")  # the word definition both methods use
 

@@ -112,7 +112,7 @@ def main() -> None:
 
     ref = args.model
     if ref is None:
-        from lmforge.model.gguf import bundled_smollm2
+        from lmforge.gguf_file import bundled_smollm2
         ref = str(bundled_smollm2())
     model = load(ref, device=args.device)
     tok = load_tokenizer(ref)

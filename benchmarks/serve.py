@@ -191,7 +191,7 @@ def show(rows):
 
 
 def main():
-    from lmforge.model.gguf import bundled_smollm2
+    from lmforge.gguf_file import bundled_smollm2
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file (default: bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--concurrency", default="1,16")

@@ -64,7 +64,7 @@ class Stages:
 
     # --- stages -------------------------------------------------------------------------------
     def corpus(self) -> dict:
-        from lmforge.data.stdlib import stdlib_documents
+        from lmforge.corpus.stdlib import stdlib_documents
         docs = list(stdlib_documents(limit=self.recipe.run.max_documents or None))
         self.docs = docs
         train = [d for d in docs if d.meta["split"] == "train"]

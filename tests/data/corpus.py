@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 
-from lmforge.data.document import Document
+from lmforge.corpus.document import Document
 from lmforge.data.planted import plant, random_vocabulary
 
 STOP = ["the", "of", "and", "to", "with", "that", "have", "be", "in", "for"]

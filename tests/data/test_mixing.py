@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lmforge.data.document import Document
+from lmforge.corpus.document import Document
 from lmforge.data.mixing import MixingConfig, assign_clusters, copies, domain_of, kmeans
 from lmforge.errors import LmforgeError
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from lmforge.data.readers import ReaderConfig, ReadStats, read_inputs
+from lmforge.corpus.readers import ReaderConfig, ReadStats, read_inputs
 from lmforge.errors import LmforgeError
 
 

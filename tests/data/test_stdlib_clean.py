@@ -7,7 +7,7 @@ import pytest
 from lmforge.data.config import PipelineConfig
 from lmforge.data.pipeline import clean_corpus
 from lmforge.data.shards import TokenShards
-from lmforge.data.stdlib import stdlib_documents
+from lmforge.corpus.stdlib import stdlib_documents
 from lmforge.data.token_shards import write_token_shards
 from lmforge.tokenizer import train_tokenizer
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from lmforge.data.config import PipelineConfig
-from lmforge.data.document import Document
+from lmforge.corpus.document import Document
 from lmforge.data.mixing import MixingConfig
 from lmforge.data.pipeline import clean_corpus
 from lmforge.data.shards import TokenShards, read_index

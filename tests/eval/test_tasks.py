@@ -130,7 +130,7 @@ def test_humaneval_format_pass_at_1_counts_exactly(scripted, tmp_path):
 
 
 def test_humaneval_stop_sequences_cut_trailing_code():
-    from lmforge.eval.backend import truncate_at_stop
+    from lmforge.eval.stop_strings import truncate_at_stop
     from lmforge.eval.tasks.code_problems import HUMANEVAL_STOP
 
     text = "    return a + b\n\n\ndef main():\n    print(add(1, 2))\n"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.model.gguf import bundled_smollm2
+from lmforge.gguf_file import bundled_smollm2
 from tests.serve.helpers import tiny_model
 
 
@@ -17,8 +17,8 @@ def smollm_path():
 
 @pytest.fixture(scope="session")
 def smollm_tokenizer(smollm_path):
-    from lmforge.model.gguf import load_gguf_tokenizer
-    return load_gguf_tokenizer(smollm_path)
+    from lmforge.tokenizer import load_tokenizer
+    return load_tokenizer(smollm_path)
 
 
 @pytest.fixture(scope="session")

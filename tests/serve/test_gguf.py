@@ -6,7 +6,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer, load
-from lmforge.model.gguf import load_gguf_tokenizer, unpermute_rope_rows
+from lmforge.model.gguf import unpermute_rope_rows
 from lmforge.tokenizer import load_tokenizer
 from lmforge.tokenizer.tokenizer import BYTE_TO_CHAR
 
@@ -126,13 +126,14 @@ def test_bad_gguf_is_a_clear_error(tmp_path):
     with pytest.raises(LmforgeError):
         load(bad)
     with pytest.raises(LmforgeError):
-        load_gguf_tokenizer(tmp_path / "missing.gguf")
+        load_tokenizer(tmp_path / "missing.gguf")
 
 
 def test_smollm2_config_and_tokenizer_match_transformers(smollm_path, smollm_tokenizer):
     transformers = pytest.importorskip("transformers")
-    from lmforge.model.gguf import _reader, gguf_config
-    cfg = gguf_config(_reader(smollm_path))
+    from lmforge.gguf_file import open_gguf
+    from lmforge.model.gguf import gguf_config
+    cfg = gguf_config(open_gguf(smollm_path))
     assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim) == (30, 576, 9, 3, 1536)
     assert cfg.tie_embeddings and cfg.rope_theta == 100000.0 and cfg.vocab_size == 49152
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)

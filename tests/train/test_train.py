@@ -127,7 +127,7 @@ def test_corrupt_checkpoint_is_a_clear_error(monkeypatch, capsys, toy_shards, tm
 
 
 def test_noise_scale_is_logged_and_matches_the_two_batch_estimator(toy_shards, tmp_path):
-    from lmforge.plan.noise_scale import NoiseScaleTracker, noise_scale
+    from lmforge.train.noise_scale import NoiseScaleTracker, noise_scale
     out = tmp_path / "run"
     train(load_recipe(TrainRecipe, None, recipe(toy_shards, out, "train.max_steps=6", "train.noise_scale=true",
                                                 "train.micro_batch=2", "train.lr=0.0")))

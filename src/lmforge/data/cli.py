@@ -46,7 +46,7 @@ def clean_command(
     from rich.console import Console
 
     from lmforge.data.pipeline import clean_corpus
-    from lmforge.data.readers import ReadStats, read_inputs
+    from lmforge.corpus.readers import ReadStats, read_inputs
     from lmforge.data.report import print_report
 
     inputs, overrides = _split_args(args)
@@ -78,7 +78,7 @@ def shards_command(
     from rich.console import Console
 
     from lmforge.data.pipeline import CleanResult
-    from lmforge.data.readers import read_inputs
+    from lmforge.corpus.readers import read_inputs
     from lmforge.data.token_shards import write_token_shards
     from lmforge.tokenizer import load_tokenizer
 

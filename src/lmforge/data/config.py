@@ -15,7 +15,7 @@ from lmforge.data.normalize import NormalizeConfig
 from lmforge.data.pii import TYPES as PII_TYPES
 from lmforge.data.pii import PIIConfig
 from lmforge.data.quality import QualityConfig
-from lmforge.data.readers import ReaderConfig
+from lmforge.corpus.readers import ReaderConfig
 from lmforge.data.toxicity import ToxicityConfig
 
 

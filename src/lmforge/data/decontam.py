@@ -46,7 +46,7 @@ def _humaneval_texts(field_name: str) -> list[str] | None:
 
 
 def _jsonl_texts(path: Path, field_name: str | None) -> list[str]:
-    from lmforge.data.readers import ReaderConfig, ReadStats, read_jsonl
+    from lmforge.corpus.readers import ReaderConfig, ReadStats, read_jsonl
     texts = []
     stats = ReadStats()
     for name in ([field_name] if field_name else DEFAULT_FIELDS):

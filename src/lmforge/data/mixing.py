@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmforge.data import hashing
-from lmforge.data.document import Document
+from lmforge.corpus.document import Document
 from lmforge.errors import LmforgeError
 
 

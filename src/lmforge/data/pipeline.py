@@ -24,9 +24,9 @@ from lmforge.data.config import PipelineConfig
 from lmforge.data.decontam import build_index
 from lmforge.data.dedup_exact import first_occurrences
 from lmforge.data.dedup_near import UnionFind, find_near_duplicates, similar_pairs
-from lmforge.data.document import Document
+from lmforge.corpus.document import Document
 from lmforge.data.executors import make_executor
-from lmforge.data.readers import ReadStats
+from lmforge.corpus.readers import ReadStats
 from lmforge.errors import LmforgeError
 
 

@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from lmforge.data.document import Document
+from lmforge.corpus.document import Document
 
 _WORD = re.compile(r"[A-Za-z0-9_\x80-\U0010ffff]+")  # the same word definition as lmforge.data.hashing
 

@@ -27,11 +27,11 @@ from lmforge.data.config import PipelineConfig
 from lmforge.data.decontam import EvalIndex, overlaps
 from lmforge.data.dedup_exact import text_key, url_key
 from lmforge.data.dedup_near import batch_signatures
-from lmforge.data.document import Document
+from lmforge.corpus.document import Document
 from lmforge.data.normalize import normalize_text, url_dedup_key
 from lmforge.data.pii import redact
 from lmforge.data.quality import quality_reasons
-from lmforge.data.readers import kind_of_path
+from lmforge.corpus.readers import kind_of_path
 from lmforge.data.toxicity import make_scorer
 
 RECHECK_SEED_OFFSET = 7919  # an independent hash family for measuring duplicates left after dedup

@@ -15,10 +15,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from lmforge.data.document import Document
+from lmforge.corpus.document import Document
 from lmforge.data.mixing import MixingConfig, assign_clusters, copies, domain_of, weight_of
 from lmforge.data.shards import INDEX, ShardWriter, read_index
-from lmforge.data.stdlib import stdlib_split
+from lmforge.corpus.stdlib import stdlib_split
 
 
 def doc_split(doc: Document, val_fraction: float = 0.05) -> str:

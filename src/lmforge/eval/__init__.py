@@ -12,7 +12,7 @@ import importlib
 _EXPORTS = {
     "bits_per_byte": "lmforge.eval.bpb", "unigram_byte_bpb": "lmforge.eval.bpb",
     "LocalBackend": "lmforge.eval.local_backend", "EndpointBackend": "lmforge.eval.endpoint_backend",
-    "GenerationRequest": "lmforge.eval.backend", "load_backend": "lmforge.eval.backend",
+    "GenerationRequest": "lmforge.eval.backend", "load_backend": "lmforge.eval.backend_factory",
     "evaluate": "lmforge.eval.runner", "make_task": "lmforge.eval.tasks", "ResultCache": "lmforge.eval.result_cache",
     "pass_at_k": "lmforge.eval.passk", "run_program": "lmforge.eval.sandbox", "SandboxLimits": "lmforge.eval.sandbox",
     "humaneval_pass_at_1": "lmforge.eval.quick",

@@ -4,15 +4,15 @@ Three primitives, as in lm-evaluation-harness's model API:
 - `loglikelihood([(context, continuation)])` -> [(log p(continuation | context), is_greedy)]
 - `loglikelihood_rolling([text])` -> [(log-likelihood of the whole text in nats, tokens scored)]
 - `generate([GenerationRequest])` -> [completion text]
-Backends: `LocalBackend` (an in-process lmforge model) and `EndpointBackend` (any
-OpenAI-compatible `/v1/completions` server).
+Implementations: `LocalBackend` (an in-process lmforge model) and `EndpointBackend` (any
+OpenAI-compatible `/v1/completions` server); `backend_factory.load_backend` picks one.
+This module only defines types, so tasks depend on the interface and never on a backend.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from lmforge.errors import LmforgeError
+from typing import Protocol, runtime_checkable
 
 Progress = Callable[[int], None] | None
 
@@ -39,18 +39,21 @@ class BackendInfo:
         return f"{self.kind}:{self.model}:{self.details.get('fingerprint', '')}"
 
 
-def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-    return text[:cut] if cut >= 0 else text
+@runtime_checkable
+class Backend(Protocol):
+    """What a task may call. Log-likelihoods are natural logs (nats)."""
 
+    info: BackendInfo
+    max_length: int | None  # longest context in tokens; None when the backend cannot tell
 
-def load_backend(model: str | None = None, endpoint: str | None = None, tokenizer: str | None = None,
-                 endpoint_model: str | None = None, dtype: str | None = None, device: str | None = None,
-                 batch_tokens: int | None = None, api_key: str | None = None):
-    if bool(model) == bool(endpoint):
-        raise LmforgeError("give exactly one of --model (a checkpoint, HF directory or .gguf) or --endpoint (a URL)")
-    if endpoint:
-        from lmforge.eval.endpoint_backend import EndpointBackend
-        return EndpointBackend(endpoint, model=endpoint_model, api_key=api_key)
-    from lmforge.eval.local_backend import LocalBackend
-    return LocalBackend.from_ref(model, tokenizer=tokenizer, dtype=dtype, device=device, batch_tokens=batch_tokens)
+    def loglikelihood(self, requests: list[tuple[str, str]], progress: Progress = None) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), whether the continuation is the greedy one) per pair."""
+        ...
+
+    def loglikelihood_rolling(self, texts: list[str], progress: Progress = None) -> list[tuple[float, int]]:
+        """(log-likelihood of each whole text, number of tokens scored)."""
+        ...
+
+    def generate(self, requests: list[GenerationRequest], progress: Progress = None) -> list[str]:
+        """One completion per request, cut at its stop strings."""
+        ...

@@ -32,7 +32,7 @@ def eval_command(
     from rich.console import Console
 
     from lmforge.config import parse_overrides
-    from lmforge.eval.backend import load_backend
+    from lmforge.eval.backend_factory import load_backend
     from lmforge.eval.report import markdown_table
     from lmforge.eval.result_cache import ResultCache
     from lmforge.eval.runner import evaluate

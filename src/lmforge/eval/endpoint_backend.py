@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.backend import BackendInfo, GenerationRequest, Progress, truncate_at_stop
+from lmforge.eval.backend import BackendInfo, GenerationRequest, Progress
+from lmforge.eval.stop_strings import truncate_at_stop
 
 
 class EndpointBackend:

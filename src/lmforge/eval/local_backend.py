@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.backend import BackendInfo, GenerationRequest, Progress, truncate_at_stop
+from lmforge.eval.backend import BackendInfo, GenerationRequest, Progress
 from lmforge.eval.loglikelihood import score_continuations
+from lmforge.model.scoring import score_tokens
+from lmforge.eval.stop_strings import truncate_at_stop
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -85,24 +87,22 @@ class LocalBackend:
         return score_continuations(self.model, pairs, self.batch_tokens, progress=progress)
 
     def loglikelihood_rolling(self, texts: list[str], progress: Progress = None) -> list[tuple[float, int]]:
-        """(log-likelihood in nats, tokens scored) of each text from its start, in disjoint windows
-        of max_seq_len tokens (each window conditioned on the token before it)."""
+        """(log-likelihood in nats, tokens scored) of each text from its start (after a BOS/EOS
+        prefix), in disjoint windows of max_seq_len tokens: the one scorer, as train and int8-report."""
         if self.prefix_id is None:
             raise LmforgeError("rolling log-likelihood needs a BOS or EOS token to start from")
-        pairs, owner = [], []
-        for t, text in enumerate(texts):
+        results = []
+        for text in texts:
             ids = [self.prefix_id] + self.tok.encode(text)
-            for start in range(1, len(ids), self.max_length):
-                pairs.append((ids[start - 1: start], ids[start: start + self.max_length]))
-                owner.append(t)
-        scores = score_continuations(self.model, pairs, self.batch_tokens)
-        totals, counts = [0.0] * len(texts), [0] * len(texts)
-        for t, (lp, _), (_, cont) in zip(owner, scores, pairs):
-            totals[t] += lp
-            counts[t] += len(cont)
+            if len(ids) < 2:  # nothing to predict
+                results.append((0.0, 0))
+                continue
+            score = score_tokens(self.model, ids, window=self.max_length,
+                                 batch_size=max(1, self.batch_tokens // self.max_length))
+            results.append((-score.nll, score.tokens))
         if progress:
             progress(len(texts))
-        return list(zip(totals, counts))
+        return results
 
     # --- generation --------------------------------------------------------------------------
     def prompt_ids(self, request: GenerationRequest) -> list[int]:

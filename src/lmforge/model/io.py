@@ -62,8 +62,8 @@ def load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device=None) 
     if not path.exists():
         raise LmforgeError(f"model not found: {ref}")
     if path.suffix == ".gguf":
-        from lmforge.model.gguf import load_gguf_model  # optional dependency path
-        return load_gguf_model(path, dtype=dtype, device=device)
+        from lmforge.model.gguf import read_gguf_model  # optional dependency path
+        return model_from_state(*read_gguf_model(path), path, dtype, device)
     if (path / LMFORGE_CONFIG).exists():
         try:
             cfg = ModelConfig.from_dict(json.loads((path / LMFORGE_CONFIG).read_text()))

@@ -16,7 +16,7 @@ from lmforge.plan.gpus import GPUS, custom_gpu, get_gpu
 from lmforge.plan.inference import inference_memory, max_batch
 from lmforge.plan.laws import PUBLISHED, ScalingLaw, get_law, optimal_by_ratio
 from lmforge.plan.memory import TrainingPlan, model_state_bytes, training_memory
-from lmforge.plan.noise_scale import NoiseScale, NoiseScaleTracker, measure_noise_scale, noise_scale
+from lmforge.train.noise_scale import NoiseScale, NoiseScaleTracker, measure_noise_scale, noise_scale
 from lmforge.plan.plots import plot_chinchilla_fit, plot_power_law
 from lmforge.plan.runs import Runs, read_runs, write_runs
 from lmforge.plan.sweep import SweepConfig, run_sweep

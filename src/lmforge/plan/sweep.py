@@ -37,7 +37,7 @@ class SweepConfig:
 def byte_shards(out: Path, files: int) -> Path:
     """Byte-level token shards of the first `files` stdlib sources (train/val by path hash)."""
     from lmforge.data.shards import ShardWriter
-    from lmforge.data.stdlib import stdlib_documents
+    from lmforge.corpus.stdlib import stdlib_documents
     if (out / "index.json").exists():
         return out
     writer = ShardWriter(out, BYTE_VOCAB, BYTE_EOS, meta={"tokenizer": "bytes"})

@@ -1,41 +1,34 @@
 """Perplexity on held-out text, to measure what quantisation costs.
 
-Held-out text by default is Python's own standard library source (lmforge's embedded corpus,
-present on every machine): a fixed set of files, so the figure is reproducible.
+Held-out text by default is the validation split of lmforge's embedded corpus (Python's standard
+library source, present on every machine, split by a hash of each path), the same text `eval bpb`
+scores; tokens are scored by the one scorer, `lmforge.model.scoring.score_tokens`.
 """
 from __future__ import annotations
 
 import copy
-import math
-import sysconfig
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-DEFAULT_FILES = ("textwrap.py", "fractions.py", "bisect.py", "heapq.py", "colorsys.py")
+from lmforge.corpus.stdlib import stdlib_documents
+from lmforge.model.scoring import score_tokens
 
 
 def heldout_text(max_chars: int = 60_000) -> str:
-    """Source of a few standard-library modules, concatenated."""
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    parts = [(lib / name).read_text(encoding="utf-8") for name in DEFAULT_FILES if (lib / name).exists()]
+    """The stdlib validation split's files in path order, joined, cut at max_chars."""
+    parts, size = [], 0
+    for doc in stdlib_documents("val"):
+        parts.append(doc.text)
+        size += len(doc.text) + 2
+        if size >= max_chars:
+            break
     return "\n\n".join(parts)[:max_chars]
 
 
 @torch.inference_mode()
 def perplexity(model, token_ids: list[int], window: int = 512) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of `window` tokens."""
-    device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    for start in range(0, len(token_ids) - 1, window):
-        chunk = torch.tensor(token_ids[start:start + window + 1], device=device)
-        if len(chunk) < 2:
-            break
-        logits = model(chunk[None, :-1])[0].float()
-        nll += F.cross_entropy(logits, chunk[1:], reduction="sum").item()
-        count += len(chunk) - 1
-    return math.exp(nll / count)
+    return score_tokens(model, token_ids, window=window).perplexity
 
 
 def int8_report(model, tokenizer, text: str | None = None, window: int = 512) -> dict:

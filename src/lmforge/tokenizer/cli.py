@@ -6,19 +6,16 @@ from pathlib import Path
 
 import typer
 
+from lmforge.corpus.readers import read_inputs
 from lmforge.errors import LmforgeError
 
 app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True)
 
 
 def _read_texts(inputs: list[Path]):
-    for path in inputs:
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for f in files:
-            try:
-                yield f.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
+    """The inputs' texts, read the way `data clean` reads them (text/code files, JSONL, Parquet,
+    .gz/.zst), so a `data clean` output folder (docs/part_*.jsonl.zst) is a valid input."""
+    return (doc.text for doc in read_inputs([str(p) for p in inputs]))
 
 
 @app.command("train")
@@ -31,7 +28,7 @@ def train_command(
     """Train a tokenizer and report its compression on held-out text."""
     from rich.console import Console
 
-    from lmforge.data.stdlib import stdlib_documents
+    from lmforge.corpus.stdlib import stdlib_documents
     from lmforge.tokenizer import compression_report, train_tokenizer
 
     if inputs:

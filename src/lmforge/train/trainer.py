@@ -7,7 +7,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from rich.console import Console
@@ -16,7 +15,8 @@ from lmforge.config import to_dict
 from lmforge.data.shards import TokenShards
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer, save
-from lmforge.plan.noise_scale import NoiseScaleTracker, noise_scale
+from lmforge.model.scoring import score_tokens
+from lmforge.train.noise_scale import NoiseScaleTracker, noise_scale
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.config import TrainConfig, TrainRecipe
 from lmforge.train.loader import ShardLoader
@@ -39,21 +39,10 @@ def build_optimizer(model: Transformer, tc: TrainConfig, device: torch.device) -
                              fused=device.type == "cuda")
 
 
-@torch.no_grad()
-def evaluate_loss(model, shards: TokenShards, seq_len: int, n_tokens: int, batch: int, device, autocast) -> float:
-    """Mean next-token loss over the first n_tokens of a split, in fixed windows."""
-    n_windows = max(1, min(n_tokens, len(shards) - 1) // seq_len)
-    model.eval()
-    total = count = 0.0
-    for start in range(0, n_windows, batch):
-        rows = [shards.slice(i * seq_len, seq_len + 1) for i in range(start, min(n_windows, start + batch))]
-        x = torch.as_tensor(np.stack(rows), device=device)
-        with autocast():
-            loss = model(x[:, :-1], targets=x[:, 1:])
-        total += loss.item() * len(rows)
-        count += len(rows)
-    model.train()
-    return total / count
+def evaluate_loss(model, shards: TokenShards, seq_len: int, n_tokens: int, batch: int, autocast) -> float:
+    """Mean next-token loss over the first n_tokens of a split, in windows of seq_len (the one scorer)."""
+    tokens = shards.slice(0, min(n_tokens, len(shards) - 1) + 1)
+    return score_tokens(model, tokens, window=seq_len, batch_size=batch, autocast=autocast).loss
 
 
 def grad_sq_norm(model) -> float:
@@ -178,7 +167,7 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
                     metrics["noise_scale_tokens"] = noise.b_simple
                 logger.log(done, metrics)
             if val is not None and (done % tc.eval_every == 0 or done == tc.max_steps):
-                val_loss = evaluate_loss(model, val, tc.seq_len, tc.eval_tokens, tc.micro_batch, device, autocast)
+                val_loss = evaluate_loss(model, val, tc.seq_len, tc.eval_tokens, tc.micro_batch, autocast)
                 logger.log(done, {"val_loss": val_loss})
             if done % tc.ckpt_every == 0 or done == tc.max_steps:
                 checkpoint(done)

@@ -10,8 +10,35 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from lmforge.errors import LmforgeError
+from lmforge.eval.backend import Backend
+
+
+@runtime_checkable
+class EvalTask(Protocol):
+    """What the runner asks of a task (`Task` below is the shared base the task files extend)."""
+
+    name: str
+    config: object           # a dataclass of the task's options
+    chunk_size: int          # items per evaluate() call: the unit of caching and progress
+
+    def items(self) -> list[dict]:
+        """The items to score, each a dict with a stable "key"."""
+        ...
+
+    def evaluate(self, backend: Backend, items: list[dict]) -> list[dict]:
+        """One JSON-serialisable result per item."""
+        ...
+
+    def aggregate(self, items: list[dict], results: list[dict], out_dir: Path | None) -> dict:
+        """-> {"metrics": {...}, "stderr": {...}, optional "artifacts": [paths], "details": {...}}"""
+        ...
+
+    def fingerprint(self) -> str:
+        """Identity of everything that changes item results (prompting, sampling, the data)."""
+        ...
 
 
 class Task:
@@ -25,7 +52,7 @@ class Task:
     def items(self) -> list[dict]:
         raise NotImplementedError
 
-    def evaluate(self, backend, items: list[dict]) -> list[dict]:
+    def evaluate(self, backend: Backend, items: list[dict]) -> list[dict]:
         raise NotImplementedError
 
     def aggregate(self, items: list[dict], results: list[dict], out_dir: Path | None) -> dict:

@@ -1,8 +1,10 @@
 """Bits per byte and perplexity on held-out text: the tokenizer-independent headline.
 
-Data: a .txt file, a directory of text files, or JSONL with a text field; by default the held-out
-split of the embedded stdlib corpus. Each document is scored from its start; bpb = total bits /
-total UTF-8 bytes, with a delta-method standard error over documents.
+Data: anything the corpus readers read (text/code files, a directory of them, JSONL or Parquet with
+a text field); by default the validation split of the embedded stdlib corpus. Token log-likelihoods
+come from the backend (locally: the one scorer, lmforge.model.scoring). Each document is scored
+from its start; bpb = total bits / total UTF-8 bytes, with a delta-method standard error over
+documents.
 """
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.corpus.readers import ReaderConfig, read_inputs
+from lmforge.corpus.stdlib import stdlib_documents
 from lmforge.errors import LmforgeError
 from lmforge.eval.stats import ratio_and_stderr
-from lmforge.eval.tasks.base import Task, read_jsonl
-
-TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
+from lmforge.eval.tasks.base import Task
 
 
 @dataclass
@@ -28,24 +30,14 @@ class BpbConfig:
 
 def read_texts(cfg: BpbConfig) -> list[str]:
     if cfg.path is None:
-        from lmforge.data.stdlib import stdlib_documents
         return [d.text for d in stdlib_documents("val", limit=cfg.limit or None)]
     path = Path(cfg.path)
     if not path.exists():
         raise LmforgeError(f"task bpb: {path} not found")
-    if path.suffix == ".jsonl":
-        rows, _ = read_jsonl(path, "task bpb")
-        texts = [r[cfg.text_field] for r in rows if isinstance(r.get(cfg.text_field), str)]
-        if not texts:
-            raise LmforgeError(f"task bpb: no {cfg.text_field!r} strings in {path}")
-    else:
-        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
-        texts = []
-        for f in files:
-            try:
-                texts.append(f.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, OSError):
-                continue  # unreadable files are skipped, not fatal
+    # the corpus readers `data clean` uses: text/code files, JSONL/Parquet with a text field, .gz/.zst
+    texts = [d.text for d in read_inputs([path], ReaderConfig(text_field=cfg.text_field))]
+    if not texts:
+        raise LmforgeError(f"task bpb: no readable documents (text field {cfg.text_field!r}) in {path}")
     return texts
 
 

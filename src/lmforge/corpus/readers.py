@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.data.document import Document
+from lmforge.corpus.document import Document
 from lmforge.errors import LmforgeError
 
 CODE_EXTS = {".py", ".pyi", ".js", ".jsx", ".ts", ".tsx", ".java", ".c", ".h", ".cc", ".cpp", ".hpp", ".cs",
@@ -217,7 +217,7 @@ def read_inputs(inputs: list | None = None, cfg: ReaderConfig | None = None,
     stats = stats if stats is not None else ReadStats()
     for item in inputs or ["stdlib"]:
         if str(item) == "stdlib":
-            from lmforge.data.stdlib import stdlib_documents
+            from lmforge.corpus.stdlib import stdlib_documents
             for doc in stdlib_documents():
                 stats.records += 1
                 yield doc
