@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.model.context import fit_to_context
 from lmforge.serve.block_manager import BlockManager
 from lmforge.serve.detokenizer import Detokenizer
 from lmforge.serve.model_runner import ModelRunner
@@ -173,9 +174,9 @@ def complete(model, tokenizer, prompts: list[str], max_tokens: int, temperature:
     chat=True wraps each prompt as a user message in the tokenizer's chat template."""
     engine = LLMEngine(model, tokenizer, config or EngineConfig(kv_cache_mb=128))
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if chat else p for p in prompts]
-    max_tokens = max(1, min(max_tokens, engine.max_model_len - 1))
-    room = engine.max_model_len - max_tokens
-    prompt_ids = [(tokenizer.encode(t) or [tokenizer.eos_id or 0])[-room:] for t in texts]  # keep the end
-    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                             seed=None if seed is None else seed + i) for i in range(len(prompts))]
+    fitted = [fit_to_context(tokenizer.encode(t) or [tokenizer.eos_id or 0], max_tokens, engine.max_model_len)
+              for t in texts]
+    prompt_ids = [ids for ids, _ in fitted]
+    params = [SamplingParams(max_tokens=n, temperature=temperature, seed=None if seed is None else seed + i)
+              for i, (_, n) in enumerate(fitted)]
     return [r["text"] for r in engine.generate(prompt_ids, params)]
