@@ -97,10 +97,8 @@ def load_pretrained(ref: str | os.PathLike | None, tokenizer: str | os.PathLike 
     tok_ref = Path(tokenizer) if tokenizer is not None and str(tokenizer) != "" else None
     if tok_ref is not None and not tok_ref.exists():
         raise LmforgeError(f"tokenizer not found: {tok_ref}")
-    if not path.exists():
-        raise LmforgeError(f"model not found: {path}")
+    model = load(path, dtype=torch_dtype, device=dev)   # a missing or corrupt model is the first thing to say
     tok = load_tokenizer(tok_ref or find_tokenizer(path))
-    model = load(path, dtype=torch_dtype, device=dev)
     if tok.vocab_size > model.cfg.vocab_size:
         raise LmforgeError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
     name = path.stem if path.suffix == ".gguf" else path.resolve().name
