@@ -37,7 +37,7 @@ class Pretrained(NamedTuple):
 
 def resolve_model_path(ref: str | os.PathLike | None) -> Path:
     """The given path, or the bundled SmolLM2-135M-Instruct GGUF when none is given."""
-    if ref is not None and str(ref) != "":
+    if ref is not None:
         return Path(ref)
     from lmforge.model.gguf import bundled_smollm2
     path = bundled_smollm2()
