@@ -64,16 +64,20 @@ def is_argument(param) -> bool:
 
 
 def value_strategy(param):
+    """Boundary values, random ones, and the option's own default (so that the other drawn
+    values also get to run past validation)."""
     kind = param.type_descriptor.annotation
+    default = param.default
+    usual = [st.just(str(default))] if isinstance(default, (int, float, str)) and default != "" else []
     if kind is int:
         ints = st.sampled_from(INTS) | st.integers(-3, 400)
         cap = CAPS.get(param.name)
-        return ints.map(lambda v: min(v, cap)) if cap else ints   # negatives and 0 stay
+        return st.one_of(*usual, ints.map(lambda v: str(min(v, cap)) if cap else str(v)))  # negatives stay
     if kind is float:
-        return (st.sampled_from(FLOATS) | st.floats(-10, 10)).map(repr)
+        return st.one_of(*usual, (st.sampled_from(FLOATS) | st.floats(-10, 10)).map(repr))
     if param.nargs > 1:
         return st.tuples(*[st.sampled_from(TEXT) for _ in range(param.nargs)])
-    return st.sampled_from(PATHS + TEXT) | st.text(max_size=8)
+    return st.one_of(*usual, st.sampled_from(PATHS + TEXT), st.text(max_size=8))
 
 
 def flag_of(option) -> str:
@@ -87,11 +91,10 @@ def command_line(draw, path: tuple[str, ...], command) -> list[str]:
         if param.name == "help":
             continue
         if is_argument(param):
-            given = st.sampled_from(["model", "missing", "folder", "file.txt", "empty.txt", "latin1.txt"])
+            given = st.sampled_from(["model", "file.txt", "missing", "folder", "empty.txt", "latin1.txt"])
             if param.nargs == -1:
-                args += draw(st.lists(st.sampled_from(PATHS + TEXT) | st.text(max_size=6), max_size=2))
-                if path in HEAVY_DEFAULT:
-                    args.append(draw(given))
+                other = st.sampled_from(PATHS + TEXT) | st.text(max_size=6)
+                args += draw(st.lists(st.one_of(given, given, other), min_size=path in HEAVY_DEFAULT, max_size=2))
             elif param.required or path in HEAVY_DEFAULT or draw(st.booleans()):
                 args.append(str(draw(given | st.sampled_from(PATHS + TEXT))))
             continue
@@ -156,7 +159,7 @@ def test_every_command_survives_random_and_boundary_values(path, workspace, tmp_
     (sentinel / "keep.txt").write_text("untouched")
     watched = [sentinel, REPO / "runs", REPO / "src"]
 
-    @settings(max_examples=6, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(args=command_line(path, COMMANDS[path]))
     def check(args):
@@ -202,3 +205,36 @@ def test_model_commands_share_one_grammar(path):
     assert params["model_opt"].hidden and set(params["model_opt"].opts) == {"--model", "-m"}
     assert set(params["tokenizer"].opts) == {"--tokenizer", "-t"}
     assert params["dtype"].default == "auto" and params["device"].default == "auto"
+
+
+# Arguments that make each command valid and quick, so one option at a time can be pushed to its edge.
+VALID_BASE = {
+    ("tokenizer", "train"): ["file.txt"], ("tokenizer", "encode"): ["-t", "tok", "hello"],
+    ("generate",): ["model", "-p", "hi", "--device", "cpu"], ("chat",): ["model", "--device", "cpu"],
+    ("int8-report",): ["model", "--text-file", "file.txt", "--device", "cpu"],
+    ("eval",): ["model", "--tasks", "bpb:file.txt", "--device", "cpu"],
+    ("data", "shards"): ["file.txt", "-t", "tok"], ("data", "report"): ["folder"],
+    ("scaling", "fit"): ["runs.csv"], ("plan", "params"): ["tiny"], ("plan", "memory"): ["tiny"],
+    ("plan", "inference"): ["tiny"], ("plan", "time"): ["--params", "7B", "--tokens", "1T"],
+    ("plan", "optimal"): ["1e20"], ("convert",): ["model", "converted"],
+}
+EDGES = {int: ["-1", "0", str(2**63)], float: ["nan", "inf", "-1e308"]}
+NUMERIC = [(path, param.name, flag_of(param), value)
+           for path, command in COMMANDS.items() for param in command.params
+           if not is_argument(param) and param.type_descriptor.annotation in EDGES
+           for value in EDGES[param.type_descriptor.annotation]
+           if not (value == str(2**63) and param.name in CAPS)]   # huge loop counts only take long
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path, name, flag, value", NUMERIC, ids=lambda x: " ".join(x) if isinstance(x, tuple) else x)
+def test_each_numeric_option_at_its_edges(path, name, flag, value, workspace, tmp_path):
+    """Negative, zero and huge ints, nan/inf floats, one option at a time on an otherwise valid line."""
+    import shutil
+
+    shutil.copytree(workspace, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "runs.csv").write_text("N,D,loss\n" + "".join(
+        f"{n},{d},{1.7 + 400 / n ** 0.34 + 410 / d ** 0.28:.5f}\n" for n in (1e6, 4e6, 1.6e7) for d in (1e8, 4e8, 1.6e9)))
+    args = [*path, *VALID_BASE.get(path, []), flag, value, *VALIDATION_ONLY.get(path, [])]
+    code, output = run_in(tmp_path, args)
+    assert "Traceback" not in output and code in (0, 2), (args, code, output)

@@ -157,6 +157,8 @@ def optimal_command(compute: str = typer.Argument(..., help="FLOP budget, e.g. 5
     from lmforge.plan.laws import PUBLISHED, get_law, optimal_by_ratio
     from lmforge.plan.tables import optimal_table
     c = number(compute, "compute")
+    if not 0 < ratio < float("inf"):
+        raise LmforgeError(f"--ratio must be a positive finite number, got {ratio}")
     laws = {law: get_law(law)} if law else PUBLISHED
     rows = []
     for name, scaling_law in laws.items():
@@ -219,7 +221,7 @@ def fit_command(
     save: str = typer.Option("", help="write the fitted law as JSON"),
     power_law: bool = typer.Option(False, "--power-law", help="fit L(C) = a C^-b instead of L(N, D)"),
     irreducible: bool = typer.Option(False, "--irreducible", help="with --power-law: add a constant E"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="bootstrap resampling seed"),
 ):
     """Fit L(N, D) = E + A/N^alpha + B/D^beta (Huber on log-loss, L-BFGS, bootstrap intervals)."""
     _report_fit(runs_csv, predict if predict and predict[0] is not None else None, plot, bootstrap, save, power_law,

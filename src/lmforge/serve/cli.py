@@ -40,7 +40,7 @@ def serve_command(
     default_max_tokens: int = typer.Option(512, min=1, help="chat max_tokens when the client gives none"),
     prefix_caching: bool = typer.Option(True, help="share KV blocks of identical prompt prefixes"),
     compile_decode: bool = typer.Option(False, "--compile", help="torch.compile the decode step (GPU)"),
-    threads: int = typer.Option(0, min=0, help="CPU threads for PyTorch (0: its default)"),
+    threads: int = typer.Option(0, min=0, max=4096, help="CPU threads for PyTorch (0: its default)"),
     model_opt: str = model_alias(),
 ):
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
