@@ -34,6 +34,6 @@ def device_option():
 
 def pick_model(positional: str | None, alias: str | None) -> str | None:
     """MODEL given as the argument or through the hidden --model alias (not two different ones)."""
-    if positional and alias and positional != alias:
+    if positional is not None and alias is not None and positional != alias:
         raise LmforgeError(f"two models given ({positional!r} and --model {alias!r}); give one MODEL")
-    return positional or alias
+    return positional if positional is not None else alias
