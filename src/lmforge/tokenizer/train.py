@@ -23,9 +23,9 @@ def train_tokenizer(texts: Iterable[str], kind: str = "byte-bpe", vocab_size: in
         raise LmforgeError(f"unknown tokenizer kind {kind!r}; choose one of {KINDS}")
     smallest = len(specials) + (1 if kind == "unigram" else 256)   # + <unk>, or + one token per byte
     if not smallest <= vocab_size <= MAX_VOCAB:
-        raise LmforgeError(f"vocab_size must be in [{smallest}, {MAX_VOCAB}] for {kind} "
-                           f"({'specials + <unk>' if kind == 'unigram' else '256 bytes + special tokens'} "
-                           f"at least), got {vocab_size}")
+        size = "too small" if vocab_size < smallest else "too large"
+        raise LmforgeError(f"vocab_size {vocab_size} is {size}: {kind} needs [{smallest}, {MAX_VOCAB}] "
+                           f"({'specials + <unk>' if kind == 'unigram' else '256 bytes + special tokens'} at least)")
     if min_frequency < 0:
         raise LmforgeError(f"min_frequency must be >= 0, got {min_frequency}")
     if kind == "byte-bpe":
