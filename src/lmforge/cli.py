@@ -27,13 +27,30 @@ for _module in STAGES:
     importlib.import_module(_module).register(app)
 
 
-def main() -> None:
-    """Entry point: user errors become one red line and exit code 2, never a traceback."""
+def run(argv: list[str]) -> int:
+    """Run one command line; -> exit code. User errors become one red line and exit code 2, never
+    a traceback: LmforgeError, and the file-system mistakes every command can meet (a path that is
+    a file where a folder is expected, a folder where a file is, a file that is not UTF-8)."""
     try:
-        typer.main.get_command(app).main(prog_name="lmforge", standalone_mode=True)
+        typer.main.get_command(app).main(args=argv, prog_name="lmforge", standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except LmforgeError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
-        sys.exit(2)
+        return _user_error(str(e))
+    except UnicodeDecodeError as e:
+        return _user_error(f"a file is not UTF-8 text ({e.reason} at byte {e.start})")
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        return _user_error(f"{e.strerror}: {e.filename}" if e.filename else str(e))
     except KeyboardInterrupt:
         Console(stderr=True).print("[yellow]interrupted[/]")
-        sys.exit(130)
+        return 130
+    return 0
+
+
+def _user_error(message: str) -> int:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return 2
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))

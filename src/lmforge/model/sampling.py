@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 import torch
 
+from lmforge.model.context import fit_to_context
 from lmforge.model.kv_cache import KVCache
 
 
@@ -36,11 +37,13 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
 def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.8,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              stop_ids: set[int] | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time, prefilling the prompt once and decoding with a KV cache."""
+    """Yield new token ids one at a time, prefilling the prompt once and decoding with a KV cache.
+
+    The reference implementation (one sequence, plain KV cache) that the serving engine is tested
+    against; a prompt too long for the context is fitted by the same rule as everywhere else."""
     device = next(model.parameters()).device
-    max_len = min(model.cfg.max_seq_len, len(prompt_ids) + max_new_tokens)
-    if len(prompt_ids) >= max_len:
-        prompt_ids = prompt_ids[-(max_len - 1):] if max_len > 1 else prompt_ids[-1:]
+    prompt_ids, max_new_tokens = fit_to_context(prompt_ids, max_new_tokens, model.cfg.max_seq_len)
+    max_len = len(prompt_ids) + max_new_tokens
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = KVCache(model.cfg, 1, max_len, device=device, dtype=next(model.parameters()).dtype)
     tokens = torch.tensor([prompt_ids], device=device)

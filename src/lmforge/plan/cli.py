@@ -28,8 +28,8 @@ def number(text: str, what: str = "value") -> float:
         value = float(t) * scale
     except ValueError:
         raise LmforgeError(f"{what} {text!r} is not a number (examples: 7e9, 7B, 1.4T)") from None
-    if not value > 0:
-        raise LmforgeError(f"{what} must be positive, got {text!r}")
+    if not 0 < value < float("inf"):
+        raise LmforgeError(f"{what} must be a positive finite number, got {text!r}")
     return value
 
 
@@ -42,7 +42,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 @plan_app.command("params")
 def params_command(model: str = typer.Argument(..., help="preset name, HF config.json, or model directory"),
-                   seq_len: int = typer.Option(None, help="sequence length for the attention FLOPs "
+                   seq_len: int = typer.Option(None, min=1, help="sequence length for the attention FLOPs "
                                                           "(default: the model's)")):
     """Parameter count (total, active, embedding) and training FLOPs per token."""
     from lmforge.plan.arithmetic import resolve_model, summarize
@@ -54,13 +54,13 @@ def params_command(model: str = typer.Argument(..., help="preset name, HF config
 def memory_command(
     model: str = typer.Argument(..., help="preset name, HF config.json, or model directory"),
     gpu: str = typer.Option("h100", help="GPU to fit on (see `lmforge plan gpus`)"),
-    gpus: int = typer.Option(0, help="total GPUs (default tp*pp, i.e. no data parallelism)"),
-    tp: int = typer.Option(1, help="tensor-parallel degree"),
-    pp: int = typer.Option(1, help="pipeline-parallel degree"),
+    gpus: int = typer.Option(0, min=0, help="total GPUs (default tp*pp, i.e. no data parallelism)"),
+    tp: int = typer.Option(1, min=1, help="tensor-parallel degree"),
+    pp: int = typer.Option(1, min=1, help="pipeline-parallel degree"),
     sp: bool = typer.Option(False, "--sp", help="sequence parallelism (with tp > 1)"),
-    zero: int = typer.Option(0, help="ZeRO stage 0-3 over the data-parallel ranks"),
-    micro_batch: int = typer.Option(1, help="sequences per GPU per forward/backward"),
-    seq_len: int = typer.Option(2048),
+    zero: int = typer.Option(0, min=0, max=3, help="ZeRO stage 0-3 over the data-parallel ranks"),
+    micro_batch: int = typer.Option(1, min=1, help="sequences per GPU per forward/backward"),
+    seq_len: int = typer.Option(2048, min=1),
     recompute: str = typer.Option("none", help="activation checkpointing: none, selective or full"),
     offload: str = typer.Option("none", help="CPU offload: none, optimizer, or params (needs ZeRO-3)"),
     precision: str = typer.Option("mixed", help="mixed (bf16 + fp32 Adam, 16 B/param) or fp32"),
@@ -96,19 +96,21 @@ def memory_command(
 @plan_app.command("inference")
 def inference_command(
     model: str = typer.Argument(..., help="preset name, HF config.json, or model directory"),
-    batch: int = typer.Option(1, help="concurrent sequences"),
-    seq_len: int = typer.Option(None, help="tokens per sequence, prompt + output (default: the model's max)"),
+    batch: int = typer.Option(1, min=1, help="concurrent sequences"),
+    seq_len: int = typer.Option(None, min=1, help="tokens per sequence, prompt + output (default: the model's max)"),
     weights: str = typer.Option("bf16", help="fp32, bf16, fp16, fp8, int8, int4, q4_0"),
     kv: str = typer.Option("bf16", help="KV cache precision: fp32, bf16, fp16, fp8, int8"),
-    tp: int = typer.Option(1, help="tensor-parallel degree"),
+    tp: int = typer.Option(1, min=1, help="tensor-parallel degree"),
     gpu: str = typer.Option("h100"),
-    headroom: float = typer.Option(0.10),
+    headroom: float = typer.Option(0.10, help="fraction of GPU memory kept free"),
 ):
     """Inference memory: weights at a precision plus the KV cache, and the largest batch that fits."""
     from lmforge.plan.arithmetic import resolve_model
     from lmforge.plan.gpus import get_gpu
     from lmforge.plan.inference import inference_memory, max_batch
     from lmforge.plan.tables import inference_table
+    if not 0 <= headroom < 1:
+        raise LmforgeError("headroom is a fraction in [0, 1)")
     cfg, device = resolve_model(model), get_gpu(gpu)
     seq_len = seq_len or cfg.max_seq_len
     estimate = inference_memory(cfg, batch, seq_len, weights, kv, tp)
@@ -122,12 +124,12 @@ def time_command(
     model: str = typer.Argument(None, help="preset/config: counts attention FLOPs too (else give --params)"),
     params: str = typer.Option(None, help="parameter count N, e.g. 7e9 or 7B"),
     tokens: str = typer.Option(..., help="training tokens D, e.g. 1.4T"),
-    gpus: int = typer.Option(8, help="number of GPUs"),
+    gpus: int = typer.Option(8, min=1, help="number of GPUs"),
     gpu: str = typer.Option("h100", help="GPU whose bf16 peak is used"),
     peak_tflops: float = typer.Option(None, help="override the per-GPU peak, in TFLOP/s"),
     mfu: float = typer.Option(0.4, help="model FLOPs utilisation, a fraction of peak"),
     price: float = typer.Option(None, help="$ per GPU-hour, for a cost estimate"),
-    seq_len: int = typer.Option(None, help="sequence length for the attention FLOPs (with MODEL)"),
+    seq_len: int = typer.Option(None, min=1, help="sequence length for the attention FLOPs (with MODEL)"),
 ):
     """Training time and cost for N params x D tokens on G GPUs at a peak and an MFU."""
     from lmforge.plan.gpus import get_gpu
@@ -155,6 +157,8 @@ def optimal_command(compute: str = typer.Argument(..., help="FLOP budget, e.g. 5
     from lmforge.plan.laws import PUBLISHED, get_law, optimal_by_ratio
     from lmforge.plan.tables import optimal_table
     c = number(compute, "compute")
+    if not 0 < ratio < float("inf"):
+        raise LmforgeError(f"--ratio must be a positive finite number, got {ratio}")
     laws = {law: get_law(law)} if law else PUBLISHED
     rows = []
     for name, scaling_law in laws.items():
@@ -217,7 +221,7 @@ def fit_command(
     save: str = typer.Option("", help="write the fitted law as JSON"),
     power_law: bool = typer.Option(False, "--power-law", help="fit L(C) = a C^-b instead of L(N, D)"),
     irreducible: bool = typer.Option(False, "--irreducible", help="with --power-law: add a constant E"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="bootstrap resampling seed"),
 ):
     """Fit L(N, D) = E + A/N^alpha + B/D^beta (Huber on log-loss, L-BFGS, bootstrap intervals)."""
     _report_fit(runs_csv, predict if predict and predict[0] is not None else None, plot, bootstrap, save, power_law,
@@ -230,14 +234,18 @@ def sweep_command(
     data: str = typer.Option("", help="token shard directory (default: byte-level stdlib shards)"),
     dims: str = typer.Option("32,48,64,96", help="model widths, comma-separated"),
     steps: str = typer.Option("50,100,200", help="training steps per run, comma-separated"),
-    layers: int = typer.Option(2),
-    seq_len: int = typer.Option(64),
-    micro_batch: int = typer.Option(8),
-    lr: float = typer.Option(3e-3),
+    layers: int = typer.Option(2, min=1),
+    seq_len: int = typer.Option(64, min=1),
+    micro_batch: int = typer.Option(8, min=1),
+    lr: float = typer.Option(3e-3, help="peak learning rate (positive)"),
     bootstrap: int = typer.Option(100, min=0),
 ):
     """Train a grid of tiny models on CPU with the pretraining loop, then fit L(N, D) to them."""
     from lmforge.plan.sweep import SweepConfig, run_sweep
+    if not 0 < lr < float("inf"):
+        raise LmforgeError(f"--lr must be a positive finite number, got {lr}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise LmforgeError(f"--out {out} is a file; give a directory")
     console = Console()
     cfg = SweepConfig(out=out, data=data, dims=_ints(dims, "--dims"), steps=_ints(steps, "--steps"),
                       n_layers=layers, seq_len=seq_len, micro_batch=micro_batch, lr=lr)

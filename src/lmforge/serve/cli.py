@@ -1,14 +1,16 @@
-"""`lmforge serve` (OpenAI-compatible HTTP server + web chat) and `lmforge chat` (terminal chat)."""
+"""`lmforge generate`, `lmforge serve` (OpenAI-compatible HTTP server + web chat), `lmforge chat`
+(terminal chat) and `lmforge int8-report`: every command that runs a model through the engine."""
 from __future__ import annotations
 
-import os
+import random
 import sys
+from pathlib import Path
 
 import typer
 
 from lmforge.errors import LmforgeError
-
-MODEL_HELP = "GGUF file, lmforge checkpoint or HF directory (default: the bundled SmolLM2-135M-Instruct GGUF)"
+from lmforge.model.cli_options import (device_option, dtype_option, model_alias, model_argument, pick_model,
+                                       tokenizer_option)
 
 
 def _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len, prefix_caching,
@@ -20,14 +22,14 @@ def _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, ma
 
 
 def serve_command(
-    model: str = typer.Argument(None, help=MODEL_HELP),
-    tokenizer: str = typer.Option(None, help="tokenizer file/dir (default: the model's)"),
+    model: str = model_argument(),
+    tokenizer: str = tokenizer_option(),
     host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)"),
     port: int = typer.Option(8000, min=0, max=65535),
     api_key: str = typer.Option(None, envvar="LMFORGE_API_KEY", help="require 'Authorization: Bearer KEY' on /v1"),
     name: str = typer.Option(None, help="model name clients use (default: the file or directory name)"),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
     int8: bool = typer.Option(False, "--int8", help="INT8 weight-only quantisation (per channel)"),
     kv_cache_mb: int = typer.Option(512, min=1, help="memory for the paged KV cache"),
     block_size: int = typer.Option(16, min=1, help="tokens per KV block"),
@@ -38,7 +40,8 @@ def serve_command(
     default_max_tokens: int = typer.Option(512, min=1, help="chat max_tokens when the client gives none"),
     prefix_caching: bool = typer.Option(True, help="share KV blocks of identical prompt prefixes"),
     compile_decode: bool = typer.Option(False, "--compile", help="torch.compile the decode step (GPU)"),
-    threads: int = typer.Option(0, min=0, help="CPU threads for PyTorch (0: its default)"),
+    threads: int = typer.Option(0, min=0, max=4096, help="CPU threads for PyTorch (0: its default)"),
+    model_opt: str = model_alias(),
 ):
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
     from lmforge.serve.server import listen_socket, run_on_socket
@@ -47,12 +50,11 @@ def serve_command(
 
     from lmforge.serve.async_engine import AsyncEngine
     from lmforge.serve.engine import LLMEngine
-    from lmforge.serve.loading import load_for_serving
     from lmforge.serve.server import create_app
 
     if threads:
         torch.set_num_threads(threads)
-    net, tok, default_name = load_for_serving(model, tokenizer, dtype, device, int8)
+    net, tok, default_name = _load(pick_model(model, model_opt), tokenizer, dtype, device, int8)
     config = _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len,
                             prefix_caching, compile_decode)
     engine = AsyncEngine(LLMEngine(net, tok, config), max_queue=max_queue)
@@ -66,23 +68,23 @@ def serve_command(
 
 
 def chat_command(
-    model: str = typer.Argument(None, help=MODEL_HELP),
-    tokenizer: str = typer.Option(None, help="tokenizer file/dir (default: the model's)"),
+    model: str = model_argument(),
+    tokenizer: str = tokenizer_option(),
     system: str = typer.Option(None, help="system prompt"),
     temperature: float = typer.Option(0.7, min=0.0, max=2.0),
     top_p: float = typer.Option(0.95, min=0.0, max=1.0),
     max_tokens: int = typer.Option(512, min=1),
     seed: int = typer.Option(None),
-    dtype: str = typer.Option("auto"),
-    device: str = typer.Option("auto"),
-    int8: bool = typer.Option(False, "--int8"),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
+    int8: bool = typer.Option(False, "--int8", help="INT8 weight-only quantisation (per channel)"),
+    model_opt: str = model_alias(),
 ):
     """Chat in the terminal, through the same engine the server uses. /reset clears, /exit quits."""
     from lmforge.serve.engine import EngineConfig, LLMEngine
-    from lmforge.serve.loading import load_for_serving
     from lmforge.serve.sequence import SamplingParams
 
-    net, tok, _ = load_for_serving(model, tokenizer, dtype, device, int8)
+    net, tok, _ = _load(pick_model(model, model_opt), tokenizer, dtype, device, int8)
     engine = LLMEngine(net, tok, EngineConfig(kv_cache_mb=256, max_num_seqs=1))
     history: list[dict] = []
     interactive = sys.stdin.isatty()
@@ -124,25 +126,85 @@ def chat_command(
 
 
 def int8_report_command(
-    model: str = typer.Argument(None, help=MODEL_HELP),
-    tokenizer: str = typer.Option(None),
-    text_file: str = typer.Option(None, help="held-out text (default: a few stdlib modules)"),
+    model: str = model_argument(),
+    tokenizer: str = tokenizer_option(),
+    text_file: Path = typer.Option(None, help="held-out UTF-8 text (default: a few stdlib modules)"),
     max_chars: int = typer.Option(30_000, min=100),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
+    model_opt: str = model_alias(),
 ):
     """Perplexity before and after INT8 weight-only quantisation, on held-out text."""
     import json
 
-    from lmforge.serve.loading import load_for_serving
     from lmforge.serve.perplexity import heldout_text, int8_report
 
-    net, tok, _ = load_for_serving(model, tokenizer, "float32", "auto", False)
-    if text_file and not os.path.exists(text_file):
-        raise LmforgeError(f"no such file: {text_file}")
-    text = open(text_file, encoding="utf-8").read()[:max_chars] if text_file else heldout_text(max_chars)
+    text = _read_text(text_file)[:max_chars] if text_file else heldout_text(max_chars)
+    net, tok, _ = _load(pick_model(model, model_opt), tokenizer, dtype, device, False)
+    if len(tok.encode(text)) < 2:
+        raise LmforgeError("the held-out text must encode to at least 2 tokens")
     typer.echo(json.dumps(int8_report(net, tok, text), indent=2))
 
 
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise LmforgeError(f"no such file: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise LmforgeError(f"cannot read {path}: {e.strerror}") from None
+
+
+def generate_command(
+    model: str = model_argument(),
+    prompt: str = typer.Option(..., "--prompt", "-p"),
+    tokenizer: str = tokenizer_option(),
+    max_tokens: int = typer.Option(128, min=1, help="new tokens at most (clamped to the context)"),
+    temperature: float = typer.Option(0.8, min=0.0, max=100.0, help="0: greedy"),
+    top_k: int = typer.Option(0, min=0, help="0: off"),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    seed: int = typer.Option(None, min=0, help="same seed, same text (default: random)"),
+    chat: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
+    model_opt: str = model_alias(),
+):
+    """Sample a continuation through the serving engine, streaming text to stdout."""
+    from lmforge.model.context import fit_to_context
+    from lmforge.serve.engine import EngineConfig, LLMEngine
+    from lmforge.serve.sequence import SamplingParams
+
+    net, tok, _ = _load(pick_model(model, model_opt), tokenizer, dtype, device, False)
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    ids, max_tokens = fit_to_context(tok.encode(text), max_tokens, net.cfg.max_seq_len)
+    block = 16  # a cache just big enough for this one sequence
+    engine = LLMEngine(net, tok, EngineConfig(block_size=block, num_blocks=-(-(len(ids) + max_tokens) // block),
+                                              max_num_seqs=1, seed=random.SystemRandom().randrange(2**31)))
+    engine.add_request(None, ids, SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                                 top_p=top_p, seed=seed))
+    sys.stdout.write("" if chat else prompt)
+    while engine.has_work:
+        for out in engine.step():
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _load(model: str | None, tokenizer: str | None, dtype: str, device: str, int8: bool):
+    """-> (model, tokenizer, served name), INT8-quantised on request."""
+    from lmforge.model import load_pretrained
+    from lmforge.serve.quant import quantize_int8
+
+    loaded = load_pretrained(model, tokenizer, dtype, device)
+    if int8:
+        quantize_int8(loaded.model)
+    return loaded.model, loaded.tokenizer, loaded.name
+
+
 def register(app: typer.Typer) -> None:
+    app.command("generate")(generate_command)
     app.command("serve")(serve_command)
     app.command("chat")(chat_command)
     app.command("int8-report")(int8_report_command)

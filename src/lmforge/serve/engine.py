@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.model.context import fit_to_context
 from lmforge.serve.block_manager import BlockManager
 from lmforge.serve.detokenizer import Detokenizer
 from lmforge.serve.model_runner import ModelRunner
 from lmforge.serve.paged_cache import PagedKVCache
 from lmforge.serve.sampler import choose_tokens
 from lmforge.serve.scheduler import Scheduler
-from lmforge.serve.sequence import RequestOutput, SamplingParams, Sequence, Status
+from lmforge.serve.sequence import RequestOutput, SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +200,8 @@ def complete(model, tokenizer, prompts: list[str], max_tokens: int, temperature:
     # Prompts are text: special-token strings in them are not control tokens (the template's are).
     encoded = [tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else tokenizer.encode_text(p)
                for p in prompts]
-    max_tokens = max(1, min(max_tokens, engine.max_model_len - 1))
-    room = engine.max_model_len - max_tokens
-    prompt_ids = [(ids or [tokenizer.eos_id or 0])[-room:] for ids in encoded]  # keep the end
-    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                             seed=None if seed is None else seed + i) for i in range(len(prompts))]
+    fitted = [fit_to_context(ids or [tokenizer.eos_id or 0], max_tokens, engine.max_model_len) for ids in encoded]
+    prompt_ids = [ids for ids, _ in fitted]
+    params = [SamplingParams(max_tokens=n, temperature=temperature, seed=None if seed is None else seed + i)
+              for i, (_, n) in enumerate(fitted)]
     return [r["text"] for r in engine.generate(prompt_ids, params)]

@@ -31,11 +31,15 @@ def train_command(
     from lmforge.corpus.stdlib import stdlib_documents
     from lmforge.tokenizer import compression_report, train_tokenizer
 
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"--out {out} is a file; give a directory")
     if inputs:
         missing = [str(p) for p in inputs if not p.exists()]
         if missing:
             raise LmforgeError(f"input not found: {', '.join(missing)}")
-        texts = list(_read_texts(inputs))
+        texts = [t for t in _read_texts(inputs) if t.strip()]
+        if not texts:
+            raise LmforgeError("the inputs hold no non-empty UTF-8 text to train on")
         held_out, train_texts = texts[: max(1, len(texts) // 20)], texts[max(1, len(texts) // 20):] or texts
     else:
         train_texts = (d.text for d in stdlib_documents("train"))

@@ -10,15 +10,24 @@ from lmforge.errors import LmforgeError
 from lmforge.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 KINDS = ("byte-bpe", "bpe", "unigram")
+# The Rust trainer allocates tables sized by vocab_size up front and aborts the process (no Python
+# exception) when that fails, so the range is checked here. The largest real vocabularies are ~256k.
+MAX_VOCAB = 1 << 20
 
 
 def train_tokenizer(texts: Iterable[str], kind: str = "byte-bpe", vocab_size: int = 4096,
                     min_frequency: int = 2, special_tokens: list[str] | None = None,
                     show_progress: bool = False) -> Tokenizer:
     specials = list(special_tokens or SPECIAL_TOKENS)
-    if vocab_size < 256 + len(specials) and kind == "byte-bpe":
-        raise LmforgeError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
-                           f"{256 + len(specials)} (256 bytes + special tokens)")
+    if kind not in KINDS:
+        raise LmforgeError(f"unknown tokenizer kind {kind!r}; choose one of {KINDS}")
+    smallest = len(specials) + (1 if kind == "unigram" else 256)   # + <unk>, or + one token per byte
+    if not smallest <= vocab_size <= MAX_VOCAB:
+        size = "too small" if vocab_size < smallest else "too large"
+        raise LmforgeError(f"vocab_size {vocab_size} is {size}: {kind} needs [{smallest}, {MAX_VOCAB}] "
+                           f"({'specials + <unk>' if kind == 'unigram' else '256 bytes + special tokens'} at least)")
+    if min_frequency < 0:
+        raise LmforgeError(f"min_frequency must be >= 0, got {min_frequency}")
     if kind == "byte-bpe":
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -44,7 +53,10 @@ def train_tokenizer(texts: Iterable[str], kind: str = "byte-bpe", vocab_size: in
                                           unk_token="<unk>", show_progress=show_progress)
     else:
         raise LmforgeError(f"unknown tokenizer kind {kind!r}; choose one of {KINDS}")
-    hf.train_from_iterator(_nonempty(texts), trainer=trainer)
+    try:
+        hf.train_from_iterator(_nonempty(texts), trainer=trainer)
+    except Exception as e:  # the Rust side raises plain Exception (e.g. a vocabulary the text cannot fill)
+        raise LmforgeError(f"tokenizer training failed: {e}") from e
     return Tokenizer(hf)
 
 
