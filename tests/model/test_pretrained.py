@@ -4,7 +4,8 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer, load_pretrained, save
-from lmforge.model.gguf import bundled_smollm2, load_gguf_tokenizer
+from lmforge.gguf_file import bundled_smollm2
+from lmforge.tokenizer import load_tokenizer as load_gguf_tokenizer
 from lmforge.tokenizer import train_tokenizer
 
 TEXT = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog. " * 3] * 4

@@ -6,7 +6,8 @@ transformers encodes that stretch with special-token splitting disabled)."""
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lmforge.model.gguf import bundled_smollm2, load_gguf_tokenizer
+from lmforge.gguf_file import bundled_smollm2
+from lmforge.tokenizer import load_tokenizer as load_gguf_tokenizer
 from lmforge.tokenizer import train_tokenizer
 from lmforge.tokenizer.tokenizer import EOS, IM_END, IM_START
 

