@@ -6,6 +6,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lmforge.errors import LmforgeError
 
@@ -48,7 +49,8 @@ def run(argv: list[str]) -> int:
 
 
 def _user_error(message: str) -> int:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: one line however long (Rich would otherwise fold it at 80 columns when piped)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return 2
 
 

@@ -102,7 +102,7 @@ def chat_command(
             continue
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids = tok.encode(tok.apply_chat_template(messages))
+        ids = tok.encode_chat(messages)  # typed special-token strings stay text
         room = engine.max_model_len - len(ids)
         if room < 1:
             history.clear()
@@ -177,8 +177,8 @@ def generate_command(
     from lmforge.serve.sequence import SamplingParams
 
     net, tok, _ = _load(pick_model(model, model_opt), tokenizer, dtype, device, False)
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-    ids, max_tokens = fit_to_context(tok.encode(text), max_tokens, net.cfg.max_seq_len)
+    ids = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode_text(prompt)
+    ids, max_tokens = fit_to_context(ids, max_tokens, net.cfg.max_seq_len)
     block = 16  # a cache just big enough for this one sequence
     engine = LLMEngine(net, tok, EngineConfig(block_size=block, num_blocks=-(-(len(ids) + max_tokens) // block),
                                               max_num_seqs=1, seed=random.SystemRandom().randrange(2**31)))
