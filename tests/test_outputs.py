@@ -154,3 +154,42 @@ def test_clean_refuses_a_users_folder(tmp_path):
     with pytest.raises(LmforgeError, match="not an lmforge output"):
         clean_corpus([Document(id="a", text="some text " * 20)], out)
     assert [p.name for p in out.iterdir()] == ["letter.md"]
+
+
+def test_a_trained_model_folder_carries_its_tokenizer(tmp_path):
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+    from lmforge.config import load_recipe
+    from lmforge.data.document import Document
+    from lmforge.data.token_shards import write_token_shards
+    from lmforge.tokenizer import load_tokenizer, train_tokenizer
+    from lmforge.train.config import TrainRecipe
+    from lmforge.train.trainer import train
+    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(200)]
+    tok = train_tokenizer(texts, kind="byte-bpe", vocab_size=300)
+    docs = [Document(id=str(i), text=t) for i, t in enumerate(texts)]
+    write_token_shards(docs, tok, tmp_path / "shards", val_fraction=0.2)
+    recipe = load_recipe(TrainRecipe, None, [
+        "model.preset=tiny", "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+        "model.hidden_dim=64", "model.max_seq_len=32", f"train.data={tmp_path / 'shards'}",
+        f"train.out={tmp_path / 'run'}", "train.seq_len=16", "train.micro_batch=2", "train.global_batch_tokens=32",
+        "train.max_steps=2", "train.tensorboard=false"])
+    train(recipe)
+    model_dir = tmp_path / "run" / "model"
+    assert load_tokenizer(model_dir).encode("def f(x):") == tok.encode("def f(x):")
+    r = CliRunner().invoke(app, ["generate", "-m", str(model_dir), "-p", "def", "--max-tokens", "3", "--seed", "0"])
+    assert r.exit_code == 0, r.output  # no --tokenizer needed
+
+
+def test_train_refuses_a_users_folder(tmp_path, toy_shards):
+    from lmforge.config import load_recipe
+    from lmforge.train.config import TrainRecipe
+    from lmforge.train.trainer import train
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "todo.txt").write_text("x")
+    recipe = load_recipe(TrainRecipe, None, ["model.preset=tiny", f"train.data={toy_shards}", f"train.out={out}"])
+    with pytest.raises(LmforgeError, match="not an lmforge output"):
+        train(recipe)
+    assert [p.name for p in out.iterdir()] == ["todo.txt"]
