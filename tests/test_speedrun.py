@@ -1,9 +1,12 @@
 import json
 
 import pytest
+from rich.console import Console
 
 from lmforge.config import load_recipe
-from lmforge.speedrun import SpeedrunRecipe, speedrun
+from lmforge.data.shards import read_index
+from lmforge.speedrun import SpeedrunRecipe, run_stages, speedrun
+from lmforge.tokenizer import load_tokenizer
 from lmforge.train.config import TrainRecipe
 
 QUICK = ["run.max_documents=300", "run.vocab_size=512", "run.samples=1", "run.sample_tokens=8",
@@ -37,3 +40,28 @@ def test_shipped_recipes_parse():
         recipe = load_recipe(SpeedrunRecipe, str(path))
         model = TrainRecipe(model=recipe.model, train=recipe.train).model_config()  # validates
         assert model.max_seq_len >= recipe.train.seq_len and recipe.train.grad_accum >= 1
+
+
+def test_a_changed_recipe_reruns_the_stale_stages(tmp_path):
+    """Fingerprints: the tokenizer and the shards made with vocab 320 are not reused for vocab 288."""
+    small = ["run.max_documents=120", "data.engine.workers=1", f"run.root={tmp_path}"]
+    names = ("corpus", "clean", "tokenizer", "shards")
+
+    def run(vocab):
+        console = Console(record=True, width=300)
+        stages = run_stages(load_recipe(SpeedrunRecipe, None, small + [f"run.vocab_size={vocab}"]), console, names)
+        return stages.report["stages"], console.export_text()
+
+    first, _ = run(320)
+    tok_file = tmp_path / "speedrun" / "tokenizer" / "tokenizer.json"
+    stamp = tok_file.stat().st_mtime_ns
+    again, log = run(320)  # same recipe: the tokenizer is reused as is
+    assert tok_file.stat().st_mtime_ns == stamp and "stale" not in log
+    assert again["tokenizer"]["vocab_size"] == first["tokenizer"]["vocab_size"]
+    changed, log = run(288)
+    assert "tokenizer: the output" in log and "is stale" in log
+    assert changed["tokenizer"]["vocab_size"] < first["tokenizer"]["vocab_size"]
+    run_dir = tmp_path / "speedrun"
+    assert load_tokenizer(run_dir / "tokenizer").vocab_size == changed["tokenizer"]["vocab_size"]
+    assert read_index(run_dir / "data")["vocab_size"] == changed["tokenizer"]["vocab_size"]
+    assert load_tokenizer(run_dir / "data" / "tokenizer").vocab_size == changed["tokenizer"]["vocab_size"]

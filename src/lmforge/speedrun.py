@@ -233,13 +233,22 @@ def report_card(report: dict, console: Console) -> None:
     console.print(f"total {report['total_seconds']:.0f} s; report: {report['path']}")
 
 
-def speedrun(recipe: SpeedrunRecipe, console: Console | None = None) -> dict:
-    console = console or Console()
+STAGES = ("corpus", "clean", "tokenizer", "shards", "pretrain", "evaluate", "humaneval", "samples")
+
+
+def run_stages(recipe: SpeedrunRecipe, console: Console, names=STAGES) -> Stages:
+    """Run the named stages in order (a prefix of STAGES: each needs the ones before it)."""
     claim_output_dir(Path(recipe.run.root) / recipe.run.name, "speedrun", RUN_FILES)
     stages = Stages(recipe, console)
-    t0 = time.perf_counter()
-    for name in ("corpus", "clean", "tokenizer", "shards", "pretrain", "evaluate", "humaneval", "samples"):
+    for name in names:
         stages.timed(name, getattr(stages, name))
+    return stages
+
+
+def speedrun(recipe: SpeedrunRecipe, console: Console | None = None) -> dict:
+    console = console or Console()
+    t0 = time.perf_counter()
+    stages = run_stages(recipe, console)
     report = stages.report
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     report["path"] = str(stages.dir / "report.json")
