@@ -193,3 +193,18 @@ def test_train_refuses_a_users_folder(tmp_path, toy_shards):
     with pytest.raises(LmforgeError, match="not an lmforge output"):
         train(recipe)
     assert [p.name for p in out.iterdir()] == ["todo.txt"]
+
+
+def test_outputs_written_before_the_marker_existed_are_recognised(tmp_path):
+    run = tmp_path / "runs" / "speedrun"
+    for sub in ("clean/work", "tokenizer", "train/ckpt"):
+        (run / sub).mkdir(parents=True)
+    (run / "report.json").write_text("{}")
+    (run / "clean" / "report.json").write_text("{}")
+    (run / "clean" / "work" / "manifest.json").write_text("{}")
+    (run / "tokenizer" / "lmforge_tokenizer.json").write_text("{}")
+    (run / "train" / "recipe.yaml").write_text("")
+    (run / "train" / "metrics.jsonl").write_text("")
+    kinds = {p: output_kind(run / p) for p in ("", "clean", "tokenizer", "train")}
+    assert kinds == {"": "speedrun", "clean": "clean", "tokenizer": "tokenizer", "train": "train"}
+    assert output_kind(tmp_path) is None

@@ -39,6 +39,8 @@ _RECOGNISED = {
     "tokenizer": (["lmforge_tokenizer.json"], []),
     "clean": (["report.json", "work/manifest.json"], ["report.json", "work", "docs"]),
     "shards": (["index.json", "*.bin"], ["index.json", ".progress.json", "*.bin", "tokenizer"]),
+    "speedrun": (["report.json", "clean", "tokenizer"], ["report.json", "fingerprints.json", "clean", "tokenizer",
+                                                       "data", "train", "eval"]),
     "train": (["recipe.yaml", "metrics.jsonl"], ["recipe.yaml", "metrics.jsonl", "ckpt", "model", "tensorboard",
                                                  "loss_curve.png"]),
 }
