@@ -41,7 +41,7 @@ def test_speedrun_end_to_end_and_resume(tmp_path):
     assert again["stages"]["pretrain"]["final_loss"] == report["stages"]["pretrain"]["final_loss"]
     # a changed train section makes the finished pretrain stale; a vanishing lr leaves it untrained
     console = Console(record=True, width=300)
-    untrained = speedrun(load_recipe(SpeedrunRecipe, None, QUICK + [f"run.root={tmp_path}", "train.lr=1e-9"]),
+    untrained = speedrun(load_recipe(SpeedrunRecipe, None, QUICK + [f"run.root={tmp_path}", "train.lr=0.000000001"]),
                          console)
     log = console.export_text()
     assert "pretrain: the output" in log and "tokenizer: the output" not in log

@@ -27,7 +27,6 @@ from lmforge.config import load_recipe, to_dict
 from lmforge.data.config import PipelineConfig
 from lmforge.outputs import atomic_write_json, claim_output_dir, remove_entries
 from lmforge.train.config import TrainConfig, TrainRecipe
-from lmforge.train.trainer import TRAIN_FILES
 
 
 @dataclass
@@ -147,7 +146,7 @@ class Stages:
         return {split: sum(s["tokens"] for s in shards) for split, shards in index["splits"].items()}
 
     def pretrain(self) -> dict:
-        from lmforge.train.trainer import train
+        from lmforge.train.trainer import TRAIN_FILES, train
         r = self.recipe
         out = self.dir / "train"
         r.train.data, r.train.out = str(self.dir / "data"), str(out)
