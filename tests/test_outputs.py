@@ -68,7 +68,7 @@ def test_a_downloaded_hf_folder_counts_as_an_output(tmp_path):
     assert output_kind(dst) == "hf-model"
     check_destination(dst, "model")  # replaced without --overwrite ...
     with pytest.raises(LmforgeError, match="holds an lmforge hf-model output"):
-        check_destination(dst, "tokenizer")  # ... but not by another kind of output
+        check_destination(dst, "clean")  # ... but not by another kind of output
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -189,7 +189,11 @@ def test_train_refuses_a_users_folder(tmp_path, toy_shards):
     out = tmp_path / "home"
     out.mkdir()
     (out / "todo.txt").write_text("x")
-    recipe = load_recipe(TrainRecipe, None, ["model.preset=tiny", f"train.data={toy_shards}", f"train.out={out}"])
+    recipe = load_recipe(TrainRecipe, None, ["model.preset=tiny", "model.dim=32", "model.n_layers=1",
+                                             "model.n_heads=2", "model.n_kv_heads=1", "model.hidden_dim=64",
+                                             f"train.data={toy_shards}", f"train.out={out}", "train.seq_len=16",
+                                             "train.micro_batch=2", "train.global_batch_tokens=32",
+                                             "train.max_steps=1", "train.tensorboard=false"])
     with pytest.raises(LmforgeError, match="not an lmforge output"):
         train(recipe)
     assert [p.name for p in out.iterdir()] == ["todo.txt"]
@@ -208,3 +212,14 @@ def test_outputs_written_before_the_marker_existed_are_recognised(tmp_path):
     kinds = {p: output_kind(run / p) for p in ("", "clean", "tokenizer", "train")}
     assert kinds == {"": "speedrun", "clean": "clean", "tokenizer": "tokenizer", "train": "train"}
     assert output_kind(tmp_path) is None
+
+
+def test_a_tokenizer_saved_into_a_model_folder_is_added_to_it(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from lmforge.tokenizer import Tokenizer, load_tokenizer
+    save_hf(tiny_model(), tmp_path / "m")
+    Tokenizer(HFTokenizer(models.WordLevel({"a": 0, "<|endoftext|>": 1}, unk_token="a"))).save(tmp_path / "m")
+    assert load(tmp_path / "m").cfg == TINY and load_tokenizer(tmp_path / "m").eos_id == 1
+    assert "tokenizer.json" in json.loads((tmp_path / "m" / MARKER).read_text())["files"]

@@ -144,6 +144,11 @@ def _family(kind: str | None) -> str | None:
     return "model" if kind == "hf-model" else kind
 
 
+def _is_part(kind: str, found: str | None) -> bool:
+    """A tokenizer saved into a model folder is added to it (a model folder includes its tokenizer)."""
+    return kind == "tokenizer" and _family(found) == "model"
+
+
 def check_destination(dst: str | os.PathLike, kind: str, overwrite: bool = False) -> None:
     """Refuse a destination lmforge must not write into (see the module docstring)."""
     dst = Path(dst)
@@ -157,7 +162,7 @@ def check_destination(dst: str | os.PathLike, kind: str, overwrite: bool = False
     if found is None:
         raise LmforgeError(f"{dst} is a non-empty folder that is not an lmforge output; choose an empty or "
                            "new folder, or pass --overwrite to write into it (other files are kept)")
-    if _family(found) != _family(kind):
+    if _family(found) != _family(kind) and not _is_part(kind, found):
         raise LmforgeError(f"{dst} holds an lmforge {found} output, not a {kind}; choose another folder, "
                            "or pass --overwrite to replace it")
 
@@ -210,6 +215,14 @@ def commit_output_dir(tmp: Path, dst: str | os.PathLike, kind: str) -> Path:
             dst.rmdir()
         os.rename(tmp, dst)
         fsync_dir(dst.parent)
+        return dst
+    if _is_part(kind, output_kind(dst)):  # add the files to the model folder, keep everything else
+        marker = read_marker(dst) or {"kind": output_kind(dst), "files": sorted(owned_entries(dst))}
+        for name in new:
+            os.replace(tmp / name, dst / name)
+        write_marker(dst, marker["kind"], [*(marker.get("files") or []), *new])
+        shutil.rmtree(tmp)
+        fsync_dir(dst)
         return dst
     old_owned = owned_entries(dst)
     foreign = {p.name for p in dst.iterdir()} - old_owned
