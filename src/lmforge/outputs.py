@@ -10,6 +10,7 @@ The rule, for every command that writes an output folder DST:
 - DST is any other non-empty directory (a user's folder, or an lmforge output of another kind):
   refused unless overwrite=True; with it, the new files are written into the folder (same-named
   files and a previous lmforge output's own files replaced) and nothing else is touched.
+- A tokenizer saved into a model folder is added to that model output (its files replaced by name).
 lmforge never removes a file it cannot tell it wrote.
 
 Directories are built in a hidden temp folder next to DST and renamed into place, so a crash
