@@ -1,9 +1,13 @@
 import json
+import math
 
 import pytest
+from rich.console import Console
 
 from lmforge.config import load_recipe
-from lmforge.speedrun import SpeedrunRecipe, speedrun
+from lmforge.data.shards import read_index
+from lmforge.speedrun import SpeedrunRecipe, run_stages, speedrun
+from lmforge.tokenizer import load_tokenizer
 from lmforge.train.config import TrainRecipe
 
 QUICK = ["run.max_documents=300", "run.vocab_size=512", "run.samples=1", "run.sample_tokens=8",
@@ -18,17 +22,36 @@ def test_speedrun_end_to_end_and_resume(tmp_path):
     report = speedrun(recipe)
     saved = json.loads((tmp_path / "speedrun" / "report.json").read_text())
     ev = saved["stages"]["evaluate"]
-    assert 0 < ev["bpb"] < 20 and ev["unigram_baseline_bpb"] > 3
+    # The trained model beats both baselines on the held-out bytes: the unigram byte model of the
+    # training text, and a uniform guess over the vocabulary (what an untrained model scores, see
+    # the last run below), by a margin well above run-to-run noise (measured: 3.99 vs 4.33 and 4.57).
+    assert ev["bpb"] < min(ev["unigram_baseline_bpb"], uniform_bpb(ev, saved)) - 0.15
     assert saved["stages"]["shards"]["val"] > 0 and saved["stages"]["pretrain"]["steps"] == 6
-    assert (tmp_path / "speedrun" / "train" / "model" / "tokenizer.json").exists()
+    model_dir = tmp_path / "speedrun" / "train" / "model"
+    assert load_tokenizer(model_dir).vocab_size == saved["stages"]["tokenizer"]["vocab_size"]
     assert report["stages"]["samples"]["samples"][0]["prompt"]
     assert saved["stages"]["clean"]["documents_out"] <= saved["stages"]["clean"]["documents_in"] == 300
     he = saved["stages"]["humaneval"]
     assert he.get("skipped") or (he["problems"] == 2 and 0 <= he["pass@1"] <= 1)
     # a second run finds every stage's output and redoes nothing expensive
-    again = speedrun(load_recipe(SpeedrunRecipe, None, QUICK + [f"run.root={tmp_path}"]))
+    console = Console(record=True, width=300)
+    again = speedrun(load_recipe(SpeedrunRecipe, None, QUICK + [f"run.root={tmp_path}"]), console)
+    assert "stale" not in console.export_text()
     assert again["stages"]["evaluate"]["bpb"] == pytest.approx(ev["bpb"])
     assert again["stages"]["pretrain"]["final_loss"] == report["stages"]["pretrain"]["final_loss"]
+    # a changed train section makes the finished pretrain stale; a vanishing lr leaves it untrained
+    console = Console(record=True, width=300)
+    untrained = speedrun(load_recipe(SpeedrunRecipe, None, QUICK + [f"run.root={tmp_path}", "train.lr=0.000000001"]),
+                         console)
+    log = console.export_text()
+    assert "pretrain: the output" in log and "tokenizer: the output" not in log
+    ev0 = untrained["stages"]["evaluate"]
+    assert ev0["bpb"] > uniform_bpb(ev0, untrained) - 0.05 > ev["bpb"]
+
+
+def uniform_bpb(ev: dict, report: dict) -> float:
+    """Bits per byte of a uniform guess over the vocabulary, on the bytes the eval scored."""
+    return ev["tokens"] * math.log2(report["stages"]["tokenizer"]["vocab_size"]) / ev["bytes"]
 
 
 def test_shipped_recipes_parse():
@@ -37,3 +60,35 @@ def test_shipped_recipes_parse():
         recipe = load_recipe(SpeedrunRecipe, str(path))
         model = TrainRecipe(model=recipe.model, train=recipe.train).model_config()  # validates
         assert model.max_seq_len >= recipe.train.seq_len and recipe.train.grad_accum >= 1
+
+
+def test_a_changed_recipe_reruns_the_stale_stages(tmp_path):
+    """Fingerprints: the tokenizer and the shards made with vocab 320 are not reused for vocab 288."""
+    small = ["run.max_documents=120", "data.engine.workers=1", f"run.root={tmp_path}"]
+    names = ("corpus", "clean", "tokenizer", "shards")
+
+    def run(vocab):
+        console = Console(record=True, width=300)
+        stages = run_stages(load_recipe(SpeedrunRecipe, None, small + [f"run.vocab_size={vocab}"]), console, names)
+        return stages.report["stages"], console.export_text()
+
+    first, _ = run(320)
+    tok_file = tmp_path / "speedrun" / "tokenizer" / "tokenizer.json"
+    stamp = tok_file.stat().st_mtime_ns
+    again, log = run(320)  # same recipe: the tokenizer is reused as is
+    assert tok_file.stat().st_mtime_ns == stamp and "stale" not in log
+    assert again["tokenizer"]["vocab_size"] == first["tokenizer"]["vocab_size"]
+    changed, log = run(288)
+    assert "tokenizer: the output" in log and "is stale" in log
+    assert changed["tokenizer"]["vocab_size"] < first["tokenizer"]["vocab_size"]
+    run_dir = tmp_path / "speedrun"
+    assert load_tokenizer(run_dir / "tokenizer").vocab_size == changed["tokenizer"]["vocab_size"]
+    assert read_index(run_dir / "data")["vocab_size"] == changed["tokenizer"]["vocab_size"]
+    assert load_tokenizer(run_dir / "data" / "tokenizer").vocab_size == changed["tokenizer"]["vocab_size"]
+
+
+def test_report_card_names_the_sandbox_layers_the_eval_reported():
+    from lmforge.speedrun import sandbox_layers
+    assert sandbox_layers({"sandbox": {"layers": ["user namespace", "rlimits"]}}) == "user namespace, rlimits"
+    assert sandbox_layers({"layers": {"namespaces": True, "seccomp": False}}) == "namespaces"
+    assert sandbox_layers({"pass@1": 0.0}) == "layers not reported"

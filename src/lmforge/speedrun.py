@@ -3,11 +3,16 @@
 corpus -> clean (dedup, quality, PII, decontamination) -> tokenizer -> token shards -> pretrain ->
 held-out bits-per-byte -> HumanEval pass@1 -> completions through the serving engine.
 
-Each stage reads the previous stage's files and writes its own under runs/NAME/; a stage whose
-output already exists is skipped, so an interrupted speedrun picks up where it stopped.
+Each stage reads the previous stage's files and writes its own under runs/NAME/. The stages that
+cost time (clean, tokenizer, shards, pretrain) are reused, or resumed when interrupted, only when
+their fingerprint matches: a hash of the recipe fields that shape the stage, the fingerprint of
+the stage before it (so a change flows downstream) and the lmforge version; the corpus stage
+fingerprints the documents themselves. Fingerprints live in runs/NAME/fingerprints.json. When one
+differs, the console says so and the stage reruns, and with it every later stage.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,8 +22,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lmforge import __version__
 from lmforge.config import load_recipe, to_dict
 from lmforge.data.config import PipelineConfig
+from lmforge.outputs import atomic_write_json, claim_output_dir, remove_entries
 from lmforge.train.config import TrainConfig, TrainRecipe
 
 
@@ -45,6 +52,12 @@ class SpeedrunRecipe:
 
 
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\nclass ", "    for line in "]
+RUN_FILES = ["report.json", "fingerprints.json", "clean", "tokenizer", "data", "train", "eval"]
+FINGERPRINTS = "fingerprints.json"
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps([__version__, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Stages:
@@ -52,6 +65,25 @@ class Stages:
         self.recipe, self.console = recipe, console
         self.dir = Path(recipe.run.root) / recipe.run.name
         self.report: dict = {"name": recipe.run.name, "recipe": to_dict(recipe), "stages": {}}
+        self.fp: dict[str, str] = {}
+        try:
+            self.stored: dict = json.loads((self.dir / FINGERPRINTS).read_text())
+        except (OSError, ValueError):
+            self.stored = {}
+
+    def fresh(self, stage: str, fp: str, has_output: bool) -> bool:
+        """True when the stage's output on disk was made from the same inputs and recipe (reuse or
+        resume it). Either way the new fingerprint is recorded before the stage runs."""
+        self.fp[stage] = fp
+        same = self.stored.get(stage) == fp
+        if has_output and not same:
+            why = "its recipe or inputs changed" if stage in self.stored else "it has no fingerprint"
+            self.console.print(f"[yellow]{stage}: the output in {self.dir} is stale ({why}); rerunning "
+                               "this stage and every later one[/]")
+        self.stored[stage] = fp
+        atomic_write_json(self.dir / FINGERPRINTS, self.stored)
+        self.report["fingerprints"] = dict(self.fp)
+        return same
 
     def timed(self, name: str, fn):
         self.console.rule(f"[bold]{name}")
@@ -67,6 +99,10 @@ class Stages:
         from lmforge.corpus.stdlib import stdlib_documents
         docs = list(stdlib_documents(limit=self.recipe.run.max_documents or None))
         self.docs = docs
+        h = hashlib.blake2b(digest_size=16)
+        for d in docs:
+            h.update(f"{d.id}\0{d.meta['split']}\0{d.text}\0".encode("utf-8", "surrogatepass"))
+        self.fp["corpus"] = fingerprint("corpus", h.hexdigest())
         train = [d for d in docs if d.meta["split"] == "train"]
         return {"documents": len(docs), "train_documents": len(train), "val_documents": len(docs) - len(train),
                 "bytes": sum(len(d.text.encode()) for d in docs)}
@@ -74,6 +110,8 @@ class Stages:
     def clean(self) -> dict:
         from lmforge.data.pipeline import clean_corpus
         from lmforge.data.report import print_report
+        # clean_corpus resumes only batches whose content and settings are unchanged; recorded for downstream
+        self.fresh("clean", fingerprint("clean", self.fp["corpus"], self.recipe.data.fingerprint()), False)
         result = clean_corpus(self.docs, self.dir / "clean", self.recipe.data, progress=True, console=self.console)
         print_report(result.report, self.console)
         self.docs = list(result.documents())
@@ -85,10 +123,11 @@ class Stages:
     def tokenizer(self) -> dict:
         from lmforge.tokenizer import compression_report, load_tokenizer, train_tokenizer
         out = self.dir / "tokenizer"
-        if (out / "tokenizer.json").exists():
+        run = self.recipe.run
+        fp = fingerprint("tokenizer", self.fp["clean"], run.tokenizer_kind, run.vocab_size)
+        if self.fresh("tokenizer", fp, (out / "tokenizer.json").exists()) and (out / "tokenizer.json").exists():
             self.tok = load_tokenizer(out)
         else:
-            run = self.recipe.run
             self.tok = train_tokenizer((d.text for d in self.docs if d.meta["split"] == "train"),
                                        kind=run.tokenizer_kind, vocab_size=run.vocab_size)
             self.tok.save(out)
@@ -99,18 +138,24 @@ class Stages:
         from lmforge.data.shards import read_index
         from lmforge.data.token_shards import write_token_shards
         out = self.dir / "data"
+        fp = fingerprint("shards", self.fp["tokenizer"], to_dict(self.recipe.data.mixing))
+        fresh = self.fresh("shards", fp, (out / "index.json").exists())
         write_token_shards(self.docs, self.tok, out, mixing=self.recipe.data.mixing, progress=True,
-                           console=self.console)
+                           console=self.console, input_id=fp, resume=fresh)
         index = read_index(out)
         return {split: sum(s["tokens"] for s in shards) for split, shards in index["splits"].items()}
 
     def pretrain(self) -> dict:
-        from lmforge.train.trainer import train
+        from lmforge.train.trainer import TRAIN_FILES, train
         r = self.recipe
-        r.train.data, r.train.out = str(self.dir / "data"), str(self.dir / "train")
+        out = self.dir / "train"
+        r.train.data, r.train.out = str(self.dir / "data"), str(out)
+        settings = {k: v for k, v in to_dict(r.train).items() if k not in ("data", "out")}
+        fp = fingerprint("pretrain", self.fp["shards"], r.model, settings)
+        if not self.fresh("pretrain", fp, any((out / name).exists() for name in TRAIN_FILES)):
+            remove_entries(out, TRAIN_FILES)  # what an earlier train run wrote there, nothing else
         summary = train(TrainRecipe(model=r.model, train=r.train), resume=True, console=self.console)
-        self.model_dir = Path(summary["model_dir"])
-        self.tok.save(self.model_dir)  # a self-contained model directory for generate/serve/eval
+        self.model_dir = Path(summary["model_dir"])  # self-contained: train saves the shards' tokenizer
         return summary
 
     def evaluate(self) -> dict:
@@ -147,6 +192,17 @@ class Stages:
         return {"samples": [{"prompt": p, "completion": t} for p, t in zip(prompts, texts)]}
 
 
+def sandbox_layers(result: dict) -> str:
+    """The isolation layers the eval reported (`layers`, or `sandbox.layers`), e.g. 'namespaces, rlimits'."""
+    sandbox = result.get("sandbox")
+    layers = result.get("layers") or (sandbox.get("layers") if isinstance(sandbox, dict) else None)
+    if isinstance(layers, dict):  # {"namespaces": true, "seccomp": false, ...}
+        layers = [name for name, on in layers.items() if on]
+    if isinstance(layers, (list, tuple)) and layers:
+        return ", ".join(map(str, layers))
+    return "layers not reported"
+
+
 def report_card(report: dict, console: Console) -> None:
     s = report["stages"]
     table = Table(title=f"lmforge speedrun: {report['name']}", show_header=True)
@@ -167,7 +223,7 @@ def report_card(report: dict, console: Console) -> None:
     table.add_row("evaluate", f"val bpb [bold green]{ev['bpb']:.3f}[/] vs unigram baseline "
                   f"{ev['unigram_baseline_bpb']:.3f} (ppl {ev['perplexity']:.1f})", str(ev["seconds"]))
     table.add_row("humaneval", he.get("skipped") or f"pass@1 {he['pass@1']:.3f} on {he['problems']} problems "
-                  "(greedy, sandboxed)", str(he["seconds"]))
+                  f"(greedy, sandbox: {sandbox_layers(he)})", str(he["seconds"]))
     table.add_row("samples", f"{len(s['samples']['samples'])} completions through the serving engine",
                   str(s["samples"]["seconds"]))
     console.print(table)
@@ -176,13 +232,22 @@ def report_card(report: dict, console: Console) -> None:
     console.print(f"total {report['total_seconds']:.0f} s; report: {report['path']}")
 
 
+STAGES = ("corpus", "clean", "tokenizer", "shards", "pretrain", "evaluate", "humaneval", "samples")
+
+
+def run_stages(recipe: SpeedrunRecipe, console: Console, names=STAGES) -> Stages:
+    """Run the named stages in order (a prefix of STAGES: each needs the ones before it)."""
+    claim_output_dir(Path(recipe.run.root) / recipe.run.name, "speedrun", RUN_FILES)
+    stages = Stages(recipe, console)
+    for name in names:
+        stages.timed(name, getattr(stages, name))
+    return stages
+
+
 def speedrun(recipe: SpeedrunRecipe, console: Console | None = None) -> dict:
     console = console or Console()
-    stages = Stages(recipe, console)
-    stages.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    for name in ("corpus", "clean", "tokenizer", "shards", "pretrain", "evaluate", "humaneval", "samples"):
-        stages.timed(name, getattr(stages, name))
+    stages = run_stages(recipe, console)
     report = stages.report
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     report["path"] = str(stages.dir / "report.json")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lmforge.corpus.document import Document
 from lmforge.errors import LmforgeError
+from lmforge.outputs import MARKER, output_kind
 
 CODE_EXTS = {".py", ".pyi", ".js", ".jsx", ".ts", ".tsx", ".java", ".c", ".h", ".cc", ".cpp", ".hpp", ".cs",
              ".go", ".rs", ".rb", ".php", ".sh", ".bash", ".sql", ".swift", ".kt", ".scala", ".lua", ".r",
@@ -210,6 +211,21 @@ def reader_for(path: Path):
     return None
 
 
+def _input_files(root: Path, stats: ReadStats) -> list[Path]:
+    """Files under an input folder, minus lmforge outputs found inside it (a `data clean --out`
+    placed in its own input folder must not be read back as input on the next run)."""
+    files, outputs = [], []
+    for p in sorted(root.rglob("*")):
+        if any(p.is_relative_to(o) for o in outputs):
+            continue
+        if p.is_dir() and output_kind(p) is not None:
+            outputs.append(p)
+            stats.skipped["lmforge output folder"] += 1
+        elif p.is_file() and p.name != MARKER:
+            files.append(p)
+    return files
+
+
 def read_inputs(inputs: list | None = None, cfg: ReaderConfig | None = None,
                 stats: ReadStats | None = None) -> Iterator[Document]:
     """Documents of every input in order; `None`, `[]` or 'stdlib' means the embedded stdlib corpus."""
@@ -226,7 +242,7 @@ def read_inputs(inputs: list | None = None, cfg: ReaderConfig | None = None,
         if not root.exists():
             raise LmforgeError(f"input not found: {item}")
         source = cfg.source or (root.name if root.is_dir() else root.name.split(".")[0])
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        files = _input_files(root, stats) if root.is_dir() else [root]
         for path in files:
             rel = path.relative_to(root).as_posix() if root.is_dir() else path.name
             reader = reader_for(path)

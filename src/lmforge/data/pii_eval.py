@@ -85,7 +85,7 @@ def prose_of(source: str) -> str:
 
 @lru_cache(maxsize=1)
 def _stdlib_files() -> tuple[tuple[str, str], ...]:
-    from lmforge.data.stdlib import stdlib_documents
+    from lmforge.corpus.stdlib import stdlib_documents
     return tuple((d.id, d.text) for d in stdlib_documents())
 
 

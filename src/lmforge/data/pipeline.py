@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,6 +28,10 @@ from lmforge.corpus.document import Document
 from lmforge.data.executors import make_executor
 from lmforge.corpus.readers import ReadStats
 from lmforge.errors import LmforgeError
+from lmforge.outputs import claim_output_dir
+
+CLEAN_FILES = ["report.json", "work", "docs"]  # what a clean output folder consists of
+RUN_FILE = re.compile(r"^(norm_\d+\.jsonl\.zst|keys_\d+\.npz|part_\d+\.json(l\.zst)?|manifest\.json)$")
 
 
 @dataclass
@@ -79,7 +83,8 @@ def _load_keys(path: Path) -> dict:
 class _Run:
     """State of one clean_corpus call (kept out of the public function to keep it readable)."""
 
-    def __init__(self, out_dir: Path, cfg: PipelineConfig, progress: bool, console):
+    def __init__(self, out_dir: Path, cfg: PipelineConfig, progress: bool, console, overwrite: bool):
+        claim_output_dir(out_dir, "clean", CLEAN_FILES, overwrite)  # refuses a file or a user's folder
         self.cfg, self.out_dir = cfg, out_dir
         self.work, self.docs_dir = out_dir / "work", out_dir / "docs"
         self.progress_on, self.console = progress, console
@@ -90,8 +95,10 @@ class _Run:
         manifest = self.work / "manifest.json"
         fingerprint = self.cfg.fingerprint()
         if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") != fingerprint:
-            shutil.rmtree(self.work, ignore_errors=True)
-            shutil.rmtree(self.docs_dir, ignore_errors=True)
+            for folder, pattern in ((self.work, "*"), (self.docs_dir, "part_*.jsonl.zst")):
+                for f in folder.glob(pattern):  # only what this pipeline writes there
+                    if f.is_file() and RUN_FILE.match(f.name):
+                        f.unlink()
             self.notes.append("configuration changed since the last run: started over")
         self.work.mkdir(parents=True, exist_ok=True)
         self.docs_dir.mkdir(parents=True, exist_ok=True)
@@ -221,13 +228,15 @@ class _Run:
 
 def clean_corpus(documents: Iterable[Document], out_dir: str | Path, config: PipelineConfig | None = None, *,
                  executor=None, read_stats: ReadStats | None = None, progress: bool = False, console=None,
-                 toxicity_scorer=None, keep_work: bool = False) -> CleanResult:
+                 toxicity_scorer=None, keep_work: bool = False, overwrite: bool = False) -> CleanResult:
     """Clean `documents` into `out_dir` (see the module docstring); returns the kept documents
-    (streamed from disk) and the report, which is also written to `out_dir/report.json`."""
+    (streamed from disk) and the report, which is also written to `out_dir/report.json`.
+    `out_dir` follows the lmforge.outputs rule (a user's non-empty folder needs overwrite=True);
+    input readers skip it, so an output inside an input folder is never read back as input."""
     cfg = config or PipelineConfig()
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    run = _Run(out_dir, cfg, progress, console)
+    run = _Run(out_dir, cfg, progress, console, overwrite)
     eval_index = build_index(cfg.decontam) if cfg.decontam.enabled else None
     context = stages.Context(cfg, str(run.work), str(run.docs_dir), eval_index, toxicity_scorer)
     owned = executor is None

@@ -19,6 +19,14 @@ from lmforge.errors import LmforgeError
 
 INDEX = "index.json"
 PROGRESS = ".progress.json"
+TOKENIZER_DIR = "tokenizer"  # the tokenizer the shards were written with (write_token_shards)
+SHARD_FILES = [INDEX, PROGRESS, TOKENIZER_DIR, "train_*.bin", "val_*.bin"]  # what a shard folder holds
+
+
+def shard_tokenizer_dir(shard_dir: str | os.PathLike) -> Path | None:
+    """The folder of the tokenizer a shard set was written with, when it was saved alongside."""
+    d = Path(shard_dir) / TOKENIZER_DIR
+    return d if (d / "tokenizer.json").exists() else None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -10,15 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from lmforge.corpus.document import Document
 from lmforge.data.mixing import MixingConfig, assign_clusters, copies, domain_of, weight_of
-from lmforge.data.shards import INDEX, ShardWriter, read_index
+from lmforge.data.shards import INDEX, SHARD_FILES, TOKENIZER_DIR, ShardWriter, read_index, shard_tokenizer_dir
 from lmforge.corpus.stdlib import stdlib_split
+from lmforge.outputs import atomic_write_json, claim_output_dir
 
 
 def doc_split(doc: Document, val_fraction: float = 0.05) -> str:
@@ -35,13 +36,14 @@ def _tokenizer_id(tokenizer) -> str:
 def write_token_shards(documents: Iterable[Document], tokenizer, out_dir: str | Path, *,
                        val_fraction: float = 0.05, shard_tokens: int = 50_000_000,
                        mixing: MixingConfig | None = None, batch_docs: int = 256, resume: bool = True,
-                       input_id: str = "", progress: bool = False, console=None) -> dict:
+                       input_id: str = "", progress: bool = False, console=None, overwrite: bool = False) -> dict:
     """Write `{split}_NNNNN.bin` + `index.json` into out_dir and return a summary.
 
     With resume, a finished shard set written with the same tokenizer, settings and `input_id`
-    is kept as is, and an interrupted one continues after its last finished shard."""
+    is kept as is, and an interrupted one continues after its last finished shard. The tokenizer
+    is saved in out_dir/tokenizer, so that training can write a self-contained model."""
     mixing = mixing or MixingConfig()
-    out = Path(out_dir)
+    out = claim_output_dir(out_dir, "shards", SHARD_FILES, overwrite)
     report_input = getattr(documents, "report", None)
     input_id = input_id or (report_input or {}).get("fingerprint", "")
     meta = {"tokenizer": _tokenizer_id(tokenizer), "val_fraction": val_fraction, "input": input_id,
@@ -50,6 +52,8 @@ def write_token_shards(documents: Iterable[Document], tokenizer, out_dir: str | 
     if resume and (out / INDEX).exists():
         index = read_index(out)
         if index.get("lmforge_data") == json.loads(json.dumps(meta)) and input_id:
+            if shard_tokenizer_dir(out) is None:  # written before shard folders carried it
+                tokenizer.write_files(_fresh_dir(out / TOKENIZER_DIR))
             return {**index.get("summary", {}), "reused": True}
 
     t0 = time.perf_counter()
@@ -81,6 +85,7 @@ def write_token_shards(documents: Iterable[Document], tokenizer, out_dir: str | 
                     batch = []
             _encode(batch, tokenizer, writer, splits, domains)
             bar.advance(task, len(batch))
+    tokenizer.write_files(_fresh_dir(out / TOKENIZER_DIR))  # before the index: it marks the set finished
     writer.close()
     index = read_index(out)
     for split, shards in index["splits"].items():  # from the index, which includes resumed shards
@@ -91,10 +96,16 @@ def write_token_shards(documents: Iterable[Document], tokenizer, out_dir: str | 
                "resumed_documents": resumed, "seconds": round(seconds, 3),
                "tokens_per_s": sum(s["tokens"] for s in splits.values()) / seconds if seconds else 0.0}
     index["summary"] = summary
-    tmp = out / f".{INDEX}.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, out / INDEX)
+    atomic_write_json(out / INDEX, index)
     return summary
+
+
+def _fresh_dir(path: Path) -> Path:
+    """An empty out_dir/tokenizer (it is ours: inside a claimed shard folder)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir()
+    return path
 
 
 def _encode(batch, tokenizer, writer: ShardWriter, splits: dict, domains: dict) -> None:

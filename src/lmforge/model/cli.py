@@ -10,21 +10,30 @@ from lmforge.errors import LmforgeError
 
 def convert_command(
     src: str = typer.Argument(..., help="model to read (any format lmforge.model.load accepts)"),
-    dst: Path = typer.Argument(..., help="directory to write"),
+    dst: Path = typer.Argument(..., help="directory to write (new, empty, or an earlier lmforge/HF output)"),
     to: str = typer.Option("hf", help="hf (config.json + safetensors) or lmforge"),
-    max_shard_mb: int = typer.Option(0, help="shard HF safetensors above this size (0: one file)"),
+    max_shard_mb: int = typer.Option(0, min=0, help="shard HF safetensors above this size (0: one file)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="also write into a non-empty folder that is not an "
+                                                              "lmforge output (its other files are kept)"),
 ):
-    """Convert between lmforge checkpoints, Hugging Face directories and GGUF (read only)."""
+    """Convert between lmforge checkpoints, Hugging Face directories and GGUF (read only).
+    The source's tokenizer (a GGUF's own, or the tokenizer files next to the model) is written too."""
     from lmforge.model import load, save, save_hf
+    from lmforge.outputs import check_destination
+    from lmforge.tokenizer import load_tokenizer
 
-    model = load(src)
-    if to == "hf":
-        save_hf(model, dst, max_shard_bytes=max_shard_mb * 2**20 or None)
-    elif to == "lmforge":
-        save(model, dst)
-    else:
+    if to not in ("hf", "lmforge"):
         raise LmforgeError(f"--to must be 'hf' or 'lmforge', got {to!r}")
-    typer.echo(f"wrote {dst}")
+    check_destination(dst, "model", overwrite)  # before the (slow) load
+    model = load(src)
+    source = Path(src)
+    has_tokenizer = source.suffix == ".gguf" or (source.is_dir() and (source / "tokenizer.json").exists())
+    tok = load_tokenizer(src) if has_tokenizer else None
+    if to == "hf":
+        save_hf(model, dst, max_shard_bytes=max_shard_mb * 2**20 or None, tokenizer=tok, overwrite=overwrite)
+    else:
+        save(model, dst, tokenizer=tok, overwrite=overwrite)
+    typer.echo(f"wrote {dst}" + ("" if tok else " (the source has no tokenizer; none written)"))
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from lmforge.model.hf import (config_from_hf, config_to_hf, from_hf_key, read_sa
                               to_hf_key, write_safetensors_dir)
 from lmforge.model.layers import rope_inv_freq
 from lmforge.model.transformer import Transformer
+from lmforge.outputs import commit_output_dir, new_output_dir
 
 LMFORGE_CONFIG = "lmforge_model.json"
 
@@ -81,49 +81,58 @@ def load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device=None) 
     raise LmforgeError(f"{ref}: not an lmforge checkpoint, Hugging Face directory or .gguf file")
 
 
-def _atomic_dir(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-
-
-def _commit_dir(tmp: Path, path: Path) -> None:
-    """Swap a fully written temp dir into place; a crash before this leaves the old one intact."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
-
-
 def write_model_files(model: Transformer, directory: Path) -> None:
     """The model part of an lmforge checkpoint, into an existing directory (not atomic by itself)."""
     (directory / LMFORGE_CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2))
     write_safetensors_dir(state_for_saving(model), directory)
 
 
-def save(model: Transformer, path: str | os.PathLike, extra_files: dict[str, Path] | None = None) -> Path:
-    """Write an lmforge checkpoint directory atomically."""
-    path = Path(path)
-    tmp = _atomic_dir(path)
-    write_model_files(model, tmp)
+def _add_extras(tmp: Path, tokenizer, extra_files: dict[str, Path] | None) -> None:
+    if tokenizer is not None:  # a self-contained directory: generate/serve/AutoTokenizer need no flags
+        tokenizer.write_files(tmp)
     for name, src in (extra_files or {}).items():
         shutil.copy(src, tmp / name)
-    _commit_dir(tmp, path)
-    return path
+
+
+def save(model: Transformer, path: str | os.PathLike, extra_files: dict[str, Path] | None = None,
+         tokenizer=None, overwrite: bool = False) -> Path:
+    """Write an lmforge checkpoint directory atomically (see lmforge.outputs for what is replaced).
+    `tokenizer` (an lmforge Tokenizer) is written alongside, so the directory stands alone."""
+    tmp = new_output_dir(path, "model", overwrite)
+    try:
+        write_model_files(model, tmp)
+        _add_extras(tmp, tokenizer, extra_files)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_output_dir(tmp, path, "model")
+
+
+def generation_config(model: Transformer, tokenizer) -> dict:
+    conf = {"max_length": model.cfg.max_seq_len}
+    if tokenizer is not None:
+        stops = sorted(tokenizer.stop_ids())
+        if tokenizer.eos_id is not None:  # HF reads the first eos id as the pad default too
+            stops = [tokenizer.eos_id] + [i for i in stops if i != tokenizer.eos_id]
+        conf.update({"eos_token_id": stops[0] if len(stops) == 1 else stops,
+                     **({"bos_token_id": tokenizer.bos_id} if tokenizer.bos_id is not None else {})})
+    return conf
 
 
 def save_hf(model: Transformer, path: str | os.PathLike, max_shard_bytes: int | None = None,
-            extra_config: dict | None = None, extra_files: dict[str, Path] | None = None) -> Path:
-    """Write a Hugging Face Llama directory (config.json + safetensors, sharded if large)."""
-    path = Path(path)
+            extra_config: dict | None = None, extra_files: dict[str, Path] | None = None,
+            tokenizer=None, overwrite: bool = False) -> Path:
+    """Write a Hugging Face Llama directory (config.json + safetensors, sharded if large, and with a
+    tokenizer: tokenizer files + generation_config.json), atomically."""
     hf_config = config_to_hf(model.cfg, extra_config)
-    tmp = _atomic_dir(path)
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    write_safetensors_dir({to_hf_key(k): v for k, v in state_for_saving(model).items()}, tmp, max_shard_bytes)
-    for name, src in (extra_files or {}).items():
-        shutil.copy(src, tmp / name)
-    _commit_dir(tmp, path)
-    return path
+    tmp = new_output_dir(path, "model", overwrite)
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        write_safetensors_dir({to_hf_key(k): v for k, v in state_for_saving(model).items()}, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config(model, tokenizer), indent=2))
+        _add_extras(tmp, tokenizer, extra_files)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_output_dir(tmp, path, "model")

@@ -148,13 +148,28 @@ class Tokenizer:
         return {i for i in ids if i is not None}
 
     # --- files -----------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write a tokenizer folder atomically (the lmforge.outputs rule decides what it may replace)."""
+        from lmforge.outputs import commit_output_dir, new_output_dir
+        tmp = new_output_dir(directory, "tokenizer", overwrite)
+        self.write_files(tmp)
+        commit_output_dir(tmp, directory, "tokenizer")
+        return Path(directory) / "tokenizer.json"
+
+    def write_files(self, d: Path) -> None:
+        """tokenizer.json plus the configs lmforge and transformers' AutoTokenizer read, into folder d."""
         self.hf.save(str(d / "tokenizer.json"))
         meta = {"chat_template": self.chat_template, "eos_token": self.eos_token, "bos_token": self.bos_token}
         (d / META_FILE).write_text(json.dumps(meta, indent=2))
-        return d / "tokenizer.json"
+        pad = PAD if self.hf.token_to_id(PAD) is not None else self.eos_token
+        specials = {k: v for k, v in (("eos_token", self.eos_token), ("bos_token", self.bos_token),
+                                      ("pad_token", pad)) if v}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  "add_bos_token": False, "add_eos_token": False, "model_max_length": 1 << 30, **specials}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        (d / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
 
 
 def load_tokenizer(ref: str | os.PathLike) -> Tokenizer:

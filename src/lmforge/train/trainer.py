@@ -12,16 +12,21 @@ import yaml
 from rich.console import Console
 
 from lmforge.config import to_dict
-from lmforge.data.shards import TokenShards
+from lmforge.data.shards import TokenShards, shard_tokenizer_dir
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer, save
 from lmforge.model.scoring import score_tokens
+from lmforge.outputs import claim_output_dir
+from lmforge.tokenizer import load_tokenizer
 from lmforge.train.noise_scale import NoiseScaleTracker, noise_scale
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.config import TrainConfig, TrainRecipe
 from lmforge.train.loader import ShardLoader
 from lmforge.train.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes, plot_loss_curve, read_metrics
 from lmforge.train.schedule import lr_at
+
+
+TRAIN_FILES = ["recipe.yaml", "metrics.jsonl", "ckpt", "model", "tensorboard", "loss_curve.png"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,6 +97,7 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
     start_step, tokens_seen = 0, 0
     # B_simple from the first micro-batch's gradient (B_small) and the accumulated one (B_big).
     noise = NoiseScaleTracker() if tc.noise_scale else None
+    claim_output_dir(out, "train", TRAIN_FILES)  # refuses a file or a user's non-empty folder
     latest = latest_checkpoint(ckpt_root)
     if latest and not resume:
         raise LmforgeError(f"{out} already holds checkpoints (latest {latest.name}); pass --resume "
@@ -108,7 +114,6 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
     elif resume:
         _truncate_metrics(out / "metrics.jsonl", 0)
         console.print(f"no checkpoint in {ckpt_root}: starting at step 1", highlight=False)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
 
     forward = torch.compile(model) if tc.compile else model
@@ -178,7 +183,8 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
         raise
     finally:
         logger.close()
-    save(model, out / "model")
+    tok_dir = shard_tokenizer_dir(tc.data)
+    save(model, out / "model", tokenizer=load_tokenizer(tok_dir) if tok_dir else None)
     plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
     last = read_metrics(out / "metrics.jsonl")
     losses = [r["loss"] for r in last if "loss" in r]
