@@ -22,7 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # never above. Same-layer imports are allowed only while the stage graph stays acyclic.
 LAYERS = {
     # shared low-level pieces
-    "lmforge": 0, "errors": 0, "config": 0, "corpus": 0, "gguf_file": 0,
+    "lmforge": 0, "errors": 0, "config": 0, "outputs": 0, "corpus": 0, "gguf_file": 0,
     "tokenizer": 1, "model": 1,
     "data": 2, "train": 2,
     "align": 3, "serve": 3, "quant": 3, "eval": 3, "safety": 3, "plan": 3,

@@ -64,7 +64,7 @@ def test_bundled_gguf_is_the_default_and_carries_its_tokenizer():
 
 def test_explicit_tokenizer_wins_and_ancestor_files_are_not_guessed(tmp_path, tok):
     save(tiny(tok.vocab_size), tmp_path / "a" / "model")
-    tok.save(tmp_path / "a")          # a tokenizer.json in a parent, not in a run's tokenizer/ dir
+    tok.save(tmp_path / "a", overwrite=True)  # a tokenizer.json in a parent, not in a run's tokenizer/ dir
     with pytest.raises(LmforgeError, match="pass --tokenizer"):
         load_pretrained(tmp_path / "a" / "model", device="cpu")
     loaded = load_pretrained(tmp_path / "a" / "model", tokenizer=tmp_path / "a" / "tokenizer.json", device="cpu")
