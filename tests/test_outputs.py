@@ -223,3 +223,19 @@ def test_a_tokenizer_saved_into_a_model_folder_is_added_to_it(tmp_path):
     Tokenizer(HFTokenizer(models.WordLevel({"a": 0, "<|endoftext|>": 1}, unk_token="a"))).save(tmp_path / "m")
     assert load(tmp_path / "m").cfg == TINY and load_tokenizer(tmp_path / "m").eos_id == 1
     assert "tokenizer.json" in json.loads((tmp_path / "m" / MARKER).read_text())["files"]
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "no-such-model", "--tasks", "bpb"],
+    ["data", "clean", "stdlib"],
+    ["tokenizer", "train"],
+])
+def test_every_output_folder_command_refuses_a_users_folder_before_working(tmp_path, command):
+    """The refusal comes first (no model load, no corpus read) and names --overwrite; nothing is touched."""
+    from lmforge.cli import run
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert run([*command, "--out", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"

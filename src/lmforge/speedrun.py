@@ -25,6 +25,7 @@ from rich.table import Table
 from lmforge import __version__
 from lmforge.config import load_recipe, to_dict
 from lmforge.data.config import PipelineConfig
+from lmforge.model.config import ModelSpec
 from lmforge.outputs import atomic_write_json, claim_output_dir, remove_entries
 from lmforge.train.config import TrainConfig, TrainRecipe
 
@@ -44,11 +45,17 @@ class RunConfig:
 
 
 @dataclass
+class SandboxConfig:
+    allow_weak: bool = False      # run HumanEval programs without kernel isolation (reported on the card)
+
+
+@dataclass
 class SpeedrunRecipe:
     run: RunConfig = field(default_factory=RunConfig)
     data: PipelineConfig = field(default_factory=PipelineConfig)
-    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(preset="tiny"))
     train: TrainConfig = field(default_factory=TrainConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\nclass ", "    for line in "]
@@ -151,7 +158,7 @@ class Stages:
         out = self.dir / "train"
         r.train.data, r.train.out = str(self.dir / "data"), str(out)
         settings = {k: v for k, v in to_dict(r.train).items() if k not in ("data", "out")}
-        fp = fingerprint("pretrain", self.fp["shards"], r.model, settings)
+        fp = fingerprint("pretrain", self.fp["shards"], to_dict(r.model), settings)
         if not self.fresh("pretrain", fp, any((out / name).exists() for name in TRAIN_FILES)):
             remove_entries(out, TRAIN_FILES)  # what an earlier train run wrote there, nothing else
         summary = train(TrainRecipe(model=r.model, train=r.train), resume=True, console=self.console)
@@ -179,7 +186,8 @@ class Stages:
         if not run.humaneval_problems:
             return {"skipped": "run.humaneval_problems=0"}
         result = humaneval_pass_at_1(load(self.model_dir), self.tok, limit=run.humaneval_problems,
-                                     max_new_tokens=run.humaneval_tokens, out_dir=self.dir / "eval")
+                                     max_new_tokens=run.humaneval_tokens, out_dir=self.dir / "eval",
+                                     allow_weak_sandbox=self.recipe.sandbox.allow_weak)
         result.pop("statuses", None)
         return result
 
@@ -193,14 +201,15 @@ class Stages:
 
 
 def sandbox_layers(result: dict) -> str:
-    """The isolation layers the eval reported (`layers`, or `sandbox.layers`), e.g. 'namespaces, rlimits'."""
-    sandbox = result.get("sandbox")
-    layers = result.get("layers") or (sandbox.get("layers") if isinstance(sandbox, dict) else None)
-    if isinstance(layers, dict):  # {"namespaces": true, "seccomp": false, ...}
-        layers = [name for name, on in layers.items() if on]
-    if isinstance(layers, (list, tuple)) and layers:
-        return ", ".join(map(str, layers))
-    return "layers not reported"
+    """What isolated the generated programs, from the eval's `sandbox.layers` (lmforge.eval.sandbox),
+    e.g. 'kernel: namespaces, pids_cgroup, filesystem, uid + rlimits + audit hook'."""
+    layers = (result.get("sandbox") or {}).get("layers") or {}
+    if not layers:
+        return "layers not reported"
+    text = f"{layers.get('isolation', '?')}: {', '.join(layers.get('active') or {}) or 'no kernel layer'}"
+    if layers.get("failed"):
+        text += f" (failed: {', '.join(layers['failed'])})"
+    return text + (" + rlimits" if layers.get("rlimits") else "") + (" + audit hook" if layers.get("python_guard") else "")
 
 
 def report_card(report: dict, console: Console) -> None:

@@ -44,6 +44,7 @@ def clean_command(
     eval_set: list[str] = typer.Option(None, "--eval-set", help="decontaminate against: 'humaneval' or a "
                                                                   "JSONL file[:field]; repeatable"),
     keep_work: bool = typer.Option(False, "--keep-work", help="keep the normalised spill files"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into a non-empty folder that is not an lmforge output (its other files are kept)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Normalise, deduplicate (URL, exact, MinHash-LSH), filter (quality, toxicity), redact PII and
@@ -65,7 +66,7 @@ def clean_command(
     console = Console()
     stats = ReadStats()
     result = clean_corpus(read_inputs(inputs, cfg.read, stats), out, cfg, read_stats=stats,
-                          progress=progress, console=console, keep_work=keep_work)
+                          progress=progress, console=console, keep_work=keep_work, overwrite=overwrite)
     print_report(result.report, console)
     console.print(f"cleaned documents: {out / 'docs'}  report: {out / 'report.json'}", highlight=False)
 
@@ -79,6 +80,7 @@ def shards_command(
     out: Path = typer.Option(Path("runs/data/shards"), "--out", "-o"),
     recipe: Path = typer.Option(None, "--recipe", "-r"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into a non-empty folder that is not an lmforge output (its other files are kept)"),
 ):
     """Tokenise documents into train/val token shards (the pretraining loader's format)."""
     from rich.console import Console
@@ -100,7 +102,7 @@ def shards_command(
     tok = load_tokenizer(tokenizer)
     summary = write_token_shards(documents, tok, out, val_fraction=cfg.tokens.val_fraction,
                                  shard_tokens=cfg.tokens.shard_tokens, mixing=cfg.mixing,
-                                 batch_docs=cfg.tokens.batch_docs, progress=progress)
+                                 batch_docs=cfg.tokens.batch_docs, progress=progress, overwrite=overwrite)
     console = Console()
     for split, s in sorted(summary["splits"].items()):
         console.print(f"{split}: {s['tokens']:,} tokens, {s['documents']:,} documents, {s['shards']} shard(s)")

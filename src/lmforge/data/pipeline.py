@@ -28,7 +28,7 @@ from lmforge.corpus.document import Document
 from lmforge.data.executors import make_executor
 from lmforge.corpus.readers import ReadStats
 from lmforge.errors import LmforgeError
-from lmforge.outputs import claim_output_dir
+from lmforge.outputs import atomic_write_json, claim_output_dir
 
 CLEAN_FILES = ["report.json", "work", "docs"]  # what a clean output folder consists of
 RUN_FILE = re.compile(r"^(norm_\d+\.jsonl\.zst|keys_\d+\.npz|part_\d+\.json(l\.zst)?|manifest\.json)$")
@@ -102,7 +102,7 @@ class _Run:
             self.notes.append("configuration changed since the last run: started over")
         self.work.mkdir(parents=True, exist_ok=True)
         self.docs_dir.mkdir(parents=True, exist_ok=True)
-        rep.write_json_atomic(manifest, {"fingerprint": fingerprint})
+        atomic_write_json(manifest, {"fingerprint": fingerprint})
 
     def progress(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -281,7 +281,7 @@ def clean_corpus(documents: Iterable[Document], out_dir: str | Path, config: Pip
                        "mb_per_s": bytes_in / 1e6 / seconds if seconds else 0.0},
         "notes": run.notes,
     }
-    rep.write_json_atomic(out_dir / "report.json", report)
+    atomic_write_json(out_dir / "report.json", report)
     if not keep_work:
         for i in range(len(hashes)):
             stages.spill_path(run.work, i).unlink(missing_ok=True)

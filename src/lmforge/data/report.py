@@ -2,10 +2,7 @@
 PII counts by type and throughput, as a JSON-ready dict and as a Rich table."""
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
-from pathlib import Path
 
 STAGES = ("normalize", "url_dedup", "exact_dedup", "near_dedup", "quality", "pii", "toxicity", "decontam")
 
@@ -38,12 +35,6 @@ def merge(into: dict, other: dict) -> dict:
         else:
             into[key] = into.get(key, 0) + value
     return into
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
-    os.replace(tmp, path)
 
 
 def _mb(n: int) -> str:

@@ -29,6 +29,7 @@ def eval_command(
     device: str = device_option(),
     batch_tokens: int = typer.Option(None, min=1, help="token budget per log-likelihood batch"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into a non-empty folder that is not an lmforge output (its other files are kept)"),
     model_opt: str = model_alias(),
     options: list[str] = typer.Option(None, "--set", "-s", hidden=True, help="old spelling of TASK.KEY=VALUE"),
 ):
@@ -39,7 +40,8 @@ def eval_command(
     from lmforge.eval.backend_factory import load_backend
     from lmforge.eval.report import markdown_table
     from lmforge.eval.result_cache import ResultCache
-    from lmforge.eval.runner import evaluate
+    from lmforge.eval.runner import EVAL_FILES, evaluate
+    from lmforge.outputs import claim_output_dir
     from lmforge.eval.tasks import make_task
 
     positional_models = [a for a in args or [] if "=" not in a or Path(a).exists()]
@@ -66,6 +68,7 @@ def eval_command(
     unknown = set(tree) - {s.split(":", 1)[0].strip() for s in specs}
     if unknown:
         raise LmforgeError(f"options name task(s) not in --tasks: {', '.join(sorted(unknown))}")
+    claim_output_dir(out, "eval", EVAL_FILES, overwrite)  # before the model loads or the cache is created
     backend = load_backend(model, endpoint, tokenizer, endpoint_model, dtype, device, batch_tokens)
     store = None if no_cache else ResultCache(cache or out / "cache.sqlite")
     console = Console()

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from lmforge.outputs import atomic_write_text
+
 
 def run_metadata(backend, extra: dict | None = None) -> dict:
     import torch
@@ -71,8 +73,8 @@ def plot_metrics(report: dict, path: Path) -> Path | None:
 def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
-    paths["json"].write_text(json.dumps(report, indent=2, default=str))
-    paths["markdown"].write_text(markdown_table(report))
+    atomic_write_text(paths["json"], json.dumps(report, indent=2, default=str))
+    atomic_write_text(paths["markdown"], markdown_table(report))
     plot = plot_metrics(report, out_dir / "metrics.png")
     if plot:
         paths["plot"] = plot

@@ -11,15 +11,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.report import run_metadata, write_report
+from lmforge.outputs import claim_output_dir
 from lmforge.eval.result_cache import ResultCache
 from lmforge.eval.tasks.base import Task
+
+
+# what an eval output folder consists of (lmforge.outputs: only these are ever replaced)
+EVAL_FILES = ["report.json", "report.md", "metrics.png", "needle_heatmap.png", "*_samples.jsonl", "cache.sqlite*"]
 
 
 def evaluate(backend, tasks: list[Task], out_dir: str | Path | None = None, cache: ResultCache | None = None,
              show_progress: bool = True, console: Console | None = None, metadata: dict | None = None) -> dict:
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        claim_output_dir(out, "eval", EVAL_FILES)  # refuses a file or a user's non-empty folder
     report = {"metadata": run_metadata(backend, metadata), "tasks": {}}
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())

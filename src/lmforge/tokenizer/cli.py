@@ -24,15 +24,16 @@ def train_command(
     out: Path = typer.Option(Path("runs/tokenizer"), "--out", "-o"),
     kind: str = typer.Option("byte-bpe", help="byte-bpe, bpe or unigram"),
     vocab_size: int = typer.Option(4096, min=1),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into a non-empty folder that is not an lmforge output (its other files are kept)"),
 ):
     """Train a tokenizer and report its compression on held-out text."""
     from rich.console import Console
 
     from lmforge.corpus.stdlib import stdlib_documents
+    from lmforge.outputs import check_destination
     from lmforge.tokenizer import compression_report, train_tokenizer
 
-    if out.exists() and not out.is_dir():
-        raise LmforgeError(f"--out {out} is a file; give a directory")
+    check_destination(out, "tokenizer", overwrite)  # before minutes of training, not after
     if inputs:
         missing = [str(p) for p in inputs if not p.exists()]
         if missing:
@@ -45,7 +46,7 @@ def train_command(
         train_texts = (d.text for d in stdlib_documents("train"))
         held_out = [d.text for d in stdlib_documents("val")]
     tok = train_tokenizer(train_texts, kind=kind, vocab_size=vocab_size, show_progress=True)
-    tok.save(out)
+    tok.save(out, overwrite=overwrite)
     report = compression_report(tok, held_out)
     (out / "compression.json").write_text(json.dumps(report, indent=2))
     Console().print(f"saved {out / 'tokenizer.json'} (vocab {tok.vocab_size}); held-out: "
