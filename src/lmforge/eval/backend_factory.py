@@ -8,7 +8,7 @@ def load_backend(model: str | None = None, endpoint: str | None = None, tokenize
                  endpoint_model: str | None = None, dtype: str | None = None, device: str | None = None,
                  batch_tokens: int | None = None, api_key: str | None = None):
     if bool(model) == bool(endpoint):
-        raise LmforgeError("give exactly one of --model (a checkpoint, HF directory or .gguf) or --endpoint (a URL)")
+        raise LmforgeError("give exactly one of MODEL (a checkpoint, HF directory or .gguf) or --endpoint (a URL)")
     if endpoint:
         from lmforge.eval.endpoint_backend import EndpointBackend
         return EndpointBackend(endpoint, model=endpoint_model, api_key=api_key)

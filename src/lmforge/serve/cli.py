@@ -128,7 +128,7 @@ def chat_command(
 def int8_report_command(
     model: str = model_argument(),
     tokenizer: str = tokenizer_option(),
-    text_file: Path = typer.Option(None, help="held-out UTF-8 text (default: a few stdlib modules)"),
+    text_file: Path = typer.Option(None, help="held-out UTF-8 text (default: the stdlib validation split)"),
     max_chars: int = typer.Option(30_000, min=100),
     dtype: str = dtype_option(),
     device: str = device_option(),
