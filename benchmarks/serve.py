@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -34,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion bar
 
 import httpx
 import torch
