@@ -247,13 +247,13 @@ def main():
     summary = {}
     for n in levels:
         print(f"\n== {n} concurrent stream(s): median (min-max) over {args.repeat} rounds ==")
-        print(f"{'':<14}" + "".join(f"{label:>24}" for _, label, *_ in METRICS))
+        print(f"{'':<14}" + "".join(f"{label:>26}" for _, label, *_ in METRICS))
         for (name, k), rows in per_round.items():
             if k != n:
                 continue
             stats = {m: spread([r[m] for r in rows]) for m, *_ in METRICS}
             summary[f"{name}@{n}"] = stats
-            print(f"{name:<14}" + "".join(f"{fmt(stats[m], scale, digits, unit):>24}"
+            print(f"{name:<14}" + "".join(f"{fmt(stats[m], scale, digits, unit):>26}"
                                           for m, _, scale, digits, unit in METRICS))
         for mine in servers:
             for peer in ("hf-batch", "hf-seq"):
