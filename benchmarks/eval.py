@@ -2,7 +2,10 @@
 same model, same requests, same process, printing items/s and the ratio (target >= 2x).
 
     python benchmarks/eval.py                      # SmolLM2-135M-Instruct (bundled GGUF), CPU
-    python benchmarks/eval.py --questions 64 --device cuda --hf-batch-size 32
+    python benchmarks/eval.py --questions 64 --device cuda --hf-batch-size 32 --json eval.json
+
+Each workload runs both sides once per round, the order rotating each round, for --repeat rounds;
+printed: median items/s (min-max) per side and the median per-round ratio (min-max).
 
 The model is loaded by lmforge (GGUF -> float32) and written once as a Hugging Face directory,
 which lm-eval's `hf` model then loads through transformers: both score identical weights.
@@ -10,7 +13,9 @@ Two workloads of synthetic (self-generated) multiple-choice questions:
   letters - 5-shot MMLU-style prompts (fixed examples per subject, as lm-eval's MMLU), four
             one-token continuations (" A".." D")
   cloze   - 3-shot ARC-style prompts (examples drawn per question), four multi-token answers
-Also checked: per-request log-likelihoods agree, and so does every question's argmax.
+Also checked, and the run fails (exit 1) otherwise: every per-request log-likelihood agrees within
+--tolerance (nats, absolute; default 1e-4), and every question's argmax agrees. The max |difference|
+is printed and written to the JSON.
 """
 from __future__ import annotations
 
@@ -19,10 +24,11 @@ import json
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from common import fmt, interleave, inverse, ratios, spread, write_json
 
 WORDS = ("river lantern harbour garden teacher engine valley window market letter mountain bridge "
          "orchard violin compass kettle ladder meadow carpet pigeon").split()
@@ -81,12 +87,6 @@ def answers(scores: list[tuple[float, bool]], n_questions: int) -> list[int]:
     return [max(range(4), key=lambda i: scores[4 * q + i][0]) for q in range(n_questions)]
 
 
-def timed(fn, *args, **kwargs) -> tuple[list, float]:
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="any model lmforge.model.load accepts (default: bundled SmolLM2-135M GGUF)")
@@ -95,7 +95,10 @@ def main() -> None:
     ap.add_argument("--hf-batch-size", default="16", help="lm-eval HF batch size (an int or 'auto')")
     ap.add_argument("--workloads", default="letters,cloze")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds per workload")
+    ap.add_argument("--tolerance", type=float, default=1e-4,
+                    help="max allowed |log-likelihood difference| per request, nats")
+    ap.add_argument("--json", type=Path, help="also write config, raw timings and summary here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,28 +126,43 @@ def main() -> None:
         theirs = HFLM(pretrained=str(hf_dir), device=args.device, batch_size=batch, dtype="float32")
         print(f"model {ref} ({model.num_params() / 1e6:.0f}M params) on {args.device}, torch threads "
               f"{torch.get_num_threads()}, lm-eval HF batch size {args.hf_batch_size}")
-        results = {}
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
+        summary, raw, failures = {}, {}, []
         for kind in args.workloads.split(","):
             questions = workload(kind, args.questions)
             requests = [r for q in questions for r in q]
             instances = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)]
             ours.loglikelihood(requests[:8])  # warm-up, both sides
             theirs.loglikelihood(instances[:8], disable_tqdm=True)
-            mine, t_ours = timed(ours.loglikelihood, requests)
-            ref_out, t_hf = timed(theirs.loglikelihood, instances, disable_tqdm=True)
+            times, out = interleave({"lmforge": lambda: ours.loglikelihood(requests),
+                                     "lm-eval HF": lambda: theirs.loglikelihood(instances, disable_tqdm=True)},
+                                    args.repeat, sync)
+            mine, ref_out = out["lmforge"], out["lm-eval HF"]
             diff = max(abs(a[0] - b[0]) for a, b in zip(mine, ref_out))
             same = sum(x == y for x, y in zip(answers(mine, len(questions)), answers(ref_out, len(questions))))
             tokens = sum(len(tok.encode(c + x)) for c, x in requests)
-            results[kind] = {"requests": len(requests), "tokens": tokens, "lmforge_s": t_ours, "lm_eval_hf_s": t_hf,
-                             "lmforge_items_per_s": len(requests) / t_ours, "lm_eval_hf_items_per_s": len(requests) / t_hf,
-                             "speedup": t_hf / t_ours, "max_abs_logprob_diff": diff, "same_argmax": f"{same}/{len(questions)}"}
-            r = results[kind]
-            print(f"{kind:8s} {len(requests)} requests ({tokens} tokens): lmforge {r['lmforge_items_per_s']:.1f} items/s, "
-                  f"lm-eval HF {r['lm_eval_hf_items_per_s']:.1f} items/s -> {r['speedup']:.2f}x; "
-                  f"max |dlogp| {diff:.2e}, same answer {same}/{len(questions)}")
-    if args.json:
-        args.json.write_text(json.dumps({"model": ref, "device": args.device, "results": results}, indent=2))
-
+            n = len(requests)
+            s_ours, s_hf = spread(times["lmforge"]), spread(times["lm-eval HF"])
+            speedup = ratios(times["lm-eval HF"], times["lmforge"])
+            raw[kind] = times
+            summary[kind] = {"requests": n, "tokens": tokens, "lmforge_s": s_ours, "lm_eval_hf_s": s_hf,
+                             "lmforge_items_per_s": inverse(s_ours, n), "lm_eval_hf_items_per_s": inverse(s_hf, n),
+                             "speedup": speedup, "max_abs_logprob_diff": diff, "tolerance": args.tolerance,
+                             "same_argmax": f"{same}/{len(questions)}"}
+            print(f"{kind:8s} {n} requests ({tokens} tokens), median (min-max) of {args.repeat} rounds: "
+                  f"lmforge {fmt(inverse(s_ours, n), digits=1)} items/s, lm-eval HF {fmt(inverse(s_hf, n), digits=1)} "
+                  f"items/s -> {fmt(speedup, digits=2, unit='x')}; max |dlogp| {diff:.2e} "
+                  f"(tolerance {args.tolerance:.0e}), same answer {same}/{len(questions)}")
+            if diff > args.tolerance:
+                failures.append(f"{kind}: max |dlogp| {diff:.2e} > tolerance {args.tolerance:.0e}")
+            if same != len(questions):
+                failures.append(f"{kind}: answers differ on {len(questions) - same} questions")
+    write_json(args.json, "eval",
+               {"model": ref, "device": args.device, "questions": args.questions, "workloads": args.workloads,
+                "hf_batch_size": args.hf_batch_size, "repeat": args.repeat, "tolerance": args.tolerance},
+               {"seconds": raw}, summary)
+    if failures:
+        sys.exit("agreement check failed: " + "; ".join(failures))
 
 if __name__ == "__main__":
     main()

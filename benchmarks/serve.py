@@ -1,32 +1,47 @@
-"""Serving benchmark: N concurrent streaming clients against `lmforge serve` vs the same prompts
-through transformers `generate` (same GGUF model, same precision), in the same run.
+"""Serving benchmark: N streaming clients against `lmforge serve` vs transformers `generate` on the
+same GGUF model at the same precision, interleaved and repeated in one run.
 
     python benchmarks/serve.py                         # SmolLM2-135M-Instruct GGUF, 1 and 16 streams
-    python benchmarks/serve.py --concurrency 1,16,64 --max-tokens 64
+    python benchmarks/serve.py --concurrency 1,16 --repeat 5 --int8 --json serve.json
     python benchmarks/serve.py --device cuda --dtype bfloat16 --compile   # GPU
 
-Every request gets the same chat-templated prompt token ids on both sides and generates exactly
+Every request gets the same chat-templated prompt token ids on every side and generates exactly
 --max-tokens tokens (greedy; EOS ignored on ours, suppressed with min_new_tokens on HF), so token
-counts match. Reported per side: aggregate tokens/s, TTFT p50/p99, inter-token latency (ITL) mean
-and p99; then the ratios. transformers has no server: it is measured two ways,
-  hf-seq    requests served one after another with generate() (a naive generate()-based server),
-  hf-batch  all N prompts left-padded into one static generate() batch (its best case offline).
-llama.cpp (llama-cpp-python, if importable) runs its native Q4_1 kernels, one request at a time.
+counts match. Sides:
+  lmforge   a real `lmforge serve` process; the N requests are sent at once as streaming clients
+  hf-batch  the strongest transformers peer at equal precision: the N prompts left-padded into one
+            static `generate()` batch (the best case of an offline batch, no server around it)
+  hf-seq    secondary: one `generate()` per request, one after another (a naive generate()-based
+            server); run on --seq-requests of the N prompts, as its throughput does not depend on N
+  lmforge-int8 (with --int8) a second server with INT8 weights: not the same precision
+Every round runs each side once at each concurrency, the order rotating from round to round; the
+table gives the median over --repeat rounds and min-max. Per round: aggregate tokens/s, TTFT p50,
+inter-token latency (ITL) mean. TTFT has no queueing artefact: on lmforge and hf-batch all N
+requests are submitted at the same instant t0 and TTFT is t0 -> that request's first token (HF's
+first token is shared by the batch); on hf-seq TTFT is measured from the start of that request's own
+generate(), not from t0, so time spent waiting behind earlier requests is excluded (its service time).
+At concurrency 1 every TTFT is the single-request TTFT.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion bar
+
 import httpx
 import torch
+
+from common import fmt, interleave, ratios, spread, write_json
 
 QUESTIONS = [
     "Write a short story about a robot who learns to paint.", "List five tips for staying healthy.",
@@ -38,21 +53,13 @@ QUESTIONS = [
 ]
 
 
-def pct(values, q):
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
-
-
-def summary(name, results, wall):
-    """results: per request {"ttft": s, "gaps": [s...], "tokens": n}."""
+def round_metrics(results: list[dict], wall: float) -> dict:
+    """results: per request {"ttft": s, "gaps": [s...], "tokens": n} -> this round's figures."""
     tokens = sum(r["tokens"] for r in results)
     gaps = [g for r in results for g in r["gaps"]]
-    return {"name": name, "requests": len(results), "tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall, "ttft_p50": pct([r["ttft"] for r in results], 50),
-            "ttft_p99": pct([r["ttft"] for r in results], 99),
-            "itl_mean": statistics.fmean(gaps) if gaps else float("nan"), "itl_p99": pct(gaps, 99)}
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50": statistics.median(r["ttft"] for r in results),
+            "itl_mean": statistics.fmean(gaps) if gaps else float("nan")}
 
 
 # --- ours: a real server process, streaming clients ------------------------------------------------
@@ -72,13 +79,16 @@ def start_server(args, port: int, extra: list[str]) -> subprocess.Popen:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     cmd += extra
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would stall the server
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    start = time.monotonic()
+    while time.monotonic() < start + 600:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise SystemExit(f"server exited: {log.read()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                print(f"server {' '.join(extra) or '(fp)'} up in {time.monotonic() - start:.0f} s", flush=True)
                 return proc
         except httpx.HTTPError:
             pass
@@ -87,10 +97,9 @@ def start_server(args, port: int, extra: list[str]) -> subprocess.Popen:
     raise SystemExit("server did not start")
 
 
-async def stream_request(http: httpx.AsyncClient, prompt_ids: list[int], max_tokens: int) -> dict:
+async def stream_request(http: httpx.AsyncClient, prompt_ids: list[int], max_tokens: int, t0: float) -> dict:
     body = {"model": "bench", "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
     stamps, tokens = [], 0
     async with http.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
@@ -102,16 +111,21 @@ async def stream_request(http: httpx.AsyncClient, prompt_ids: list[int], max_tok
                 tokens = chunk["usage"]["completion_tokens"]
             elif chunk["choices"] and chunk["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
-    return {"ttft": stamps[0] - start, "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens}
+    return {"ttft": stamps[0] - t0, "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens}
 
 
-async def run_ours(url: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[dict], float]:
+async def _ours(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
     limits = httpx.Limits(max_connections=len(prompts) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        await stream_request(http, prompts[0], 4)  # warm-up
-        start = time.perf_counter()
-        results = await asyncio.gather(*(stream_request(http, p, max_tokens) for p in prompts))
-        return list(results), time.perf_counter() - start
+        # open the connections first so that t0 -> first token is not connection setup
+        await asyncio.gather(*(http.get("/health") for _ in prompts))
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(stream_request(http, p, max_tokens, t0) for p in prompts))
+        return round_metrics(list(results), time.perf_counter() - t0)
+
+
+def run_ours(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
+    return asyncio.run(_ours(url, prompts, max_tokens))
 
 
 # --- transformers -------------------------------------------------------------------------------------
@@ -135,59 +149,31 @@ def hf_generate(hf, batch: list[list[int]], max_tokens: int, pad_id: int, device
     with torch.no_grad():
         hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
                     pad_token_id=pad_id, stopping_criteria=StoppingCriteriaList([clock]))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return clock.stamps
 
 
-def run_hf_sequential(hf, prompts, max_tokens, pad_id, device):
-    results, start = [], time.perf_counter()
+def run_hf_batch(hf, prompts, max_tokens, pad_id, device) -> dict:
+    t0 = time.perf_counter()
+    stamps = hf_generate(hf, prompts, max_tokens, pad_id, device)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    results = [{"ttft": stamps[0] - t0, "gaps": gaps, "tokens": len(stamps)} for _ in prompts]
+    return round_metrics(results, time.perf_counter() - t0)
+
+
+def run_hf_sequential(hf, prompts, max_tokens, pad_id, device) -> dict:
+    results, t0 = [], time.perf_counter()
     for p in prompts:
+        start = time.perf_counter()  # service TTFT: from this request's own start, no queueing
         stamps = hf_generate(hf, [p], max_tokens, pad_id, device)
         results.append({"ttft": stamps[0] - start, "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
                         "tokens": len(stamps)})
-    return results, time.perf_counter() - start
+    return round_metrics(results, time.perf_counter() - t0)
 
 
-def run_hf_batch(hf, prompts, max_tokens, pad_id, device):
-    start = time.perf_counter()
-    stamps = hf_generate(hf, prompts, max_tokens, pad_id, device)
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return [{"ttft": stamps[0] - start, "gaps": gaps, "tokens": len(stamps)} for _ in prompts], time.perf_counter() - start
-
-
-# --- llama.cpp (optional) -----------------------------------------------------------------------------
-def run_llama_cpp(model_path, prompts, max_tokens, threads):
-    from llama_cpp import Llama
-    llm = Llama(model_path=str(model_path), n_ctx=2048, n_threads=threads, verbose=False)
-    for i, _ in enumerate(llm.generate(prompts[0], top_k=1, temp=0.0, reset=True)):  # warm-up
-        if i == 3:
-            break
-    results, start = [], time.perf_counter()
-    for p in prompts:
-        stamps = []
-        for _ in llm.generate(p, top_k=1, temp=0.0, reset=True):
-            stamps.append(time.perf_counter())
-            if len(stamps) == max_tokens:
-                break
-        results.append({"ttft": stamps[0] - start, "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
-                        "tokens": len(stamps)})
-    return results, time.perf_counter() - start
-
-
-def ratios(report, mine: str, n: int) -> None:
-    ours = report[(mine, n)]
-    for side in ("hf-seq", "hf-batch", "llama.cpp"):
-        ref = report.get((side, n))
-        if ref:
-            print(f"{mine}/{side}: throughput x{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}, "
-                  f"TTFT p50 x{ref['ttft_p50'] / ours['ttft_p50']:.2f} lower, "
-                  f"ITL mean x{ref['itl_mean'] / ours['itl_mean']:.2f} lower")
-
-
-def show(rows):
-    print(f"{'':<22}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL mean':>10}{'ITL p99':>10}{'tokens':>8}")
-    for r in rows:
-        print(f"{r['name']:<22}{r['tokens_per_s']:>9.1f}{r['ttft_p50']:>9.3f}s{r['ttft_p99']:>9.3f}s"
-              f"{r['itl_mean'] * 1000:>8.1f}ms{r['itl_p99'] * 1000:>8.1f}ms{r['tokens']:>8}")
+METRICS = (("tokens_per_s", "tok/s", 1, 1, ""), ("ttft_p50", "TTFT p50", 1, 3, "s"),
+           ("itl_mean", "ITL mean", 1000, 1, "ms"))
 
 
 def main():
@@ -196,15 +182,16 @@ def main():
     ap.add_argument("--model", default=None, help="GGUF file (default: bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--seq-requests", type=int, default=4, help="requests hf-seq serves per round (0: skip it)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--kv-cache-mb", type=int, default=512)
     ap.add_argument("--max-batched-tokens", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads on both sides (0: default)")
+    ap.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads on every side (0: default)")
     ap.add_argument("--int8", action="store_true", help="also measure lmforge with INT8 weights (not the same precision)")
-    ap.add_argument("--skip-hf-batch", action="store_true")
-    ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--json", default=None, help="also write config, per-round figures and summary here")
     args = ap.parse_args()
     args.model = Path(args.model or bundled_smollm2())
     if args.threads:
@@ -216,52 +203,74 @@ def main():
     all_prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
     prompts_for = {n: [all_prompts[i % len(all_prompts)] for i in range(n)] for n in levels}
     print(f"model {args.model.name}, {args.device}/{args.dtype}, {args.max_tokens} new tokens per request, "
-          f"torch threads {torch.get_num_threads()}")
-
-    report = {}
-    variants = [("ours", "lmforge", [])] + ([("ours-int8", "lmforge --int8", ["--int8"])] if args.int8 else [])
-    for key, label, extra in variants:
-        port = free_port()
-        server = start_server(args, port, extra)
-        try:
-            for n in levels:
-                results, wall = asyncio.run(run_ours(f"http://127.0.0.1:{port}", prompts_for[n], args.max_tokens))
-                report[(key, n)] = summary(f"{label} x{n}", results, wall)
-        finally:
-            server.terminate()
-            server.wait(30)
+          f"torch threads {torch.get_num_threads()}, {args.repeat} interleaved rounds")
 
     import transformers
+    transformers.utils.logging.disable_progress_bar()
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(args.model.parent), gguf_file=args.model.name,
                                                            dtype=dtype).to(device).eval()
     pad = tok.eos_id or 0
-    hf_generate(hf, [all_prompts[0]], 4, pad, device)  # warm-up
-    for n in levels:
-        results, wall = run_hf_sequential(hf, prompts_for[n], args.max_tokens, pad, device)
-        report[("hf-seq", n)] = summary(f"hf-seq x{n}", results, wall)
-        if n > 1 and not args.skip_hf_batch:
-            results, wall = run_hf_batch(hf, prompts_for[n], args.max_tokens, pad, device)
-            report[("hf-batch", n)] = summary(f"hf-batch x{n}", results, wall)
-    del hf
-
+    servers = {"lmforge": []} | ({"lmforge-int8": ["--int8"]} if args.int8 else {})
+    procs, urls = {}, {}
     try:
-        import llama_cpp  # noqa: F401
+        for name, extra in servers.items():
+            port = free_port()
+            procs[name] = start_server(args, port, extra)
+            urls[name] = f"http://127.0.0.1:{port}"
+        sides = {}
         for n in levels:
-            results, wall = run_llama_cpp(args.model, prompts_for[n], args.max_tokens, torch.get_num_threads())
-            report[("llama.cpp", n)] = summary(f"llama.cpp(Q4_1) x{n}", results, wall)
-    except ImportError:
-        print("llama-cpp-python not importable: llama.cpp column skipped")
+            p = prompts_for[n]
+            for name, url in urls.items():
+                sides[(name, n)] = lambda url=url, p=p: run_ours(url, p, args.max_tokens)
+            sides[("hf-batch", n)] = lambda p=p: run_hf_batch(hf, p, args.max_tokens, pad, device)
+            if args.seq_requests and n > 1:  # at n = 1, hf-batch is one request alone already
+                sides[("hf-seq", n)] = lambda p=p[:args.seq_requests]: run_hf_sequential(hf, p, args.max_tokens,
+                                                                                          pad, device)
+        for name, url in urls.items():  # warm-up, every side
+            run_ours(url, all_prompts[:2], 4)
+        hf_generate(hf, all_prompts[:2], 4, pad, device)
+        per_round = {k: [] for k in sides}
 
+        def recorder(k):
+            def run():
+                per_round[k].append(sides[k]())
+                print(f"  {k[0]} x{k[1]}: {per_round[k][-1]['tokens_per_s']:.1f} tok/s", flush=True)
+            return run
+        interleave({k: recorder(k) for k in sides}, args.repeat)
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(30)
+
+    summary = {}
     for n in levels:
-        print(f"\n== {n} concurrent stream(s) ==")
-        show([v for (side, k), v in report.items() if k == n])
-        for mine in ("ours", "ours-int8"):
-            if (mine, n) in report:
-                ratios(report, mine, n)
-    if args.json:
-        Path(args.json).write_text(json.dumps({f"{s}@{n}": v for (s, n), v in report.items()}, indent=2))
+        print(f"\n== {n} concurrent stream(s): median (min-max) over {args.repeat} rounds ==")
+        print(f"{'':<14}" + "".join(f"{label:>26}" for _, label, *_ in METRICS))
+        for (name, k), rows in per_round.items():
+            if k != n:
+                continue
+            stats = {m: spread([r[m] for r in rows]) for m, *_ in METRICS}
+            summary[f"{name}@{n}"] = stats
+            print(f"{name:<14}" + "".join(f"{fmt(stats[m], scale, digits, unit):>26}"
+                                          for m, _, scale, digits, unit in METRICS))
+        for mine in servers:
+            for peer in ("hf-batch", "hf-seq"):
+                if (peer, n) not in per_round:
+                    continue
+                ours_r, ref_r = per_round[(mine, n)], per_round[(peer, n)]
+                tput = ratios([r["tokens_per_s"] for r in ours_r], [r["tokens_per_s"] for r in ref_r])
+                ttft = ratios([r["ttft_p50"] for r in ref_r], [r["ttft_p50"] for r in ours_r])
+                summary[f"{mine}/{peer}@{n}"] = {"throughput": tput, "ttft_lower": ttft}
+                print(f"{mine}/{peer}: throughput {fmt(tput, digits=2, unit='x')}, "
+                      f"TTFT p50 {fmt(ttft, digits=2, unit='x')} lower (per-round ratios)")
+    write_json(args.json, "serve",
+               {"model": str(args.model), "device": args.device, "dtype": args.dtype, "concurrency": levels,
+                "max_tokens": args.max_tokens, "repeat": args.repeat, "seq_requests": args.seq_requests,
+                "compile": args.compile, "threads": args.threads, "int8": args.int8,
+                "ttft": "lmforge/hf-batch: from common submit time t0; hf-seq: from the request's own start"},
+               {f"{name}@{n}": rows for (name, n), rows in per_round.items()}, summary)
 
 
 if __name__ == "__main__":

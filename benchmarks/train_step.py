@@ -1,31 +1,21 @@
 """Our training step vs transformers.LlamaForCausalLM with the same config, in the same run.
 
-    python benchmarks/train_step.py [--preset tiny] [--batch 16] [--seq 256] [--steps 10]
+    python benchmarks/train_step.py [--preset tiny] [--batch 16] [--seq 256] [--steps 10] [--json PATH]
 
-Prints milliseconds per step (forward + backward + AdamW) for both and the ratio ours/HF
-(target <= 0.8). Both models get identical weights; their first-step losses are printed too.
+Prints milliseconds per step (forward + backward + AdamW) for both, median (min-max) over --steps
+interleaved steps (one step of each per round, the order rotating each round), and the median
+per-round ratio ours/HF (target <= 0.8). Both models get identical weights; their first-step
+losses are printed too.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import transformers
 
+from common import fmt, interleave, inverse, ratios, spread, write_json
 from lmforge.model import Transformer, preset, save_hf
-
-
-def timed_steps(step, n):
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def main():
@@ -36,6 +26,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (GPU path)")
+    ap.add_argument("--json", help="also write config, per-step timings and summary here")
     args = ap.parse_args()
     device = torch.device(args.device)
     bf16 = device.type == "cuda"
@@ -72,20 +63,26 @@ def main():
         opt_hf.zero_grad(set_to_none=True)
         return loss
 
-    print(f"first-step loss: ours {step_ours().item():.5f}  hf {step_hf().item():.5f}")
+    first = {"ours": step_ours().item(), "hf": step_hf().item()}
+    print(f"first-step loss: ours {first['ours']:.5f}  hf {first['hf']:.5f}")
     for _ in range(2):  # warm-up (and compile)
         step_ours(), step_hf()
-    t_ours, t_hf = [], []
-    for _ in range(args.steps):  # interleave so both see the same machine load
-        t_ours += timed_steps(step_ours, 1)
-        t_hf += timed_steps(step_hf, 1)
-    ours_ms, hf_ms = statistics.median(t_ours) * 1e3, statistics.median(t_hf) * 1e3
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    times, _ = interleave({"ours": step_ours, "transformers": step_hf}, args.steps, sync)
+    s_ours, s_hf = spread(times["ours"]), spread(times["transformers"])
+    ratio = ratios(times["ours"], times["transformers"])
     tokens = args.batch * args.seq
-    print(f"preset {args.preset}, batch {args.batch}x{args.seq}, device {device}, threads {torch.get_num_threads()}")
-    print(f"ours {ours_ms:.1f} ms/step ({tokens / ours_ms * 1e3:,.0f} tok/s)   "
-          f"transformers {hf_ms:.1f} ms/step ({tokens / hf_ms * 1e3:,.0f} tok/s)")
-    print(f"ratio ours/hf = {ours_ms / hf_ms:.3f}  (target <= 0.8)")
-
+    print(f"preset {args.preset}, batch {args.batch}x{args.seq}, device {device}, threads {torch.get_num_threads()}, "
+          f"{args.steps} interleaved steps each, median (min-max)")
+    print(f"ours {fmt(s_ours, 1e3, 1)} ms/step ({fmt(inverse(s_ours, tokens), digits=0)} tok/s)")
+    print(f"transformers {fmt(s_hf, 1e3, 1)} ms/step ({fmt(inverse(s_hf, tokens), digits=0)} tok/s)")
+    print(f"ratio ours/hf = {fmt(ratio, digits=3)} per step pair  (target <= 0.8)")
+    write_json(args.json, "train_step",
+               {"preset": args.preset, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+                "device": str(device), "compile": args.compile, "bf16_autocast": bf16},
+               {"ours_s": times["ours"], "transformers_s": times["transformers"], "first_step_loss": first},
+               {"ours_s": s_ours, "transformers_s": s_hf, "ours_tokens_per_s": inverse(s_ours, tokens),
+                "transformers_tokens_per_s": inverse(s_hf, tokens), "ratio_ours_over_hf": ratio})
 
 if __name__ == "__main__":
     main()
