@@ -210,6 +210,7 @@ def test_adapter_for_another_shape_is_refused(tmp_path):
     other = Transformer(ModelConfig(**{**CFG, "dim": 48}))
     with pytest.raises(LmforgeError, match="shape"):
         load_adapter(other, out)
+    assert not lora_layers(other)  # refused before anything was changed
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])

@@ -125,3 +125,16 @@ def test_nf4_linear_on_cuda_is_close_to_the_dequantised_product():
     ref = x.float() @ q.dequantized_weight(torch.float32).T
     torch.testing.assert_close(q(x).float(), ref, atol=2e-2, rtol=2e-2)
     assert (q.dequantized_weight(torch.float32) - lin.weight.float()).abs().max() < 0.16 * lin.weight.abs().max()
+
+
+def test_a_qlora_adapter_saves_and_loads_onto_a_freshly_quantised_base(tmp_path):
+    from lmforge.align.lora import load_adapter, save_adapter
+    model = apply_lora(qlora_model(), r=4, alpha=8, quantize_base="nf4")
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.1)
+    out = save_adapter(model, tmp_path / "adapter")
+    again = load_adapter(qlora_model(), out, quantize_base="nf4")
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model.eval()(x))

@@ -266,27 +266,29 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, quantize_base: str | None = None) -> nn.Module:
-    """Apply the adapter saved at `path` (by lmforge or by peft) to `model` (the base), in place."""
+    """Apply the adapter saved at `path` (by lmforge or by peft) to `model` (the base), in place.
+    Everything is checked against the model before it is touched."""
     cfg = read_adapter_config(path)
     try:
         state = load_file(Path(path) / WEIGHTS_FILE)
     except (SafetensorError, OSError) as e:
         raise LmforgeError(f"{path}: unreadable {WEIGHTS_FILE} ({e})") from e
-    apply_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules, cfg.use_rslora, quantize_base)
-    ours = {}
-    for key, tensor in state.items():
-        name = from_hf_key(key.removeprefix(PEFT_PREFIX)).replace(".default.weight", ".weight")
-        ours[name] = tensor
-    expected = {f"{name}.{part}.weight": getattr(layer, part).weight
-                for name, layer in lora_layers(model).items() for part in ("lora_A", "lora_B")}
-    missing, unexpected = set(expected) - set(ours), set(ours) - set(expected)
+    # peft writes no adapter name into the file; older versions and other tools may ('.default').
+    ours = {from_hf_key(k.removeprefix(PEFT_PREFIX)).replace(".default.weight", ".weight"): v for k, v in state.items()}
+    shapes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and _matches(name, cfg.target_modules):
+            shapes[f"{name}.lora_A.weight"] = (cfg.r, m.in_features)
+            shapes[f"{name}.lora_B.weight"] = (m.out_features, cfg.r)
+    missing, unexpected = set(shapes) - set(ours), set(ours) - set(shapes)
     if missing or unexpected:
         raise LmforgeError(f"{path}: adapter weights do not match the model "
                            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    for name, shape in shapes.items():
+        if tuple(ours[name].shape) != shape:
+            raise LmforgeError(f"{path}: {name} has shape {tuple(ours[name].shape)}, the model expects {shape}")
+    apply_lora(model, cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules, cfg.use_rslora, quantize_base)
     with torch.no_grad():
-        for name, target in expected.items():
-            if target.shape != ours[name].shape:
-                raise LmforgeError(f"{path}: {name} has shape {tuple(ours[name].shape)}, the model expects "
-                                   f"{tuple(target.shape)}")
-            target.copy_(ours[name])
+        for name in shapes:
+            model.get_parameter(name).copy_(ours[name])
     return model
