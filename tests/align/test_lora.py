@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lmforge.align.lora import (DEFAULT_TARGETS, LoraLinear, adapters_disabled, apply_lora, load_adapter,
+from lmforge.align.lora import (DEFAULT_TARGETS, adapters_disabled, apply_lora, load_adapter,
                                 lora_layers, lora_parameters, merge, merge_and_unload, save_adapter, unmerge)
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer, save_hf

@@ -73,7 +73,7 @@ def test_nf4_linear_matches_a_linear_with_the_dequantised_weight_and_passes_grad
     torch.testing.assert_close(out, x @ q.dequantized_weight().T + lin.bias, atol=1e-6, rtol=0)
     assert (q.dequantized_weight() - lin.weight).abs().max() < 0.16 * lin.weight.abs().max()
     out.sum().backward()
-    assert x.grad is not None and not list(p for p in q.parameters() if p.requires_grad)
+    assert x.grad is not None and not [p for p in q.parameters() if p.requires_grad]
 
 
 def qlora_model(seed=0):

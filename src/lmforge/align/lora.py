@@ -2,7 +2,7 @@
 
 y = base(x) + scaling * B(A(dropout(x))), with A [r, in] Kaiming-uniform (as nn.Linear and peft
 initialise it) and B [out, r] zero, so a freshly applied adapter changes no output bit.
-scaling = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzic 2023: keeps the update's scale
+scaling = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023: keeps the update's scale
 stable as r grows).
 
 The base stays frozen and is shared: `adapters_disabled(model)` turns every adapter off, which
@@ -18,7 +18,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
