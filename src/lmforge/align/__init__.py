@@ -1,0 +1,1 @@
+"""Post-training: SFT, LoRA/QLoRA adapters, reward models, preference optimisation, PPO, GRPO."""
