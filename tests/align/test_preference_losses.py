@@ -41,8 +41,12 @@ def trl():
     from trl.experimental.cpo import CPOTrainer
     from trl.experimental.orpo import ORPOTrainer
 
-    assert trl.__version__.startswith("1.16"), f"these parity checks were written against TRL 1.16, got {trl.__version__}"
-    return SimpleNamespace(DPO=trl.DPOTrainer, KTO=trl.KTOTrainer, Reward=trl.RewardTrainer, CPO=CPOTrainer, ORPO=ORPOTrainer)
+    assert trl.__version__.startswith("1.16"), (
+        f"these parity checks were written against TRL 1.16, got {trl.__version__}"
+    )
+    return SimpleNamespace(
+        DPO=trl.DPOTrainer, KTO=trl.KTOTrainer, Reward=trl.RewardTrainer, CPO=CPOTrainer, ORPO=ORPOTrainer
+    )
 
 
 class _Accelerator:
@@ -61,15 +65,15 @@ class _Accelerator:
 
 def _trainer(**attrs) -> SimpleNamespace:
     """The attributes TRL's loss methods read from `self`, for a single-process training step."""
-    base = dict(
-        model=SimpleNamespace(training=True),
-        accelerator=_Accelerator(),
-        aux_loss_enabled=False,
-        _metrics=defaultdict(lambda: defaultdict(list)),
-        _total_train_tokens=0,
-        _tp_size=1,
-        args=SimpleNamespace(),
-    )
+    base = {
+        "model": SimpleNamespace(training=True),
+        "accelerator": _Accelerator(),
+        "aux_loss_enabled": False,
+        "_metrics": defaultdict(lambda: defaultdict(list)),
+        "_total_train_tokens": 0,
+        "_tp_size": 1,
+        "args": SimpleNamespace(),
+    }
     base.update(attrs)
     return SimpleNamespace(**base)
 
@@ -116,7 +120,15 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 
 @pytest.mark.parametrize(
     ("loss_type", "beta", "label_smoothing"),
-    [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0), ("ipo", 0.1, 0.0), ("ipo", 0.7, 0.0), ("hinge", 0.3, 0.0), ("robust", 0.1, 0.2), ("robust", 0.4, 0.05)],
+    [
+        ("sigmoid", 0.1, 0.0),
+        ("sigmoid", 0.5, 0.0),
+        ("ipo", 0.1, 0.0),
+        ("ipo", 0.7, 0.0),
+        ("hinge", 0.3, 0.0),
+        ("robust", 0.1, 0.2),
+        ("robust", 0.4, 0.05),
+    ],
 )
 def test_dpo_matches_trl(trl, loss_type, beta, label_smoothing):
     gen = torch.Generator().manual_seed(int(beta * 1000) + len(loss_type))
@@ -173,7 +185,16 @@ def test_ipo_without_lengths_is_the_summed_paper_form_not_trls(trl):
     pc, pr, rc, rr = (torch.tensor([v], dtype=torch.float64) for v in (-4.0, -9.0, -5.0, -6.0))
     summed = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo").loss
     assert summed.item() == pytest.approx(((-4 + 5) - (-9 + 6) - 5.0) ** 2)
-    averaged = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo", chosen_lengths=torch.tensor([2.0]), rejected_lengths=torch.tensor([4.0]))
+    averaged = dpo_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        beta=0.1,
+        loss_type="ipo",
+        chosen_lengths=torch.tensor([2.0]),
+        rejected_lengths=torch.tensor([4.0]),
+    )
     assert averaged.loss.item() == pytest.approx((1 / 2 - (-3) / 4 - 5.0) ** 2)
 
 
@@ -194,7 +215,10 @@ def test_conservative_dpo_label_smoothing_matches_trls_cpo_sigmoid(trl, label_sm
 # ----------------------------------------------------------------------------- KTO
 
 
-@pytest.mark.parametrize(("beta", "desirable_weight", "undesirable_weight", "with_kl"), [(0.1, 1.0, 1.0, True), (0.5, 1.33, 0.7, True), (0.2, 1.0, 1.0, False)])
+@pytest.mark.parametrize(
+    ("beta", "desirable_weight", "undesirable_weight", "with_kl"),
+    [(0.1, 1.0, 1.0, True), (0.5, 1.33, 0.7, True), (0.2, 1.0, 1.0, False)],
+)
 def test_kto_matches_trl(trl, beta, desirable_weight, undesirable_weight, with_kl):
     gen = torch.Generator().manual_seed(11)
     rows = 8

@@ -15,8 +15,8 @@ from lmforge.align.rl import (
     AdaptiveKLController,
     aggregate,
     gae,
-    grpo_loss,
     group_advantages,
+    grpo_loss,
     kl_estimate,
     kl_penalised_rewards,
     mask_truncated,
@@ -50,14 +50,24 @@ def test_gae_truncated_row_bootstraps_from_the_cut_state():
     # Same episode, cut by the length limit in a state worth V = 0.4:
     # delta_2 = 1 + 0.9*0.4 - 0.7 = 0.66; A_1 = 0.03 + 0.72*0.66 = 0.5052; A_0 = 0.04 + 0.72*0.5052 = 0.403744
     adv, _ = gae(
-        t([0, 0, 1]), t([0.5, 0.6, 0.7]), torch.ones(1, 3), gamma=0.9, lam=0.8,
-        bootstrap_values=t(0.4), terminated=torch.tensor([False]),
+        t([0, 0, 1]),
+        t([0.5, 0.6, 0.7]),
+        torch.ones(1, 3),
+        gamma=0.9,
+        lam=0.8,
+        bootstrap_values=t(0.4),
+        terminated=torch.tensor([False]),
     )
     torch.testing.assert_close(adv, t([0.403744, 0.5052, 0.66]))
     # A terminated row ignores its bootstrap value.
     adv_term, _ = gae(
-        t([0, 0, 1]), t([0.5, 0.6, 0.7]), torch.ones(1, 3), gamma=0.9, lam=0.8,
-        bootstrap_values=t(0.4), terminated=torch.tensor([True]),
+        t([0, 0, 1]),
+        t([0.5, 0.6, 0.7]),
+        torch.ones(1, 3),
+        gamma=0.9,
+        lam=0.8,
+        bootstrap_values=t(0.4),
+        terminated=torch.tensor([True]),
     )
     torch.testing.assert_close(adv_term, t([0.21712, 0.246, 0.3]))
 
@@ -199,8 +209,12 @@ def test_group_advantages_three_scalings():
     assert group.zero_variance_fraction.item() == 0.5
     # batch: centred on the group mean, divided by the std of all 8 (mean 0.75, var (6/16 + 2*9/16)/7 = 1.5/7)
     b = 0.5 / (math.sqrt(1.5 / 7) + 1e-4)
-    torch.testing.assert_close(group_advantages(rewards, 4, scale="batch").advantages, t(b, -b, -b, b, 0.0, 0.0, 0.0, 0.0))
-    torch.testing.assert_close(group_advantages(rewards, 4, scale="none").advantages, t(0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0))
+    torch.testing.assert_close(
+        group_advantages(rewards, 4, scale="batch").advantages, t(b, -b, -b, b, 0.0, 0.0, 0.0, 0.0)
+    )
+    torch.testing.assert_close(
+        group_advantages(rewards, 4, scale="none").advantages, t(0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0)
+    )
 
 
 def test_group_advantages_reject_partial_groups():

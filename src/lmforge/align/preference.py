@@ -111,7 +111,9 @@ def dpo_loss(
         losses = torch.relu(1 - beta * delta)
     else:  # ipo
         if chosen_lengths is not None:
-            ipo_delta = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
+            ipo_delta = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(
+                min=1
+            )
         else:
             ipo_delta = delta
         losses = (ipo_delta - 1 / (2 * beta)) ** 2

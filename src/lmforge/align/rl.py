@@ -21,7 +21,9 @@ AGGREGATIONS = ("grpo", "dr_grpo", "dapo")
 def _check_mask(mask: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
     for t in tensors:
         if t.shape != mask.shape:
-            raise LmforgeError(f"per-token tensors must match the mask's shape {tuple(mask.shape)}, got {tuple(t.shape)}")
+            raise LmforgeError(
+                f"per-token tensors must match the mask's shape {tuple(mask.shape)}, got {tuple(t.shape)}"
+            )
     return mask.to(tensors[0].dtype if tensors else torch.float32)
 
 
@@ -76,7 +78,9 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     r"""Normalise to unit variance (and zero mean unless ``shift_mean=False``) over masked positions.
 
     :math:`(x - \mu)/\sqrt{\sigma^2 + \epsilon}` with the Bessel-corrected variance, as in the PPO
@@ -234,7 +238,9 @@ class GroupAdvantages:
         return self.zero_variance.float().mean()
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4) -> GroupAdvantages:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4
+) -> GroupAdvantages:
     r"""GRPO advantages (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, §4.1.2).
 
     ``rewards`` is ``[n_groups * group_size]`` with each group's completions adjacent.
@@ -267,7 +273,9 @@ def mask_truncated(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
     return mask * (~truncated.bool()).unsqueeze(1).to(mask.dtype)
 
 
-def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, kind: str = "grpo", *, max_len: int | None = None) -> torch.Tensor:
+def aggregate(
+    per_token_loss: torch.Tensor, mask: torch.Tensor, kind: str = "grpo", *, max_len: int | None = None
+) -> torch.Tensor:
     r"""Reduce a ``[batch, time]`` per-token loss to a scalar.
 
     - ``grpo`` (Shao et al. 2024): mean over each sequence's tokens, then mean over sequences.
@@ -336,5 +344,8 @@ def grpo_loss(
     low = ((ratio < 1 - eps_low) & (adv < 0)).to(mask.dtype)
     high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype)
     return GRPOLoss(
-        aggregate(per_token, mask, aggregation, max_len=max_len), kl_mean, masked_mean(low, mask), masked_mean(high, mask)
+        aggregate(per_token, mask, aggregation, max_len=max_len),
+        kl_mean,
+        masked_mean(low, mask),
+        masked_mean(high, mask),
     )
