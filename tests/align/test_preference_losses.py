@@ -341,3 +341,24 @@ def test_reward_model_loss_matches_trl(trl, with_margin, center):
     metrics = trainer._metrics["train"]
     assert ours.accuracy.item() == pytest.approx(metrics["accuracy"][0], abs=TOL)
     assert ours.margin.item() == pytest.approx(metrics["margin"][0], abs=TOL)
+
+
+# ----------------------------------------------------------------------------- user errors
+
+
+def test_bad_settings_are_user_errors():
+    from lmforge.errors import LmforgeError
+
+    one = torch.tensor([-1.0], dtype=torch.float64)
+    with pytest.raises(LmforgeError, match="unknown DPO loss_type"):
+        dpo_loss(one, one, one, one, loss_type="sigmoidal")
+    with pytest.raises(LmforgeError, match="robust DPO"):
+        dpo_loss(one, one, one, one, loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(LmforgeError, match="beta"):
+        simpo_loss(one, one, beta=0.0)
+    with pytest.raises(LmforgeError, match="1-D"):
+        dpo_loss(one, torch.tensor([-1.0, -2.0]), one, one)
+    with pytest.raises(LmforgeError, match="< 0"):
+        orpo_loss(torch.tensor([0.0]), one)
+    with pytest.raises(LmforgeError, match="shape"):
+        bradley_terry_loss(one, one, margin=torch.zeros(2))

@@ -110,12 +110,9 @@ def dpo_loss(
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * delta)
     else:  # ipo
-        if chosen_lengths is not None:
-            ipo_delta = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(
-                min=1
-            )
-        else:
-            ipo_delta = delta
+        ipo_delta = delta
+        if chosen_lengths is not None:  # TRL's (and the IPO authors') per-token form
+            ipo_delta = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
         losses = (ipo_delta - 1 / (2 * beta)) ** 2
 
     return PreferenceLoss(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
