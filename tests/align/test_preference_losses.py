@@ -45,12 +45,23 @@ def trl():
         f"these parity checks were written against TRL 1.16, got {trl.__version__}"
     )
     return SimpleNamespace(
-        DPO=trl.DPOTrainer, KTO=trl.KTOTrainer, Reward=trl.RewardTrainer, CPO=CPOTrainer, ORPO=ORPOTrainer
+        DPO=trl.DPOTrainer,
+        KTO=trl.KTOTrainer,
+        Reward=trl.RewardTrainer,
+        CPO=CPOTrainer,
+        ORPO=ORPOTrainer,
+        GRPO=trl.GRPOTrainer,
     )
 
 
 class _Accelerator:
     device = torch.device("cpu")
+    num_processes = 1
+    sync_gradients = True
+
+    @staticmethod
+    def reduce(x, reduction):
+        return x
 
     @staticmethod
     def gather(x):
@@ -341,6 +352,76 @@ def test_reward_model_loss_matches_trl(trl, with_margin, center):
     metrics = trainer._metrics["train"]
     assert ours.accuracy.item() == pytest.approx(metrics["accuracy"][0], abs=TOL)
     assert ours.margin.item() == pytest.approx(metrics["margin"][0], abs=TOL)
+
+
+# ----------------------------------------------------------------------------- GRPO (TRL parity lives in
+# this module too, so TRL is imported once; the closed-form checks are in test_rl_maths.py)
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "beta", "eps_low", "eps_high"),
+    [("grpo", 0.04, 0.2, 0.2), ("dr_grpo", 0.0, 0.2, 0.2), ("dapo", 0.1, 0.2, 0.28), ("grpo", 0.0, 0.1, 0.3)],
+)
+def test_grpo_loss_matches_trl(trl, aggregation, beta, eps_low, eps_high):
+    from lmforge.align.rl import grpo_loss
+
+    gen = torch.Generator().manual_seed(17)
+    rows, steps, max_len = 6, 7, 10
+    mask = torch.zeros(rows, steps, dtype=torch.long)
+    for i, length in enumerate([7, 3, 1, 5, 6, 2]):
+        mask[i, :length] = 1
+    logps = (-2 * torch.rand(rows, steps, generator=gen, dtype=torch.float64)).requires_grad_()
+    # Off-policy by up to ±0.4 in log space, so both clip sides are reached.
+    old_logps = logps.detach() + 0.8 * (torch.rand(rows, steps, generator=gen, dtype=torch.float64) - 0.5)
+    ref_logps = logps.detach() + 0.5 * torch.randn(rows, steps, generator=gen, dtype=torch.float64)
+    advantages = torch.randn(rows, generator=gen, dtype=torch.float64)
+
+    trainer = _trainer(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=beta,
+        loss_type=aggregation,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        use_vllm=False,
+        max_completion_length=max_len,
+        current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+    )
+    inputs = {
+        "prompt_ids": torch.zeros(rows, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(rows, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(rows, steps, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": advantages,
+        "old_per_token_logps": old_logps,
+        "ref_per_token_logps": ref_logps,
+        "num_items_in_batch": mask.sum().double(),
+    }
+    theirs = trl.GRPO._compute_loss(trainer, None, inputs)
+    ours = grpo_loss(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        ref_logprobs=ref_logps if beta else None,
+        beta=beta,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        aggregation=aggregation,
+        max_len=max_len,
+    )
+    _close(ours.loss, theirs)
+    _close(_grad(ours.loss, logps), _grad(theirs, logps))
+    metrics = trainer._metrics["train"]
+    assert ours.clip_low_fraction.item() == pytest.approx(metrics["clip_ratio/low_mean"][0], abs=TOL)
+    assert ours.clip_high_fraction.item() == pytest.approx(metrics["clip_ratio/high_mean"][0], abs=TOL)
+    assert ours.clip_low_fraction.item() > 0 and ours.clip_high_fraction.item() > 0
+    if beta:
+        assert ours.kl.item() == pytest.approx(metrics["kl"][0], abs=TOL)
 
 
 # ----------------------------------------------------------------------------- user errors
