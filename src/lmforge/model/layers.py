@@ -21,8 +21,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for stability under bf16 autocast (one fused kernel), then cast back.
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+        # Normalise in fp32 (or wider: fp64 stays fp64 for exact tests) for stability under bf16
+        # autocast (one fused kernel), then cast back.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(acc), self.weight.shape, self.weight.to(acc), self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
