@@ -132,3 +132,16 @@ def test_bad_layouts_are_user_errors():
         m(tokens, attention_mask=torch.ones(6))
     with pytest.raises(LmforgeError, match="KV cache"):
         m(tokens, cache=KVCache(CFG, 2, 8, dtype=torch.float32), doc_ids=torch.zeros(2, 6, dtype=torch.long))
+
+
+def test_derived_positions_restart_per_document_and_count_real_tokens():
+    """RoPE attention only sees position differences, so logits cannot tell whether positions
+    restart; check the derived positions themselves (what a position-dependent head would get)."""
+    from lmforge.model.packing import packed_layout
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 0, 0, 0, 0]])
+    positions, _ = packed_layout(doc_ids.shape, doc_ids, None, "cpu")
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    positions, allowed = packed_layout(mask.shape, None, mask, "cpu")
+    assert positions.tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]  # HF's cumsum - 1 (clamped)
+    assert allowed[0, 0, 4].tolist() == [False, False, True, True, True]

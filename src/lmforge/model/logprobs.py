@@ -73,7 +73,9 @@ class LinearTokenLogprobs(torch.autograd.Function):
             grad_z = grad_z.to(h.dtype)
             if need_h:
                 grad_hidden[rows] = grad_z @ weight.to(h.dtype)
-            if need_w:
+            if need_w and grad_z.dtype == acc_dtype:
+                grad_weight.addmm_(grad_z.t(), h)  # in place: no [V, D] temporary per chunk
+            elif need_w:
                 grad_weight += grad_z.t() @ h
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)
