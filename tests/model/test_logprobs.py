@@ -102,3 +102,23 @@ def test_logprobs_match_transformers_llama(tmp_path):
         ref = torch.log_softmax(hf(tokens).logits[:, :-1].float(), -1).gather(2, tokens[:, 1:, None]).squeeze(2)
         got = ours.token_logprobs(tokens[:, :-1], tokens[:, 1:], chunk_rows=8)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_backward_recomputes_under_the_forward_autocast_state():
+    """Under bf16 autocast the returned log-probs come from bf16 logits; backward must recompute
+    those same logits (not fp32 ones), so the hidden gradient equals the plain autocast path's."""
+    torch.manual_seed(0)
+    h = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(500, 32, requires_grad=True)
+    t, g = torch.randint(0, 500, (64,)), torch.randn(64)
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = torch.log_softmax((h @ w.t()).float(), -1).gather(1, t[:, None]).squeeze(1)
+    (ref * g).sum().backward()
+    ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    with torch.autocast("cpu", torch.bfloat16):
+        got = token_logprobs(h, w, t, chunk_rows=16)
+    (got * g).sum().backward()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert (h.grad - ref_gh).norm() / ref_gh.norm() < 1e-3  # 7e-3 if recomputed in fp32
+    assert (w.grad - ref_gw).norm() / ref_gw.norm() < 5e-3  # ours accumulates the head gradient in fp32

@@ -44,6 +44,10 @@ class LinearTokenLogprobs(torch.autograd.Function):
         logp.mul_(valid)  # ignored positions: log-prob 0, entropy 0, no gradient
         ctx.save_for_backward(hidden, weight, safe_t, valid)
         ctx.chunk_rows, ctx.with_entropy, ctx.acc_dtype = chunk_rows, with_entropy, acc_dtype
+        # Backward recomputes the logits: under the same autocast state, so they are the same
+        # logits whose log-probs were returned (as activation checkpointing does).
+        device = hidden.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         if with_entropy:
             entropy.mul_(valid)
             return logp, entropy
@@ -52,6 +56,12 @@ class LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, grad_entropy=None):
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return LinearTokenLogprobs._backward(ctx, grad_logp, grad_entropy)
+
+    @staticmethod
+    def _backward(ctx, grad_logp, grad_entropy):
         hidden, weight, safe_t, valid = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc_dtype = ctx.acc_dtype

@@ -55,6 +55,7 @@ def packed_layout(shape: torch.Size, doc_ids: torch.Tensor | None, attention_mas
         positions = (real.long().cumsum(1) - 1).clamp_min(0)
     if real is not None:
         allowed = allowed & real[:, None, :]
-    # A padded query that may see nothing would make softmax NaN (and NaN gradients); let it see itself.
+    # A padded query that may see nothing is a 0/0 softmax: today's CPU SDPA returns zeros, but
+    # other kernels and exports have returned NaN (pytorch#103749, #109517). Let it see itself.
     allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)
     return positions, allowed[:, None]
