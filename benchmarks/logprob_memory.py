@@ -31,6 +31,7 @@ def peak_kib() -> int:
 
 def child(method: str, vocab: int, tokens: int, dim: int) -> dict:
     import torch
+
     from lmforge.model.logprobs import token_logprobs
 
     def run(v: int, n: int):

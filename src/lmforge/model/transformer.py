@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.fused_loss import linear_cross_entropy
-from lmforge.model.layers import MoE, RMSNorm, Block, rope_cos_sin, rope_inv_freq
+from lmforge.model.layers import Block, MoE, RMSNorm, rope_cos_sin, rope_inv_freq
 from lmforge.model.logprobs import token_logprobs
 from lmforge.model.packing import packed_layout
 
