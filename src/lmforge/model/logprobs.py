@@ -43,7 +43,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
                 entropy[rows] = _entropy(logp_all)
         logp.mul_(valid)  # ignored positions: log-prob 0, entropy 0, no gradient
         ctx.save_for_backward(hidden, weight, safe_t, valid)
-        ctx.chunk_rows, ctx.with_entropy, ctx.acc_dtype = chunk_rows, with_entropy, acc_dtype
+        ctx.chunk_rows, ctx.acc_dtype = chunk_rows, acc_dtype
         # Backward recomputes the logits: under the same autocast state, so they are the same
         # logits whose log-probs were returned (as activation checkpointing does).
         device = hidden.device.type
