@@ -21,8 +21,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for stability under bf16 autocast (one fused kernel), then cast back.
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+        # Normalise in fp32 (or wider: fp64 stays fp64 for exact tests) for stability under bf16
+        # autocast (one fused kernel), then cast back.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(acc), self.weight.shape, self.weight.to(acc), self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -84,14 +86,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, layer: int = 0):
+    def forward(self, x, cos, sin, cache=None, layer: int = 0, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # A cache object owns where K/V live (contiguous, paged, ...) and how attention reads them.
-        out = causal_attention(q, k, v) if cache is None else cache.attend(layer, q, k, v)
+        if cache is not None:
+            out = cache.attend(layer, q, k, v)
+        elif mask is not None:  # packed documents or padding: a [B, 1, T, T] boolean mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        else:
+            out = causal_attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -147,6 +154,6 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.n_experts else SwiGLU(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x, cos, sin, cache=None, layer: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer: int = 0, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
         return x + self.mlp(self.post_attention_layernorm(x))

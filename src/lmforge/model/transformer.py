@@ -8,9 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.fused_loss import linear_cross_entropy
-from lmforge.model.layers import MoE, RMSNorm, Block, rope_cos_sin, rope_inv_freq
+from lmforge.model.layers import Block, MoE, RMSNorm, rope_cos_sin, rope_inv_freq
+from lmforge.model.logprobs import token_logprobs
+from lmforge.model.packing import packed_layout
 
 
 class Transformer(nn.Module):
@@ -41,7 +44,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                 last_only: bool = False, targets: torch.Tensor | None = None,
-                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+                logits_index: torch.Tensor | None = None, *, doc_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only).
 
         With targets [B, T] (already shifted, -100 to ignore) it returns the mean cross-entropy
@@ -49,8 +53,19 @@ class Transformer(nn.Module):
         positions default to 0..T-1, or continue from the cache's length when a cache is given.
         logits_index [K] computes logits only at those time steps -> [B, K, vocab] (a serving
         batch packs many sequences into one row and needs only each one's last position).
+        doc_ids [B, T] packs several documents per row: attention stays inside each run of equal
+        ids and positions restart at 0 in each. attention_mask [B, T] (1 = real token) hides
+        padding and numbers the real tokens from 0, so left, right or no padding agree.
+        return_hidden gives the final-norm hidden states [B, T, dim] instead of logits.
         """
         B, T = tokens.shape
+        mask = None
+        if doc_ids is not None or attention_mask is not None:
+            if cache is not None:
+                raise LmforgeError("doc_ids / attention_mask cannot be combined with a KV cache")
+            derived, mask = packed_layout(tokens.shape, doc_ids, attention_mask, tokens.device)
+            if positions is None:
+                positions = derived
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
@@ -58,12 +73,14 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, None, i, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, i)
+                x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
+        if return_hidden:
+            return x
         if targets is not None:
             return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
         if last_only:
@@ -71,6 +88,25 @@ class Transformer(nn.Module):
         elif logits_index is not None:
             x = x[:, logits_index]
         return self.lm_head(x)
+
+    def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, *, positions=None, doc_ids=None,
+                       attention_mask=None, return_entropy: bool = False, chunk_rows: int | None = None):
+        """log p(targets[b, t] | tokens[b, :t+1]) -> [B, T] (fp32), 0 where targets is -100; the
+        [B, T, vocab] logits are never materialised. With return_entropy also the per-position
+        entropy [B, T]. Keyword arguments as in forward (packing, padding)."""
+        hidden = self(tokens, positions, doc_ids=doc_ids, attention_mask=attention_mask, return_hidden=True)
+        return self.logprobs_from_hidden(hidden, targets, return_entropy=return_entropy, chunk_rows=chunk_rows)
+
+    def logprobs_from_hidden(self, hidden: torch.Tensor, targets: torch.Tensor, *, return_entropy: bool = False,
+                             chunk_rows: int | None = None):
+        """token_logprobs on hidden states from forward(return_hidden=True), so a value or reward
+        head can share the same forward pass."""
+        B, T, D = hidden.shape
+        out = token_logprobs(hidden.reshape(-1, D), self.lm_head.weight, targets.reshape(-1),
+                             chunk_rows=chunk_rows, return_entropy=return_entropy)
+        if return_entropy:
+            return out[0].view(B, T), out[1].view(B, T)
+        return out.view(B, T)
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE load-balancing losses of the last forward pass (0 for dense models)."""
