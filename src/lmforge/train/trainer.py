@@ -47,6 +47,36 @@ def grad_sq_norm(model) -> float:
     return float(torch.stack(torch._foreach_norm(grads)).pow(2).sum())
 
 
+def accumulate_gradients(objective: Objective, model, forward, micros: list, device, autocast,
+                         first_grad_sq: bool = False) -> tuple[torch.Tensor, dict, list[int], float | None]:
+    """Backward of one optimizer step's micro-batches into .grad, each micro-batch's mean loss
+    weighted by its share of the step's loss tokens (w == 1 when all are equal, so the usual
+    loss / grad_accum is unchanged): any split into micro-batches gives the same mean.
+    -> (sum of w * loss, to divide by len(micros); token-weighted sums of the extra metrics;
+    loss tokens per micro-batch; the first micro-batch's own squared gradient norm if asked)."""
+    k = len(micros)
+    counts = [objective.loss_tokens(batch) for batch in micros]
+    n_step = max(sum(counts), 1)
+    loss_sum = None
+    extra_sums: dict[str, float] = {}
+    g2_small = None
+    for micro, batch in enumerate(micros):
+        with autocast():
+            loss, extra = objective.loss(forward, to_device(batch, device))
+            if model.cfg.n_experts:
+                loss = loss + model.cfg.moe_aux_loss_coef * model.aux_loss()
+        w = counts[micro] * k / n_step
+        (loss * w / k).backward()
+        if loss_sum is None:  # fp32 (also under bf16 autocast), fp64 for an fp64 model
+            loss_sum = torch.zeros((), device=device, dtype=torch.promote_types(loss.dtype, torch.float32))
+        loss_sum += loss.detach() * w
+        for name, v in extra.items():
+            extra_sums[name] = extra_sums.get(name, 0.0) + v * counts[micro]
+        if first_grad_sq and micro == 0:
+            g2_small = grad_sq_norm(model) * (k / w) ** 2
+    return loss_sum, extra_sums, counts, g2_small
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """After a resume, drop metric rows logged after the checkpoint (they will be redone), and a
     last line cut short by a kill mid-write."""
@@ -147,25 +177,10 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
             lr = lr_at(step, tc.max_steps, tc.lr, tc.schedule, tc.warmup, tc.decay, tc.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # The whole step's micro-batches first: each is weighted by its share of the step's loss
-            # tokens, so any split into micro-batches gives the same mean (w == 1 when equal).
             micros = [loader.next_batch() for _ in range(tc.grad_accum)]
-            counts = [objective.loss_tokens(batch) for batch in micros]
+            loss_sum, extra_sums, counts, g2_small = accumulate_gradients(
+                objective, model, forward, micros, device, autocast, first_grad_sq=noise is not None)
             n_step = sum(counts)
-            loss_sum = torch.zeros((), device=device)
-            extra_sums: dict[str, float] = {}
-            for micro, batch in enumerate(micros):
-                with autocast():
-                    loss, extra = objective.loss(forward, to_device(batch, device))
-                    if cfg.n_experts:
-                        loss = loss + cfg.moe_aux_loss_coef * model.aux_loss()
-                w = counts[micro] * tc.grad_accum / max(n_step, 1)
-                (loss * w / tc.grad_accum).backward()
-                loss_sum += loss.detach() * w
-                for k, v in extra.items():
-                    extra_sums[k] = extra_sums.get(k, 0.0) + v * counts[micro]
-                if noise is not None and micro == 0:
-                    g2_small = grad_sq_norm(model) * (tc.grad_accum / w) ** 2
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             if noise is not None:
                 noise.update(noise_scale(counts[0], g2_small, n_step, float(grad_norm) ** 2))

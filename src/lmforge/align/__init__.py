@@ -1,0 +1,1 @@
+"""Post-training: SFT, LoRA/QLoRA, reward model, DPO family, PPO, GRPO."""
