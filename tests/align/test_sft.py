@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from lmforge.align.cli import RECIPES
 from lmforge.align.data import stdlib_chats, tokenize_chat
 from lmforge.align.sft import IGNORE, SFTObjective, SFTRecipe, build_examples, collate, finetune_sft
 from lmforge.config import load_recipe
@@ -195,8 +196,8 @@ def test_sft_learns_prompt_dependent_answers_and_shuffled_control_does_not(tmp_p
     val = write_jsonl(tmp_path / "val.jsonl", key_value_chats(rng, 64))
     real = write_jsonl(tmp_path / "real.jsonl", train_chats)
     shuffled = write_jsonl(tmp_path / "shuffled.jsonl", key_value_chats(random.Random(seed), 400, shuffled=True))
-    common = ["train.seq_len=32", "train.micro_batch=16", "train.global_batch_tokens=512", "train.max_steps=80",
-              "train.lr=0.01", "train.warmup=0.1", "train.eval_every=80", "train.ckpt_every=80",
+    common = ["train.seq_len=32", "train.micro_batch=16", "train.global_batch_tokens=512", "train.max_steps=120",
+              "train.lr=0.01", "train.warmup=0.1", "train.eval_every=120", "train.ckpt_every=120",
               "train.log_every=20", "train.tensorboard=false", f"train.seed={seed}", "sft.max_examples=400"]
     before = held_out_loss(start, tok, val)
     losses = {}
@@ -208,7 +209,9 @@ def test_sft_learns_prompt_dependent_answers_and_shuffled_control_does_not(tmp_p
     print(f"seed {seed}: held-out assistant loss {before:.3f} -> real {losses['real']:.3f}, "
           f"shuffled {losses['shuffled']:.3f}")
     assert losses["real"] < 0.2                      # it learned KEY -> VALUE for unseen prompts
-    assert gain_real > gain_shuffled + 0.8            # ln(16)/2 ~ 1.39 nats is out of the control's reach
+    # The control can learn the format and the answers' marginal, not which answer: it keeps ~ln(16)
+    # nats on each answer's first token, ~0.9 per trained token (measured 0.86-0.90 vs real 0.04-0.07).
+    assert gain_real > gain_shuffled + 0.5
 
 
 # --- kill -9 + resume ---------------------------------------------------------------------------
@@ -230,7 +233,8 @@ def logged_steps(log) -> list[int]:
 def test_finetune_sft_kill9_and_resume_is_bitwise_exact(tiny_model, tmp_path):
     rng = random.Random(5)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    finetune_sft(load_recipe(SFTRecipe, None, [*RESUME, f"train.out={ref}"]), str(tiny_model))
+    # the command's default recipe (sft-tiny.yaml) under the same overrides, run in-process
+    finetune_sft(load_recipe(SFTRecipe, RECIPES / "sft-tiny.yaml", [*RESUME, f"train.out={ref}"]), str(tiny_model))
     cmd = [sys.executable, "-m", "lmforge", "finetune", "sft", str(tiny_model), "--resume", *RESUME,
            f"train.out={cut}"]
     env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}

@@ -35,17 +35,12 @@ class SFTConfig:
         check_positive(self, "sft", "max_examples", "val_examples")
 
 
-def _sft_train_defaults() -> TrainConfig:
-    return TrainConfig(out="runs/sft", lr=1e-4, schedule="cosine", warmup=0.05, weight_decay=0.0,
-                       seq_len=512, micro_batch=4, global_batch_tokens=4 * 512 * 4, max_steps=200,
-                       eval_every=50, ckpt_every=50, log_every=5)
-
-
 @dataclass
 class SFTRecipe:
     """train.global_batch_tokens / (micro_batch * seq_len) is the accumulation: an optimizer step
-    sees micro_batch * grad_accum chats, each right-padded to the longest in its micro-batch."""
-    train: TrainConfig = field(default_factory=_sft_train_defaults)
+    sees micro_batch * grad_accum chats, each right-padded to the longest in its micro-batch.
+    The SFT settings (lr, schedule, sizes) live in recipes/sft-tiny.yaml, the CLI's default recipe."""
+    train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
