@@ -297,3 +297,30 @@ def test_init_from_loads_the_bundled_smollm2_gguf_exactly():
     got = initial_model(tc, None, 49152, torch.device("cpu")).state_dict()
     want = load(gguf, dtype=torch.float32).state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_ctrl_c_mid_accumulation_saves_a_checkpoint_that_resumes_exactly(tiny_model, tmp_path, monkeypatch):
+    """Ctrl-C inside step 5's second micro-batch: the saved checkpoint is step 4 with the loader
+    before step 5's batches, so the resumed run equals an uninterrupted one bit for bit."""
+    overrides = [*RESUME, "train.ckpt_every=100", "train.eval_every=100"]
+    finetune_sft(load_recipe(SFTRecipe, None, [*overrides, f"train.out={tmp_path / 'ref'}"]), str(tiny_model))
+    calls = {"n": 0}
+    real_loss = SFTObjective.loss
+
+    def interrupting_loss(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2 * 4 + 2:  # grad accum 2: the 2nd micro-batch of step 5
+            raise KeyboardInterrupt
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(SFTObjective, "loss", interrupting_loss)
+    cut = load_recipe(SFTRecipe, None, [*overrides, f"train.out={tmp_path / 'cut'}"])
+    with pytest.raises(KeyboardInterrupt):
+        finetune_sft(cut, str(tiny_model))
+    assert checkpoint_step(tmp_path / "cut") == 4
+    monkeypatch.setattr(SFTObjective, "loss", real_loss)
+    finetune_sft(load_recipe(SFTRecipe, None, [*overrides, f"train.out={tmp_path / 'cut'}"]), str(tiny_model),
+                 resume=True)
+    ours = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    want = load_file(tmp_path / "ref" / "model" / "model.safetensors")
+    assert all(torch.equal(ours[k], want[k]) for k in want)

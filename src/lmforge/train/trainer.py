@@ -163,13 +163,14 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
                   f"device {device}{' bf16' if use_bf16 else ''}, {tc.max_steps} steps x "
                   f"{tc.global_batch_tokens} tokens (grad accum {tc.grad_accum})")
 
-    def checkpoint(step):
+    def checkpoint(step, loader_state=None):
         save_checkpoint(ckpt_root, step, model, optimizer,
-                        {"tokens_seen": tokens_seen, "loader": loader.state_dict(),
+                        {"tokens_seen": tokens_seen, "loader": loader_state or loader.state_dict(),
                          **({"noise_scale": vars(noise)} if noise else {})}, tc.keep_last)
 
     model.train()
-    step = start_step
+    completed = start_step
+    completed_loader = loader.state_dict()
     t_last, tokens_last = time.perf_counter(), tokens_seen
     val_loss = None
     try:
@@ -185,9 +186,10 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
             if noise is not None:
                 noise.update(noise_scale(counts[0], g2_small, n_step, float(grad_norm) ** 2))
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             tokens_seen += n_step
             done = step + 1
+            completed, completed_loader = done, loader.state_dict()  # what an interrupt may save
+            optimizer.zero_grad(set_to_none=True)
             loss_value = loss_sum.item() / tc.grad_accum
             if not math.isfinite(loss_value):
                 raise LmforgeError(f"loss became {loss_value} at step {done}; lower train.lr or check the data")
@@ -211,9 +213,10 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
             if done % tc.ckpt_every == 0 or done == tc.max_steps:
                 checkpoint(done)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted: saving a checkpoint at step {step}[/]")
-        if step > start_step:
-            checkpoint(step)
+        # the last step whose update is in the weights, with the loader just past its batches
+        console.print(f"[yellow]interrupted: saving a checkpoint at step {completed}[/]")
+        if completed > start_step:
+            checkpoint(completed, completed_loader)
         raise
     finally:
         logger.close()
