@@ -3,7 +3,6 @@ training loop (`lmforge.train.trainer.fit`) and the model's fused cross-entropy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -182,6 +181,8 @@ def finetune_sft(recipe: SFTRecipe, model: str | None = None, resume: bool = Fal
     if model is not None and tc.init_from and model != tc.init_from:
         raise LmforgeError(f"two models given ({model!r} and train.init_from={tc.init_from!r}); give one")
     path = resolve_model_path(model or tc.init_from or None)
+    if not path.exists():
+        raise LmforgeError(f"model not found: {path}")
     tc.init_from = str(path)
     tok = load_tokenizer(recipe.sft.tokenizer or find_tokenizer(path))
     if not tok.chat_template:
