@@ -19,6 +19,7 @@ STAGES = (
     "lmforge.tokenizer.cli",
     "lmforge.train.cli",
     "lmforge.model.cli",
+    "lmforge.align.cli",
     "lmforge.serve.cli",
     "lmforge.eval.cli",
     "lmforge.plan.cli",

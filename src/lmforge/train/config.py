@@ -16,6 +16,8 @@ DTYPES = ("auto", "float32", "bfloat16")  # the trainer honours these: fp32 weig
 @dataclass
 class TrainConfig:
     data: str = ""                    # token shard directory (index.json + .bin files)
+    init_from: str = ""               # start from these weights (any `lmforge.model.load` reference) instead
+                                      # of a random init; the model section is then ignored
     out: str = "runs/train"
     seq_len: int = 256
     global_batch_tokens: int = 16384  # tokens per optimizer step; micro-batches accumulate to it

@@ -1,4 +1,4 @@
-"""The pretraining loop: one function, readable top to bottom."""
+"""The training loop (`fit`), shared by every objective, and pretraining (`train`) on top of it."""
 from __future__ import annotations
 
 import contextlib
@@ -12,16 +12,14 @@ import yaml
 from rich.console import Console
 
 from lmforge.config import to_dict
-from lmforge.data.shards import TokenShards, shard_tokenizer_dir
 from lmforge.errors import LmforgeError
-from lmforge.model import Transformer, save
-from lmforge.model.scoring import score_tokens
+from lmforge.model import ModelConfig, Transformer, load, save
+from lmforge.model.pretrained import resolve_model_path
 from lmforge.outputs import claim_output_dir
-from lmforge.tokenizer import load_tokenizer
 from lmforge.train.noise_scale import NoiseScaleTracker, noise_scale
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.config import TrainConfig, TrainRecipe
-from lmforge.train.loader import ShardLoader
+from lmforge.train.objective import Objective, PretrainObjective, evaluate_loss, to_device  # noqa: F401 (evaluate_loss: re-exported)
 from lmforge.train.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes, plot_loss_curve, read_metrics
 from lmforge.train.schedule import lr_at
 
@@ -44,15 +42,39 @@ def build_optimizer(model: Transformer, tc: TrainConfig, device: torch.device) -
                              fused=device.type == "cuda")
 
 
-def evaluate_loss(model, shards: TokenShards, seq_len: int, n_tokens: int, batch: int, autocast) -> float:
-    """Mean next-token loss over the first n_tokens of a split, in windows of seq_len (the one scorer)."""
-    tokens = shards.slice(0, min(n_tokens, len(shards) - 1) + 1)
-    return score_tokens(model, tokens, window=seq_len, batch_size=batch, autocast=autocast).loss
-
-
 def grad_sq_norm(model) -> float:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return float(torch.stack(torch._foreach_norm(grads)).pow(2).sum())
+
+
+def accumulate_gradients(objective: Objective, model, forward, micros: list, device, autocast,
+                         first_grad_sq: bool = False) -> tuple[torch.Tensor, dict, list[int], float | None]:
+    """Backward of one optimizer step's micro-batches into .grad, each micro-batch's mean loss
+    weighted by its share of the step's loss tokens (w == 1 when all are equal, so the usual
+    loss / grad_accum is unchanged): any split into micro-batches gives the same mean.
+    -> (sum of w * loss, to divide by len(micros); token-weighted sums of the extra metrics;
+    loss tokens per micro-batch; the first micro-batch's own squared gradient norm if asked)."""
+    k = len(micros)
+    counts = [objective.loss_tokens(batch) for batch in micros]
+    n_step = max(sum(counts), 1)
+    loss_sum = None
+    extra_sums: dict[str, float] = {}
+    g2_small = None
+    for micro, batch in enumerate(micros):
+        with autocast():
+            loss, extra = objective.loss(forward, to_device(batch, device))
+            if model.cfg.n_experts:
+                loss = loss + model.cfg.moe_aux_loss_coef * model.aux_loss()
+        w = counts[micro] * k / n_step
+        (loss * w / k).backward()
+        if loss_sum is None:  # fp32 (also under bf16 autocast), fp64 for an fp64 model
+            loss_sum = torch.zeros((), device=device, dtype=torch.promote_types(loss.dtype, torch.float32))
+        loss_sum += loss.detach() * w
+        for name, v in extra.items():
+            extra_sums[name] = extra_sums.get(name, 0.0) + v * counts[micro]
+        if first_grad_sq and micro == 0:
+            g2_small = grad_sq_norm(model) * (k / w) ** 2
+    return loss_sum, extra_sums, counts, g2_small
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -68,36 +90,53 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = None) -> dict:
+    """Pretraining: the loop below with the next-token objective on token shards."""
     tc = recipe.train
-    console = console or Console()
     recipe.model_config()  # fail fast on model config errors, before touching any data
-    if not tc.data:
-        raise LmforgeError("train.data must point to a token shard directory (see `lmforge data shards`)")
-    shards = TokenShards(tc.data, "train")
-    try:
-        val = TokenShards(tc.data, "val")
-    except LmforgeError:
-        val = None
-    cfg = recipe.model_config(vocab_size=shards.vocab_size)
-    if cfg.vocab_size < shards.vocab_size:
-        raise LmforgeError(f"model vocab_size {cfg.vocab_size} < tokenizer vocab {shards.vocab_size}")
+    objective = PretrainObjective(tc.data, tc.seq_len, tc.eval_tokens, tc.micro_batch)
+    cfg = None if tc.init_from else recipe.model_config(vocab_size=objective.vocab_size)
+    if cfg is not None and cfg.vocab_size < objective.vocab_size:
+        raise LmforgeError(f"model vocab_size {cfg.vocab_size} < tokenizer vocab {objective.vocab_size}")
+    return fit(objective, tc, to_dict(recipe), cfg, "train", TRAIN_FILES, resume, console)
+
+
+def initial_model(tc: TrainConfig, cfg: ModelConfig | None, vocab_size: int, device: torch.device) -> Transformer:
+    """Random init from `cfg` (seeded by train.seed), or the weights named by train.init_from."""
+    torch.manual_seed(tc.seed)
+    if not tc.init_from:
+        return Transformer(cfg).to(device)
+    model = load(resolve_model_path(tc.init_from), dtype=torch.float32, device=device)
+    if model.cfg.vocab_size < vocab_size:
+        raise LmforgeError(f"train.init_from model has vocab_size {model.cfg.vocab_size} < the data's {vocab_size}")
+    if tc.seq_len > model.cfg.max_seq_len:
+        raise LmforgeError(f"train.seq_len={tc.seq_len} exceeds the init_from model's max_seq_len="
+                           f"{model.cfg.max_seq_len}")
+    return model
+
+
+def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | None, kind: str,
+        out_files: list[str], resume: bool = False, console: Console | None = None) -> dict:
+    """The training loop for any objective: a model from `cfg` (random init) or `tc.init_from`,
+    trained with the schedule, accumulation, clipping, logging and checkpoints of `tc`; the run
+    folder tc.out is a `kind` output; resume continues bit for bit from the latest checkpoint."""
+    console = console or Console()
     device = resolve_device(tc.device)
     use_bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    torch.manual_seed(tc.seed)
-    model = Transformer(cfg).to(device)
+    model = initial_model(tc, cfg, objective.vocab_size, device)
+    cfg = model.cfg
     model.gradient_checkpointing = tc.activation_checkpointing
     optimizer = build_optimizer(model, tc, device)
-    loader = ShardLoader(shards, tc.seq_len, tc.micro_batch, tc.seed)
+    loader = objective.batches(tc.micro_batch, tc.seed)
     out = Path(tc.out)
     ckpt_root = out / "ckpt"
     start_step, tokens_seen = 0, 0
     # B_simple from the first micro-batch's gradient (B_small) and the accumulated one (B_big).
     noise = NoiseScaleTracker() if tc.noise_scale else None
-    claim_output_dir(out, "train", TRAIN_FILES)  # refuses a file or a user's non-empty folder
+    claim_output_dir(out, kind, out_files)  # refuses a file or a user's non-empty folder
     latest = latest_checkpoint(ckpt_root)
     if latest and not resume:
         raise LmforgeError(f"{out} already holds checkpoints (latest {latest.name}); pass --resume "
@@ -114,7 +153,7 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
     elif resume:
         _truncate_metrics(out / "metrics.jsonl", 0)
         console.print(f"no checkpoint in {ckpt_root}: starting at step 1", highlight=False)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
 
     forward = torch.compile(model) if tc.compile else model
     flops_per_token = cfg.flops_per_token(tc.seq_len)
@@ -124,13 +163,14 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
                   f"device {device}{' bf16' if use_bf16 else ''}, {tc.max_steps} steps x "
                   f"{tc.global_batch_tokens} tokens (grad accum {tc.grad_accum})")
 
-    def checkpoint(step):
+    def checkpoint(step, loader_state=None):
         save_checkpoint(ckpt_root, step, model, optimizer,
-                        {"tokens_seen": tokens_seen, "loader": loader.state_dict(),
+                        {"tokens_seen": tokens_seen, "loader": loader_state or loader.state_dict(),
                          **({"noise_scale": vars(noise)} if noise else {})}, tc.keep_last)
 
     model.train()
-    step = start_step
+    completed = start_step
+    completed_loader = loader.state_dict()
     t_last, tokens_last = time.perf_counter(), tokens_seen
     val_loss = None
     try:
@@ -138,25 +178,18 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
             lr = lr_at(step, tc.max_steps, tc.lr, tc.schedule, tc.warmup, tc.decay, tc.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(tc.grad_accum):
-                batch = loader.next_batch().to(device, non_blocking=True)
-                with autocast():
-                    loss = forward(batch[:, :-1], targets=batch[:, 1:])
-                    if cfg.n_experts:
-                        loss = loss + cfg.moe_aux_loss_coef * model.aux_loss()
-                (loss / tc.grad_accum).backward()
-                loss_sum += loss.detach()
-                if noise is not None and micro == 0:
-                    g2_small = grad_sq_norm(model) * tc.grad_accum ** 2
+            micros = [loader.next_batch() for _ in range(tc.grad_accum)]
+            loss_sum, extra_sums, counts, g2_small = accumulate_gradients(
+                objective, model, forward, micros, device, autocast, first_grad_sq=noise is not None)
+            n_step = sum(counts)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             if noise is not None:
-                noise.update(noise_scale(tc.micro_batch * tc.seq_len, g2_small, tc.global_batch_tokens,
-                                         float(grad_norm) ** 2))
+                noise.update(noise_scale(counts[0], g2_small, n_step, float(grad_norm) ** 2))
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens_seen += tc.global_batch_tokens
+            tokens_seen += n_step
             done = step + 1
+            completed, completed_loader = done, loader.state_dict()  # what an interrupt may save
+            optimizer.zero_grad(set_to_none=True)
             loss_value = loss_sum.item() / tc.grad_accum
             if not math.isfinite(loss_value):
                 raise LmforgeError(f"loss became {loss_value} at step {done}; lower train.lr or check the data")
@@ -165,26 +198,29 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
                 tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, tokens_seen
                 metrics = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                           "tokens_seen": tokens_seen, "peak_mem_mb": peak_memory_bytes(device) / 2**20}
+                           "tokens_seen": tokens_seen, "peak_mem_mb": peak_memory_bytes(device) / 2**20,
+                           **{k: v / max(n_step, 1) for k, v in extra_sums.items()}}
                 if peak:
                     metrics["mfu"] = flops_per_token * tps / peak
                 if noise is not None:
                     metrics["noise_scale_tokens"] = noise.b_simple
                 logger.log(done, metrics)
-            if val is not None and (done % tc.eval_every == 0 or done == tc.max_steps):
-                val_loss = evaluate_loss(model, val, tc.seq_len, tc.eval_tokens, tc.micro_batch, autocast)
-                logger.log(done, {"val_loss": val_loss})
+            if done % tc.eval_every == 0 or done == tc.max_steps:
+                held_out = objective.evaluate(model, autocast)
+                if held_out:
+                    val_loss = held_out.get("val_loss", val_loss)
+                    logger.log(done, held_out)
             if done % tc.ckpt_every == 0 or done == tc.max_steps:
                 checkpoint(done)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted: saving a checkpoint at step {step}[/]")
-        if step > start_step:
-            checkpoint(step)
+        # the last step whose update is in the weights, with the loader just past its batches
+        console.print(f"[yellow]interrupted: saving a checkpoint at step {completed}[/]")
+        if completed > start_step:
+            checkpoint(completed, completed_loader)
         raise
     finally:
         logger.close()
-    tok_dir = shard_tokenizer_dir(tc.data)
-    save(model, out / "model", tokenizer=load_tokenizer(tok_dir) if tok_dir else None)
+    save(model, out / "model", tokenizer=objective.tokenizer())
     plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
     last = read_metrics(out / "metrics.jsonl")
     losses = [r["loss"] for r in last if "loss" in r]
