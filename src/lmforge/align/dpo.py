@@ -1,0 +1,231 @@
+"""Direct Preference Optimisation as an objective on the shared training loop.
+
+The reference model's log-probs never need a second model in memory: they are computed once,
+before training, from the starting weights and cached (in memory, and in train.out keyed by a
+fingerprint of the data and the weights, so a resumed run reuses them instead of scoring with the
+half-trained weights); or, for a model carrying LoRA adapters, computed on the fly with the
+adapters switched off (`adapters_disabled`: the frozen base is the reference).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+
+from lmforge.align.lora import adapters_disabled, lora_layers
+from lmforge.align.preference import DPO_LOSS_TYPES, dpo_loss
+from lmforge.align.preference_data import (PairExample, PairLoader, build_pair_examples, collate_pairs,
+                                           completion_logps, read_preference_jsonl, stdlib_pairs)
+from lmforge.align.sft import pad_token_id
+from lmforge.config import check_positive, to_dict
+from lmforge.errors import LmforgeError
+from lmforge.model import load
+from lmforge.model.pretrained import find_tokenizer, resolve_model_path
+from lmforge.outputs import atomic_write_bytes, claim_output_dir
+from lmforge.tokenizer import Tokenizer, load_tokenizer
+from lmforge.train.config import TrainConfig
+from lmforge.train.trainer import TRAIN_FILES, fit, resolve_device
+
+REFERENCE_FILE = "reference_logps.safetensors"
+DPO_FILES = [*TRAIN_FILES, REFERENCE_FILE]
+
+
+@dataclass
+class DPOConfig:
+    data: str = ""              # JSONL with prompt/chosen/rejected per line; "" -> stdlib real vs corrupted bodies
+    val_data: str = ""          # held-out JSONL; "" -> the stdlib val split when data is "", else none
+    tokenizer: str = ""         # "" -> the model's own
+    max_examples: int = 1000
+    val_examples: int = 64
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0  # cDPO for sigmoid, the flip rate for robust
+    data_seed: int = 0          # the default data's corruptions
+
+    def __post_init__(self):
+        check_positive(self, "dpo", "max_examples", "val_examples", "beta")
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise LmforgeError(f"dpo.loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise LmforgeError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass
+class DPORecipe:
+    """An optimizer step sees micro_batch * grad_accum pairs (grad_accum from global_batch_tokens as usual)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+# --- reference log-probs ----------------------------------------------------------------------------
+@torch.no_grad()
+def reference_logps(model, examples: list[PairExample], pad_id: int, batch: int = 8) -> torch.Tensor:
+    """[N, 2] summed completion log-probs (chosen, rejected) of every pair under `model` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        b = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+        logps = completion_logps(model, b)
+        out.append(torch.stack([logps[:len(chunk)], logps[len(chunk):]], dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def fingerprint(model, *example_lists: list[PairExample]) -> str:
+    """sha256 of the weights and the tokenised pairs: a cache made for anything else is not used."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    for examples in example_lists:
+        h.update(b"|")
+        for e in examples:
+            h.update(repr((e.prompt, e.chosen, e.rejected)).encode())
+    return h.hexdigest()
+
+
+def cached_reference(model, train: list[PairExample], val: list[PairExample], pad_id: int,
+                     path: Path | None, console: Console) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of the train and val pairs: read from `path` when its fingerprint matches,
+    else computed with `model` and written there (atomically)."""
+    key = fingerprint(model, train, val)
+    if path is not None and path.is_file():
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # noqa: BLE001 (an unreadable cache is recomputed)
+            meta = {}
+        if meta.get("fingerprint") == key:
+            cached = load_file(str(path))
+            console.print(f"reference log-probs: cached ({path})", highlight=False)
+            return cached["train"], cached["val"]
+    ref_train, ref_val = reference_logps(model, train, pad_id), reference_logps(model, val, pad_id)
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"train": ref_train.contiguous(), "val": ref_val.contiguous()}, str(tmp),
+                  metadata={"fingerprint": key})
+        atomic_write_bytes(path, tmp.read_bytes())
+        tmp.unlink()
+    console.print(f"reference log-probs: computed for {len(train)} + {len(val)} pairs", highlight=False)
+    return ref_train, ref_val
+
+
+# --- the objective -----------------------------------------------------------------------------------
+class DPOObjective:
+    """DPO loss on pairs. With ref_train/ref_val (from `cached_reference`) the reference is the cache;
+    without, the model must carry LoRA adapters and the reference is the model with them disabled."""
+
+    def __init__(self, tok: Tokenizer | None, train: list[PairExample], val: list[PairExample], cfg: DPOConfig,
+                 eval_batch: int, pad_id: int, ref_train: torch.Tensor | None = None,
+                 ref_val: torch.Tensor | None = None, vocab_size: int | None = None):
+        self.tok, self.train, self.val, self.cfg, self.eval_batch = tok, train, val, cfg, eval_batch
+        self.pad_id, self.ref_train, self.ref_val = pad_id, ref_train, ref_val
+        self.vocab_size = vocab_size if vocab_size is not None else tok.vocab_size
+
+    def batches(self, micro_batch: int, seed: int) -> PairLoader:
+        return PairLoader(self.train, micro_batch, seed, self.pad_id)
+
+    def loss_tokens(self, batch) -> int:
+        return batch["tokens"].shape[0] // 2  # the loss is a mean over pairs
+
+    def reference(self, model, batch, cache: torch.Tensor | None) -> torch.Tensor:
+        """[2B] reference log-probs of the batch's rows (chosen then rejected)."""
+        if cache is not None:
+            ref = cache[batch["index"].cpu()].to(batch["tokens"].device)
+            return torch.cat([ref[:, 0], ref[:, 1]])
+        if not lora_layers(model):
+            raise LmforgeError("DPO needs precomputed reference log-probs or a model with LoRA adapters")
+        with torch.no_grad(), adapters_disabled(model):
+            return completion_logps(model, batch)
+
+    def pair_loss(self, model, batch, cache):
+        logps = completion_logps(model, batch)
+        ref = self.reference(model, batch, cache).to(logps.dtype)
+        b = logps.shape[0] // 2
+        return dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=self.cfg.beta, loss_type=self.cfg.loss_type,
+                        label_smoothing=self.cfg.label_smoothing)
+
+    def loss(self, model, batch):
+        out = self.pair_loss(model, batch, self.ref_train)
+        return out.loss, metrics(out)
+
+    def evaluate(self, model, autocast) -> dict[str, float]:
+        if not self.val:
+            return {}
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        with torch.no_grad(), autocast():
+            for i in range(0, len(self.val), self.eval_batch):
+                chunk = self.val[i:i + self.eval_batch]
+                batch = {k: v.to(device) for k, v in collate_pairs(chunk, self.pad_id).items()}
+                batch["index"] = torch.arange(i, i + len(chunk))
+                out = self.pair_loss(model, batch, self.ref_val)
+                for k, v in {"loss": float(out.loss), **metrics(out)}.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(chunk)
+        model.train(was_training)
+        return {f"val_{k}": v / len(self.val) for k, v in sums.items()}
+
+    def tokenizer(self) -> Tokenizer | None:
+        return self.tok
+
+
+def metrics(out) -> dict[str, float]:
+    return {"reward_accuracy": float(out.reward_accuracy), "reward_margin": float(out.reward_margin),
+            "chosen_reward": float(out.chosen_rewards.mean()), "rejected_reward": float(out.rejected_rewards.mean())}
+
+
+# --- the command ---------------------------------------------------------------------------------------
+def preference_examples(section, section_name: str, tok: Tokenizer, max_len: int, console: Console):
+    """(train, val) tokenised pairs from the section's data / val_data settings (shared by dpo and rm)."""
+    if section.data:
+        train_pairs = read_preference_jsonl(section.data)
+        val_pairs = read_preference_jsonl(section.val_data) if section.val_data else []
+    else:
+        if section.val_data:
+            raise LmforgeError(f"{section_name}.val_data needs {section_name}.data (the default data has its own "
+                               "val split)")
+        train_pairs, val_pairs = stdlib_pairs("train", section.data_seed), stdlib_pairs("val", section.data_seed)
+    train, dropped = build_pair_examples(tok, train_pairs, max_len, section.max_examples)
+    val, val_dropped = build_pair_examples(tok, val_pairs, max_len, section.val_examples)
+    if not train:
+        raise LmforgeError(f"no preference pair fits train.seq_len={max_len - 1} tokens")
+    console.print(f"preference data: {len(train)} train pairs, {len(val)} held-out "
+                  f"({dropped + val_dropped} longer than {max_len} tokens skipped)", highlight=False)
+    return train, val
+
+
+def starting_point(tc: TrainConfig, model: str | None, tokenizer: str) -> tuple[Path, Tokenizer]:
+    if model is not None and tc.init_from and model != tc.init_from:
+        raise LmforgeError(f"two models given ({model!r} and train.init_from={tc.init_from!r}); give one")
+    path = resolve_model_path(model or tc.init_from or None)
+    if not path.exists():
+        raise LmforgeError(f"model not found: {path}")
+    tc.init_from = str(path)
+    return path, load_tokenizer(tokenizer or find_tokenizer(path))
+
+
+def finetune_dpo(recipe: DPORecipe, model: str | None = None, resume: bool = False,
+                 console: Console | None = None) -> dict:
+    """DPO of MODEL (or train.init_from; default the bundled SmolLM2-135M-Instruct) into train.out;
+    the reference log-probs come from the starting weights, computed once and cached in train.out."""
+    console = console or Console()
+    tc, dc = recipe.train, recipe.dpo
+    path, tok = starting_point(tc, model, dc.tokenizer)
+    pad_id = pad_token_id(tok)
+    train, val = preference_examples(dc, "dpo", tok, tc.seq_len + 1, console)
+    out = claim_output_dir(tc.out, "finetune", DPO_FILES)
+    start = load(path, dtype=torch.float32, device=resolve_device(tc.device))  # the reference: scored once, then freed before training
+    ref_train, ref_val = cached_reference(start, train, val, pad_id, out / REFERENCE_FILE, console)
+    del start
+    objective = DPOObjective(tok, train, val, dc, tc.micro_batch, pad_id, ref_train, ref_val)
+    return fit(objective, tc, to_dict(recipe), None, "finetune", DPO_FILES, resume, console)
