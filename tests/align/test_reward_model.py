@@ -52,8 +52,8 @@ def test_reward_model_learns_held_out_preferences_and_shuffled_control_does_not(
     start = tmp_path / "start"
     save(tiny(tok, 0), start, tokenizer=tok)
     val_pairs = key_value_pairs(random.Random(100), 64)
-    common = ["train.seq_len=16", "train.micro_batch=16", "train.global_batch_tokens=256", "train.max_steps=150",
-              "train.lr=0.003", "train.warmup=0.1", "train.eval_every=150", "train.ckpt_every=150",
+    common = ["train.seq_len=16", "train.micro_batch=16", "train.global_batch_tokens=256", "train.max_steps=300",
+              "train.lr=0.003", "train.warmup=0.1", "train.eval_every=300", "train.ckpt_every=300",
               "train.log_every=20", "train.tensorboard=false", "train.seed=0", "rm.max_examples=400"]
     acc = {}
     for name, shuffled in (("real", False), ("shuffled", True)):
