@@ -54,7 +54,8 @@ VALIDATION_ONLY = {
 ALWAYS = {("data", "pii-bench"): ["--no-presidio"]}
 # Commands whose default input is large (the bundled 135M-parameter model, the whole stdlib corpus)
 # always get a drawn one: the tiny model in the workspace, or a path that is wrong in some way.
-HEAVY_DEFAULT = {("finetune", "sft"), ("finetune", "dpo"), ("finetune", "rm"), ("generate",), ("chat",), ("int8-report",), ("eval",), ("tokenizer", "train")}
+HEAVY_DEFAULT = {("finetune", "sft"), ("finetune", "dpo"), ("finetune", "rm"), ("generate",), ("chat",), ("int8-report",),
+                 ("eval",), ("tokenizer", "train")}
 # Loop counts bounded so that a valid value finishes in a moment (the value itself is not the bug).
 CAPS = {"bootstrap": 20, "docs": 30, "max_tokens": 8, "max_chars": 3000, "limit": 3}
 PATHS = ["", "missing", "missing/deeper/x", "file.txt", "empty.txt", "latin1.txt", "folder", "ü🙂 name",

@@ -9,12 +9,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.align.dpo import (REFERENCE_FILE, DPOConfig, DPOObjective, DPORecipe, cached_reference,
-                               finetune_dpo, reference_logps)
+from lmforge.align.dpo import (
+    REFERENCE_FILE,
+    DPOConfig,
+    DPOObjective,
+    DPORecipe,
+    cached_reference,
+    finetune_dpo,
+    reference_logps,
+)
 from lmforge.align.lora import apply_lora, lora_layers
 from lmforge.align.preference import dpo_loss
-from lmforge.align.preference_data import (IGNORE, PreferencePair, build_pair_examples, collate_pairs,
-                                           corrupt_body, read_preference_jsonl, stdlib_pairs, tokenize_pair)
+from lmforge.align.preference_data import (
+    IGNORE,
+    PreferencePair,
+    build_pair_examples,
+    collate_pairs,
+    corrupt_body,
+    read_preference_jsonl,
+    stdlib_pairs,
+    tokenize_pair,
+)
 from lmforge.config import load_recipe
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer, load, save
@@ -38,9 +53,13 @@ def key_value_pairs(rng: random.Random, n: int, shuffled: bool = False) -> list[
     return pairs
 
 
+def kv_tokenizer():
+    return train_tokenizer([" ".join(KEYS + VALUES + NOISE) + " = ="] * 20, vocab_size=300, min_frequency=1)
+
+
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer([" ".join(KEYS + VALUES + NOISE) + " = ="] * 20, vocab_size=300, min_frequency=1)
+    return kv_tokenizer()
 
 
 def tiny(tok, seed=0, dtype=torch.float32):

@@ -8,13 +8,25 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.align.preference_data import build_pair_examples, collate_pairs
-from lmforge.align.reward_model import (HEAD_FILE, RewardObjective, RMConfig, RMRecipe, finetune_rm,
-                                        load_reward_model, sequence_rewards)
+from lmforge.align.reward_model import (
+    HEAD_FILE,
+    RewardObjective,
+    RMConfig,
+    RMRecipe,
+    finetune_rm,
+    load_reward_model,
+    sequence_rewards,
+)
 from lmforge.config import load_recipe
 from lmforge.errors import LmforgeError
 from lmforge.model import save
 
-from .test_dpo import key_value_pairs, tiny, tok, write_pairs  # noqa: F401 (tok: a fixture)
+from .test_dpo import key_value_pairs, kv_tokenizer, tiny, write_pairs
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return kv_tokenizer()
 
 
 def test_reward_is_the_head_token_logit_at_the_last_real_token_and_loss_is_bradley_terry(tok):

@@ -18,8 +18,15 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.align.lora import adapters_disabled, lora_layers
 from lmforge.align.preference import DPO_LOSS_TYPES, dpo_loss
-from lmforge.align.preference_data import (PairExample, PairLoader, build_pair_examples, collate_pairs,
-                                           completion_logps, read_preference_jsonl, stdlib_pairs)
+from lmforge.align.preference_data import (
+    PairExample,
+    PairLoader,
+    build_pair_examples,
+    collate_pairs,
+    completion_logps,
+    read_preference_jsonl,
+    stdlib_pairs,
+)
 from lmforge.align.sft import pad_token_id
 from lmforge.config import check_positive, to_dict
 from lmforge.errors import LmforgeError
@@ -27,6 +34,7 @@ from lmforge.model import load
 from lmforge.model.pretrained import find_tokenizer, resolve_model_path
 from lmforge.outputs import atomic_write_bytes, claim_output_dir
 from lmforge.tokenizer import Tokenizer, load_tokenizer
+from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.trainer import TRAIN_FILES, fit, resolve_device
 
@@ -224,6 +232,8 @@ def finetune_dpo(recipe: DPORecipe, model: str | None = None, resume: bool = Fal
     pad_id = pad_token_id(tok)
     train, val = preference_examples(dc, "dpo", tok, tc.seq_len + 1, console)
     out = claim_output_dir(tc.out, "finetune", DPO_FILES)
+    if not resume and latest_checkpoint(out / "ckpt"):  # fit refuses too, but only after the reference pass
+        raise LmforgeError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another train.out")
     start = load(path, dtype=torch.float32, device=resolve_device(tc.device))  # the reference: scored once, then freed before training
     ref_train, ref_val = cached_reference(start, train, val, pad_id, out / REFERENCE_FILE, console)
     del start

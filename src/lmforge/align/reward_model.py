@@ -150,7 +150,7 @@ def finetune_rm(recipe: RMRecipe, model: str | None = None, resume: bool = False
     weights, the tokenizer and reward_head.safetensors."""
     console = console or Console()
     tc, rc = recipe.train, recipe.rm
-    path, tok = starting_point(tc, model, rc.tokenizer)
+    _, tok = starting_point(tc, model, rc.tokenizer)
     pad_id = pad_token_id(tok)
     train, val = preference_examples(rc, "rm", tok, tc.seq_len + 1, console)
     objective = RewardObjective(tok, train, val, rc, tc.micro_batch, pad_id)
