@@ -216,3 +216,25 @@ def test_dpo_learns_prompt_dependent_preferences_and_shuffled_control_does_not(t
     print(f"held-out implicit-reward accuracy: real {acc['real']:.3f}, shuffled {acc['shuffled']:.3f}")
     assert acc["real"] > 0.9
     assert abs(acc["shuffled"] - 0.5) < 0.2
+
+
+def test_dpo_resume_reuses_the_cached_reference_and_matches_an_uninterrupted_run(tok, tmp_path, capsys):
+    from safetensors.torch import load_file
+    start = tmp_path / "start"
+    save(tiny(tok, 0), start, tokenizer=tok)
+    data = write_pairs(tmp_path / "pairs.jsonl", key_value_pairs(random.Random(0), 40))
+    common = ["train.seq_len=16", "train.micro_batch=4", "train.global_batch_tokens=128", "train.lr=0.003",
+              "train.warmup=0", "train.decay=0",  # a constant lr: the 2-step run's schedule is the 6-step one's start
+              "train.ckpt_every=2", "train.eval_every=100", "train.log_every=1", "train.tensorboard=false",
+              f"dpo.data={data}"]
+    finetune_dpo(load_recipe(DPORecipe, None, [*common, "train.max_steps=6", f"train.out={tmp_path / 'full'}"]),
+                 str(start))
+    part = [*common, f"train.out={tmp_path / 'part'}"]
+    finetune_dpo(load_recipe(DPORecipe, None, [*part, "train.max_steps=2"]), str(start))
+    capsys.readouterr()
+    finetune_dpo(load_recipe(DPORecipe, None, [*part, "train.max_steps=6"]), str(start), resume=True)
+    assert "reference log-probs: cached" in capsys.readouterr().out
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("full", "part"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(LmforgeError, match="already holds checkpoints"):
+        finetune_dpo(load_recipe(DPORecipe, None, [*part, "train.max_steps=6"]), str(start))
