@@ -33,6 +33,7 @@ class RolloutBatch:
     truncated: torch.Tensor         # [N] bool: cut by max_tokens (no EOS)
     rewards: torch.Tensor           # [N] float
     old_logprobs: torch.Tensor      # [N, C] log-probs of the completion under the sampling policy
+    sample_logprobs: torch.Tensor | None = None  # [N, C] what the engine computed while sampling
     ref_logprobs: torch.Tensor | None = None
     prefix_hits: int = 0            # prompt tokens served from the prefix cache
     rollout_seconds: float = 0.0
@@ -77,22 +78,23 @@ def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, *
 
     def params(i, g):
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=(seed * 1_000_003 + i * 1009 + g),
-                              ignore_eos=False)
+                              logprobs=0)
     ids = {}
     for i, p in enumerate(prompts):  # leaders first: their prefill publishes the prompt's blocks
         ids[engine.add_request(f"{i}/0", p, params(i, 0))] = (i, 0)
-    outputs: dict[tuple[int, int], dict] = {k: {"ids": [], "reason": None} for k in ids.values()}
+    outputs: dict[tuple[int, int], dict] = {k: {"ids": [], "lps": [], "reason": None} for k in ids.values()}
 
     def drain():
         for out in engine.step():
             o = outputs[ids[out.request_id]]
             o["ids"] += out.new_token_ids
+            o["lps"] += [lp.logprob for lp in out.logprobs]
             o["reason"] = out.finish_reason
     drain()
     for i, p in enumerate(prompts):
         for g in range(1, group_size):
             ids[engine.add_request(f"{i}/{g}", p, params(i, g))] = (i, g)
-            outputs[(i, g)] = {"ids": [], "reason": None}
+            outputs[(i, g)] = {"ids": [], "lps": [], "reason": None}
     while engine.has_work:
         drain()
     rollout_seconds = time.perf_counter() - t0
@@ -105,11 +107,13 @@ def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, *
     tokens = torch.full((n, length), pad_id, dtype=torch.long)
     completion_ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros(n, width)
+    sample_lp = torch.zeros(n, width)
     for r, ((i, _), c) in enumerate(zip(rows, comps)):
         full = prompts[i] + c
         tokens[r, :len(full)] = torch.tensor(full)
         completion_ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
         mask[r, :len(c)] = 1
+        sample_lp[r, :len(c)] = torch.tensor(outputs[rows[r]]["lps"])
     truncated = torch.tensor([outputs[r]["reason"] == "length" for r in rows])
     rewards = torch.zeros(n)
     if reward_fn is not None:
@@ -123,5 +127,5 @@ def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, *
         t, pl, m = tokens.to(device), prompt_lens.to(device), mask.to(device)
         old = completion_logprobs(model, t, pl, m)
         ref = completion_logprobs(ref_model, t, pl, m) if ref_model is not None else None
-    return RolloutBatch(tokens, prompt_lens, completion_ids, mask, truncated, rewards, old.cpu(),
+    return RolloutBatch(tokens, prompt_lens, completion_ids, mask, truncated, rewards, old.cpu(), sample_lp,
                         ref.cpu() if ref is not None else None, engine.blocks.prefix_hits, rollout_seconds)

@@ -1,0 +1,140 @@
+"""GRPO: group rollouts through the serving engine (prompt blocks shared across the group, masks and
+truncation flags right, old-policy log-probs equal to a plain full forward, the engine sampling with
+the weights of the moment after an update), the objective's loss equal to rl.grpo_loss on reference
+log-probs, and a tiny model whose reward rises under GRPO while a random-reward control's does not."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.align.grpo import GRPOConfig, GRPOObjective
+from lmforge.align.rl import group_advantages, grpo_loss, mask_truncated
+from lmforge.align.rollouts import sample_groups
+from lmforge.align.tasks import Task, arithmetic_tasks, exact_match_reward, first_integer
+from lmforge.errors import LmforgeError
+from lmforge.model import ModelConfig, Transformer
+from lmforge.tokenizer.train import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [f"{t.prompt} {t.answer}" for t in arithmetic_tasks(400, 0)]
+    return train_tokenizer(texts, vocab_size=300, min_frequency=1)
+
+
+def tiny(tok, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=48, n_layers=2, n_heads=4, n_kv_heads=2,
+                                   hidden_dim=96, max_seq_len=64)).to(dtype)
+
+
+def eos_prone(tok, seed=0):
+    """A random model whose head makes EOS likely at some positions and never at others: all other
+    logits are 0, the EOS logit is a random direction of the hidden state."""
+    model = tiny(tok, seed)
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_id] *= 40
+        keep = model.lm_head.weight[tok.eos_id].clone()
+        model.lm_head.weight.mul_(0.3)
+        model.lm_head.weight[tok.eos_id] = keep
+    return model
+
+
+def reference_logprobs(model, tokens, prompt_len, n):
+    """log_softmax of a full forward of the row alone, gathered at the completion's n tokens."""
+    ids = tokens[:prompt_len + n][None]
+    logp = F.log_softmax(model(ids[:, :-1]).double(), dim=-1)[0]
+    return logp[torch.arange(prompt_len - 1, prompt_len + n - 1), ids[0, prompt_len:]]
+
+
+def test_tasks_are_seeded_split_and_scored_by_the_first_integer():
+    train, val = arithmetic_tasks(300, 1), arithmetic_tasks(50, 1, "val")
+    assert train == arithmetic_tasks(300, 1) and train != arithmetic_tasks(300, 2)
+    assert not {t.prompt for t in train} & {t.prompt for t in val}
+    a, b = (int(x) for x in train[0].prompt.removeprefix("What is ").split("?")[0].split(" + "))
+    assert train[0].answer == a + b
+    task = Task("What is 2 + 3? Answer:", 5)
+    assert exact_match_reward(" 5, since 2+3", task) == 1.0
+    assert exact_match_reward(" 15", task) == 0.0 and exact_match_reward(" five", task) == 0.0
+    assert first_integer("x -12 4") == -12
+    with pytest.raises(LmforgeError, match="grpo.ops"):
+        arithmetic_tasks(3, 0, ops="/")
+
+
+def test_rollouts_share_the_prompt_masks_truncation_and_old_logprobs_equal_a_full_forward(tok):
+    model = eos_prone(tok)
+    tasks = arithmetic_tasks(3, 5)
+    prompts = [tok.encode(t.prompt) for t in tasks]
+    G, max_tokens = 4, 6
+    r = sample_groups(model, tok, prompts, G, max_tokens=max_tokens, temperature=1.0, seed=3, pad_id=tok.eos_id,
+                      tasks=tasks, reward_fn=exact_match_reward, block_size=4)
+    # the G-1 followers of each prompt reuse its full blocks (all but the last prompt token is never recomputed)
+    assert r.prefix_hits == sum((G - 1) * ((len(p) - 1) // 4) * 4 for p in prompts) > 0
+    lens = r.completion_mask.sum(1).long()
+    assert 0 < int(r.truncated.sum()) < len(lens), "the fixture should give both ended and cut completions"
+    for i in range(len(lens)):
+        p, n = len(prompts[i // G]), int(lens[i])
+        assert r.tokens[i, :p].tolist() == prompts[i // G]
+        assert r.tokens[i, p:p + n].tolist() == r.completion_ids[i, :n].tolist()
+        assert r.completion_mask[i, n:].sum() == 0
+        ended = r.completion_ids[i, n - 1] == tok.eos_id
+        assert bool(r.truncated[i]) == (not ended) and (ended or n == max_tokens)
+        expected = reference_logprobs(model, r.tokens[i], p, n)
+        torch.testing.assert_close(r.old_logprobs[i, :n].double(), expected, rtol=0, atol=2e-5)
+        torch.testing.assert_close(r.sample_logprobs[i, :n].double(), expected, rtol=0, atol=2e-5)
+    assert len({tuple(r.completion_ids[i].tolist()) for i in range(G)}) > 1  # a group is G different samples
+
+
+def test_after_an_update_the_engine_samples_with_the_new_weights(tok):
+    """Stale KV or prefix blocks from before an update would make the engine's sampling log-probs
+    differ from the updated model's own (the test fails when the engine is reused across updates)."""
+    model = tiny(tok)
+    tasks = arithmetic_tasks(2, 6)
+    prompts = [tok.encode(t.prompt) for t in tasks]
+    sample_groups(model, tok, prompts, 3, max_tokens=4, temperature=1.0, seed=1, pad_id=tok.eos_id)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    r = sample_groups(model, tok, prompts, 3, max_tokens=4, temperature=1.0, seed=1, pad_id=tok.eos_id)
+    m = r.completion_mask.bool()
+    torch.testing.assert_close(r.sample_logprobs[m], r.old_logprobs[m], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("aggregation,scale,beta", [("grpo", "group", 0.0), ("dr_grpo", "none", 0.04),
+                                                    ("dapo", "batch", 0.1)])
+def test_objective_loss_equals_grpo_loss_on_reference_logprobs(tok, aggregation, scale, beta):
+    model = eos_prone(tok)
+    tasks = arithmetic_tasks(3, 7)
+    prompts = [tok.encode(t.prompt) for t in tasks]
+    r = sample_groups(model, tok, prompts, 4, max_tokens=6, temperature=1.0, seed=2, pad_id=tok.eos_id)
+    g = torch.Generator().manual_seed(0)
+    r.rewards = torch.randint(0, 2, (12,), generator=g).float()
+    m = r.completion_mask
+    r.old_logprobs = r.old_logprobs + 0.3 * torch.randn(r.old_logprobs.shape, generator=g) * m  # ratios off 1
+    r.ref_logprobs = r.old_logprobs + 0.5 * torch.randn(r.old_logprobs.shape, generator=g) * m
+    model = model.double()
+    cfg = GRPOConfig(group_size=4, max_tokens=6, scale=scale, aggregation=aggregation, beta=beta)
+    obj = GRPOObjective(tok, tasks, [], cfg, 3, tok.eos_id, reference=lambda d: model)
+    loss, metrics = obj.loss(model, r.to_dict())
+    grads = torch.autograd.grad(loss, [model.lm_head.weight, model.embed_tokens.weight])
+
+    lens = m.sum(1).long()
+    lp = torch.zeros(m.shape, dtype=torch.float64)
+    rows = []
+    for i in range(12):
+        n = int(lens[i])
+        row = reference_logprobs(model, r.tokens[i], int(r.prompt_lens[i]), n)
+        rows.append(row)
+    lp = torch.stack([F.pad(x, (0, m.shape[1] - x.numel())) for x in rows])
+    adv = group_advantages(r.rewards.double(), 4, scale=scale)
+    expected = grpo_loss(lp, r.old_logprobs.double(), adv.advantages, mask_truncated(m.double(), r.truncated),
+                         ref_logprobs=r.ref_logprobs.double(), beta=beta, eps_low=0.2, eps_high=0.28,
+                         aggregation=aggregation, max_len=6)
+    torch.testing.assert_close(loss, expected.loss, rtol=1e-9, atol=1e-12)
+    expected_grads = torch.autograd.grad(expected.loss, [model.lm_head.weight, model.embed_tokens.weight])
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    assert metrics["clip_low"] + metrics["clip_high"] > 0
+    assert metrics["zero_variance_groups"] == pytest.approx(float(adv.zero_variance_fraction))
+    assert metrics["kl"] == pytest.approx(float(expected.kl), abs=1e-9)
