@@ -1,4 +1,4 @@
-"""`lmforge finetune`: post-training commands (`sft`, `dpo`, `rm`), each a recipe plus key=value overrides."""
+"""`lmforge finetune`: post-training commands (`sft`, `dpo`, `rm`, `grpo`), each a recipe plus key=value overrides."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.cli_options import model_alias, pick_model, tokenizer_option
 
 RECIPES = Path(__file__).parents[1] / "recipes"
-finetune = typer.Typer(help="Post-train a model: supervised finetuning, DPO, reward models.", no_args_is_help=True)
+finetune = typer.Typer(help="Post-train a model: supervised finetuning, DPO, reward models, GRPO.", no_args_is_help=True)
 
 
 @finetune.command("sft")
@@ -95,6 +95,29 @@ def rm_command(
     val = f", held-out loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
     typer.echo(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}{val}, "
                f"model at {summary['model_dir']}")
+
+
+@finetune.command("grpo")
+def grpo_command(
+    args: list[str] = typer.Argument(None, metavar="[MODEL] [SECTION.KEY=VALUE]...",
+                                     help="the model to start from (lmforge checkpoint dir, HF dir or .gguf; default: "
+                                          "the bundled SmolLM2-135M-Instruct GGUF) and overrides, e.g. "
+                                          "grpo.group_size=8 grpo.beta=0.04 grpo.aggregation=dr_grpo"),
+    recipe: Path = typer.Option(RECIPES / "grpo-tiny.yaml", "--recipe", "-r", help="YAML recipe"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in train.out"),
+    tokenizer: str = tokenizer_option(),
+    model_opt: str = model_alias(),
+):
+    """GRPO on generated arithmetic with an exact-match reward: every update samples grpo.group_size
+    completions per prompt through the serving engine with the current weights; writes train.out/model."""
+    from lmforge.align.grpo import GRPORecipe, finetune_grpo
+    from lmforge.config import load_recipe
+
+    model, overrides = model_and_overrides(args, model_opt)
+    if tokenizer:
+        overrides.append(f"grpo.tokenizer={tokenizer}")
+    summary = finetune_grpo(load_recipe(GRPORecipe, recipe, overrides), model, resume=resume)
+    typer.echo(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, model at {summary['model_dir']}")
 
 
 def register(app: typer.Typer) -> None:

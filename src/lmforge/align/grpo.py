@@ -22,7 +22,13 @@ import torch
 from rich.console import Console
 
 from lmforge.align.dpo import starting_point
-from lmforge.align.rl import ADVANTAGE_SCALES, AGGREGATIONS, group_advantages, grpo_loss, mask_truncated
+from lmforge.align.rl import (
+    ADVANTAGE_SCALES,
+    AGGREGATIONS,
+    group_advantages,
+    grpo_loss,
+    mask_truncated,
+)
 from lmforge.align.rollouts import RolloutBatch, completion_logprobs, sample_groups
 from lmforge.align.sft import pad_token_id
 from lmforge.align.tasks import Task, arithmetic_tasks, exact_match_reward
