@@ -56,6 +56,7 @@ class GRPOConfig:
     max_operand: int = 99
     ops: str = "+"
     tokenizer: str = ""           # "" -> the model's own
+    chat: bool = True             # prompts as a user turn when the tokenizer has a chat template
 
     def __post_init__(self):
         check_positive(self, "grpo", "max_tokens", "train_tasks", "val_tasks", "eps_low", "eps_high")
@@ -101,8 +102,14 @@ class GRPOObjective:
         self.prompts_per_batch, self.pad_id, self.reward_fn = prompts_per_batch, pad_id, reward_fn
         self.reference, self.ref_model = reference, None
         self.vocab_size = tok.vocab_size
-        self.train_ids = [tok.encode(t.prompt) for t in train]
-        self.val_ids = [tok.encode(t.prompt) for t in val]
+        self.train_ids = [self.encode(t.prompt) for t in train]
+        self.val_ids = [self.encode(t.prompt) for t in val]
+
+    def encode(self, prompt: str) -> list[int]:
+        """A chat model answers a user turn (given raw text, SmolLM2-Instruct ends at once)."""
+        if self.cfg.chat and self.tok.chat_template:
+            return self.tok.encode_chat([{"role": "user", "content": prompt}])
+        return self.tok.encode(prompt)
 
     def batches(self, micro_batch: int, seed: int) -> RolloutCounter:
         self.prompts_per_batch = micro_batch
