@@ -143,6 +143,13 @@ def test_objective_loss_equals_grpo_loss_on_reference_logprobs(tok, aggregation,
     assert metrics["clip_low"] + metrics["clip_high"] > 0
     assert metrics["zero_variance_groups"] == pytest.approx(float(adv.zero_variance_fraction))
     assert metrics["kl"] == pytest.approx(float(expected.kl), abs=1e-9)
+    with torch.no_grad():  # entropy of the full-forward distributions at the completion positions
+        ents = []
+        for i in range(12):
+            p, n = int(r.prompt_lens[i]), int(lens[i])
+            logp = F.log_softmax(model(r.tokens[i, :p + n - 1][None]).double(), dim=-1)[0, p - 1:]
+            ents.append(-(logp.exp() * logp).sum(-1))
+    assert metrics["entropy"] == pytest.approx(float(torch.cat(ents).mean()), rel=1e-9)
 
 
 def digit_share(text: str, task: Task) -> float:

@@ -145,7 +145,8 @@ class GRPOObjective:
         b = {k: v.to(device) for k, v in batch.items()}
         cfg = self.cfg
         t0 = time.perf_counter()
-        logprobs = completion_logprobs(model, b["tokens"], b["prompt_lens"], b["completion_mask"])
+        logprobs, entropy = completion_logprobs(model, b["tokens"], b["prompt_lens"], b["completion_mask"],
+                                                return_entropy=True)
         dtype = logprobs.dtype
         mask = b["completion_mask"].to(dtype)
         adv = group_advantages(b["rewards"].to(dtype), cfg.group_size, scale=cfg.scale)
@@ -160,6 +161,7 @@ class GRPOObjective:
             "train_tokens_per_s": float(b["tokens"].numel()) / max(time.perf_counter() - t0, 1e-9),  # forward only
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "zero_variance_groups": float(adv.zero_variance_fraction), "kl": float(out.kl),
+            "entropy": float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)),
             "clip_low": float(out.clip_low_fraction), "clip_high": float(out.clip_high_fraction),
             "response_length": float(mask.sum(1).mean()), "truncated": float(b["truncated"].float().mean()),
         })

@@ -48,17 +48,22 @@ def completion_positions(prompt_lens: torch.Tensor, width: int) -> torch.Tensor:
     return prompt_lens.unsqueeze(1) - 1 + torch.arange(width, device=prompt_lens.device).unsqueeze(0)
 
 
-def completion_logprobs(model, tokens: torch.Tensor, prompt_lens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def completion_logprobs(model, tokens: torch.Tensor, prompt_lens: torch.Tensor, mask: torch.Tensor,
+                        return_entropy: bool = False):
     """log pi(completion token | everything before it) -> [N, C] (0 outside the mask), via the chunked
-    token_logprobs (no [N, L, V] tensor). Right padding needs no attention mask: causal attention
+    token_logprobs (no [N, L, V] tensor);
+    with return_entropy also the policy's entropy at each completion position. Right padding needs no attention mask: causal attention
     never lets a real token see the padding after it."""
     targets = tokens[:, 1:].clone()
     grid = completion_positions(prompt_lens, mask.shape[1]).clamp(max=targets.shape[1] - 1)
     col = torch.arange(targets.shape[1], device=targets.device).unsqueeze(0)
     start = prompt_lens.unsqueeze(1) - 1
     targets[(col < start) | (col >= start + mask.sum(1, keepdim=True).long())] = -100
-    lp = model.token_logprobs(tokens[:, :-1], targets)
-    return lp.gather(1, grid) * mask.to(lp.dtype)
+    if not return_entropy:
+        lp = model.token_logprobs(tokens[:, :-1], targets)
+        return lp.gather(1, grid) * mask.to(lp.dtype)
+    lp, ent = model.token_logprobs(tokens[:, :-1], targets, return_entropy=True)
+    return lp.gather(1, grid) * mask.to(lp.dtype), ent.gather(1, grid) * mask.to(lp.dtype)
 
 
 def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, *, max_tokens: int,
