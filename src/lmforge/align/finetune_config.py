@@ -4,16 +4,20 @@ apply it inside the training loop.
 `lora.r: 0` (the default) is a full finetune. With r > 0, `prepare_model` freezes the starting
 weights and wraps the target layers with LoRA adapters (QLoRA with quantize_base: nf4) before the
 loop builds its optimizer, so only the adapters train; `finish_model` writes the adapter in the PEFT
-layout to train.out/adapter and hands the loop the merged plain model for train.out/model.
+layout to train.out/adapter and hands the loop the merged plain model for train.out/model. With
+QLoRA the merged model is the dequantised NF4 base plus the adapter: what the trained model
+computed (the adapter itself also applies to the original unquantised base, as QLoRA adapters do).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lmforge.align.lora import DEFAULT_TARGETS, apply_lora, lora_layers, merge_and_unload, save_adapter
+from lmforge.align.nf4 import NF4Linear
 from lmforge.config import check_choice, require
 
 ADAPTER_DIR = "adapter"
@@ -61,5 +65,22 @@ class LoraHooks:
         """-> (the plain model to save as out/model, extra files to copy into that folder)."""
         if lora_layers(model):
             save_adapter(model, out / ADAPTER_DIR, self.base_model)
+            dequantize_bases(model)
             model = merge_and_unload(model)
         return model, {}
+
+
+@torch.no_grad()
+def dequantize_bases(model: nn.Module) -> None:
+    """Replace every NF4 base under a LoRA layer by the plain nn.Linear it stands for, so it can merge."""
+    for layer in lora_layers(model).values():
+        base = layer.base_layer
+        if isinstance(base, NF4Linear):
+            weight = base.dequantized_weight()
+            plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+            plain.weight.copy_(weight)
+            if base.bias is not None:
+                plain.bias.copy_(base.bias)
+            plain.requires_grad_(False)
+            layer.base_layer = plain
