@@ -16,7 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.align.lora import DEFAULT_TARGETS, apply_lora, lora_layers, merge_and_unload, save_adapter
+from lmforge.align.lora import (
+    DEFAULT_TARGETS,
+    apply_lora,
+    lora_layers,
+    merge_and_unload,
+    save_adapter,
+)
 from lmforge.align.nf4 import NF4Linear
 from lmforge.config import check_choice, require
 

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 

@@ -16,9 +16,16 @@ from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer, load, save
 from lmforge.model.pretrained import resolve_model_path
 from lmforge.outputs import claim_output_dir
-from lmforge.train.noise_scale import NoiseScaleTracker, noise_scale
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.config import TrainConfig, TrainRecipe
+from lmforge.train.metrics import (
+    MetricsLogger,
+    device_peak_flops,
+    peak_memory_bytes,
+    plot_loss_curve,
+    read_metrics,
+)
+from lmforge.train.noise_scale import NoiseScaleTracker, noise_scale
 from lmforge.train.objective import (  # noqa: F401 (evaluate_loss: re-exported)
     Objective,
     PretrainObjective,
@@ -27,9 +34,7 @@ from lmforge.train.objective import (  # noqa: F401 (evaluate_loss: re-exported)
     prepare_model,
     to_device,
 )
-from lmforge.train.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes, plot_loss_curve, read_metrics
 from lmforge.train.schedule import lr_at
-
 
 TRAIN_FILES = ["recipe.yaml", "metrics.jsonl", "ckpt", "model", "adapter", "tensorboard", "loss_curve.png"]
 
