@@ -20,6 +20,7 @@ from lmforge.align.finetune_config import ADAPTER_DIR, LoraSettings
 from lmforge.align.lora import load_adapter, lora_layers
 from lmforge.align.reward_model import (
     HEAD_FILE,
+    RewardObjective,
     RMRecipe,
     finetune_rm,
     load_reward_model,
@@ -173,3 +174,28 @@ def test_reward_model_with_lora_trains_its_head_and_checkpoints_it(kv, tmp_path)
     assert torch.equal(load_file(out / "model" / HEAD_FILE)["weight"][0], head)
     assert "reward_head.weight" not in model.state_dict()
     load_adapter(load(start), out / ADAPTER_DIR)
+
+
+def test_reward_model_ctrl_c_and_resume_restores_its_head_bitwise(kv, tmp_path, monkeypatch):
+    """Full finetune (lora.r=0) + the head: the checkpoint holds every weight and the head, by name."""
+    _, start, data = kv
+    args = [*PAIRS, "lora.r=0", f"rm.data={data}"]
+    finetune_rm(load_recipe(RMRecipe, None, [*args, f"train.out={tmp_path / 'ref'}"]), str(start))
+    calls = {"n": 0}
+    real_loss = RewardObjective.loss
+
+    def interrupting_loss(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:  # grad accum 1: step 5's batch
+            raise KeyboardInterrupt
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(RewardObjective, "loss", interrupting_loss)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_rm(load_recipe(RMRecipe, None, [*args, f"train.out={tmp_path / 'cut'}"]), str(start))
+    assert "reward_head.weight" in load_file(latest_checkpoint(tmp_path / "cut" / "ckpt") / TRAINABLE_FILE)
+    monkeypatch.setattr(RewardObjective, "loss", real_loss)
+    finetune_rm(load_recipe(RMRecipe, None, [*args, f"train.out={tmp_path / 'cut'}"]), str(start), resume=True)
+    for file in ("model.safetensors", HEAD_FILE):
+        ours, want = load_file(tmp_path / "cut" / "model" / file), load_file(tmp_path / "ref" / "model" / file)
+        assert set(ours) == set(want) and all(torch.equal(ours[k], want[k]) for k in want), file
