@@ -1,6 +1,8 @@
-"""Reward model: the reward is the head applied to the last real token's hidden state (checked
-against the plain LM logits of an unpadded forward), the objective's loss is the Bradley–Terry
+"""Reward model: the reward is the separate scalar head applied to the last real token's hidden
+state (checked against the plain LM logits of an unpadded forward of a copy whose LM-head row is
+the head), the head trains and is saved/loaded, the objective's loss is the Bradley–Terry
 formula, and a reward model learns held-out preferences that a shuffled-label control cannot."""
+import copy
 import random
 
 import pytest
@@ -29,26 +31,35 @@ def tok():
     return kv_tokenizer()
 
 
-def test_reward_is_the_head_token_logit_at_the_last_real_token_and_loss_is_bradley_terry(tok):
-    model = tiny(tok, dtype=torch.float64)
+def test_reward_is_the_scalar_head_at_the_last_real_token_and_loss_is_bradley_terry(tok):
     examples, _ = build_pair_examples(tok, key_value_pairs(random.Random(0), 5), 64, 5)
-    cfg = RMConfig(margin=0.5, center_rewards=0.01, head_token=7)
+    cfg = RMConfig(margin=0.5, center_rewards=0.01)
     obj = RewardObjective(tok, examples, [], cfg, 5, tok.eos_id)
+    model = obj.prepare_model(tiny(tok, dtype=torch.float64))
+    head = model.reward_head
+    assert isinstance(head, torch.nn.Linear) and head.weight.shape == (1, 48) and head.weight.requires_grad
+    assert head.weight.dtype == torch.float64 and head.bias is None
     batch = obj.batches(5, seed=1).next_batch()  # right-padded: rows have different lengths
     assert len(set(batch["lengths"].tolist())) > 1
     loss, extra = obj.loss(model, batch)
+    loss.backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0  # the head trains
     with torch.no_grad():
-        # reference: each sequence alone, no padding; the head row's logit at its last token
+        # reference: each sequence alone, no padding, through the plain LM logits of a copy whose
+        # (untied) LM-head row 7 is the reward head
+        ref = copy.deepcopy(model)
+        ref.lm_head.weight[7] = head.weight[0]
         rows = [batch["full"][i, :n] for i, n in enumerate(batch["lengths"].tolist())]
-        expected_r = torch.stack([model(r[None])[0, -1, 7] for r in rows])
-        r = sequence_rewards(model, batch, model.lm_head.weight[7])
+        expected_r = torch.stack([ref(r[None])[0, -1, 7] for r in rows])
+        r = sequence_rewards(model, batch, head.weight[0])
+    assert not model.cfg.tie_embeddings
     torch.testing.assert_close(r, expected_r, rtol=1e-10, atol=1e-10)
     c, j = expected_r[:5], expected_r[5:]
     expected = -F.logsigmoid(c - j - 0.5).mean() + 0.01 * ((c + j) ** 2).mean()
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-10, atol=1e-10)
     assert extra["accuracy"] == pytest.approx(float((c > j).double().mean()))
-    with pytest.raises(LmforgeError, match="head_token"):
-        RewardObjective(tok, examples, [], RMConfig(head_token=10**6), 5, tok.eos_id).loss(model, batch)
+    with pytest.raises(LmforgeError, match="no reward head"):
+        obj.loss(tiny(tok, dtype=torch.float64), batch)
 
 
 def held_out_accuracy(model_dir, tok, pairs) -> float:

@@ -4,7 +4,8 @@ The reference model's log-probs never need a second model in memory: they are co
 before training, from the starting weights and cached (in memory, and in train.out keyed by a
 fingerprint of the data and the weights, so a resumed run reuses them instead of scoring with the
 half-trained weights); or, for a model carrying LoRA adapters, computed on the fly with the
-adapters switched off (`adapters_disabled`: the frozen base is the reference).
+adapters switched off (`adapters_disabled`: the frozen base is the reference). `lora.r > 0` in the
+recipe does the latter: no reference pass, no cache, no second copy.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
+from lmforge.align.finetune_config import LoraHooks, LoraSettings
 from lmforge.align.lora import adapters_disabled, lora_layers
 from lmforge.align.preference import DPO_LOSS_TYPES, dpo_loss
 from lmforge.align.preference_data import (
@@ -67,6 +69,7 @@ class DPORecipe:
     """An optimizer step sees micro_batch * grad_accum pairs (grad_accum from global_batch_tokens as usual)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 # --- reference log-probs ----------------------------------------------------------------------------
@@ -127,7 +130,7 @@ def cached_reference(model, train: list[PairExample], val: list[PairExample], pa
 
 
 # --- the objective -----------------------------------------------------------------------------------
-class DPOObjective:
+class DPOObjective(LoraHooks):
     """DPO loss on pairs. With ref_train/ref_val (from `cached_reference`) the reference is the cache;
     without, the model must carry LoRA adapters and the reference is the model with them disabled."""
 
@@ -234,8 +237,11 @@ def finetune_dpo(recipe: DPORecipe, model: str | None = None, resume: bool = Fal
     out = claim_output_dir(tc.out, "finetune", DPO_FILES)
     if not resume and latest_checkpoint(out / "ckpt"):  # fit refuses too, but only after the reference pass
         raise LmforgeError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another train.out")
-    start = load(path, dtype=torch.float32, device=resolve_device(tc.device))  # the reference: scored once, then freed before training
-    ref_train, ref_val = cached_reference(start, train, val, pad_id, out / REFERENCE_FILE, console)
-    del start
+    ref_train = ref_val = None
+    if not recipe.lora.enabled:  # with LoRA the reference is the frozen base, adapters off, on the fly
+        start = load(path, dtype=torch.float32, device=resolve_device(tc.device))  # scored once, then freed
+        ref_train, ref_val = cached_reference(start, train, val, pad_id, out / REFERENCE_FILE, console)
+        del start
     objective = DPOObjective(tok, train, val, dc, tc.micro_batch, pad_id, ref_train, ref_val)
+    objective.lora, objective.base_model = recipe.lora, str(path)
     return fit(objective, tc, to_dict(recipe), None, "finetune", DPO_FILES, resume, console)

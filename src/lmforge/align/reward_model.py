@@ -1,11 +1,11 @@
 """A Bradley–Terry reward model as an objective on the shared training loop.
 
 The reward of a sequence is a scalar head on the final hidden state of its last real token:
-r = h_last . w. The head vector w is one row of the model's own LM head (the row of token
-`rm.head_token`, default the last id), so the shared loop trains it with the rest of the model and
-it is saved with the weights, with no change to the loop; after training it is also written on its
-own, as `reward_head.safetensors` ({"weight": [1, dim]}, the token id in the metadata), beside the
-model so `load_reward_model` can score sequences.
+r = h_last . w, with w the weight of a separate nn.Linear(dim, 1, bias=False) (a bias cancels in
+every Bradley–Terry difference). The objective attaches it to the model in `prepare_model` (after
+LoRA, when the recipe asks for it: the head always trains), so the shared loop optimises and
+checkpoints it; `finish_model` detaches it and writes it as `reward_head.safetensors`
+({"weight": [1, dim]}) into the model folder, where `load_reward_model` reads it.
 """
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import torch
 from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from lmforge.align.dpo import preference_examples, starting_point
+from lmforge.align.finetune_config import LoraHooks, LoraSettings
 from lmforge.align.preference_data import PairExample, PairLoader, collate_pairs
 from lmforge.align.reward import bradley_terry_loss
 from lmforge.align.sft import pad_token_id
@@ -41,7 +43,6 @@ class RMConfig:
     val_examples: int = 64
     margin: float = 0.0         # Bradley–Terry margin m: -log sigma(r_c - r_r - m)
     center_rewards: float = 0.0  # coefficient of mean (r_c + r_r)^2; 0 = off
-    head_token: int = -1        # LM-head row used as the scalar head; -1 = the last id
     data_seed: int = 0
 
     def __post_init__(self):
@@ -54,14 +55,19 @@ class RMConfig:
 class RMRecipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
-def head_row(model, head_token: int) -> int:
-    vocab = model.lm_head.weight.shape[0]
-    row = head_token if head_token >= 0 else vocab + head_token
-    if not 0 <= row < vocab:
-        raise LmforgeError(f"rm.head_token={head_token} is outside the model's vocabulary of {vocab}")
-    return row
+HEAD_ATTR = "reward_head"
+RM_FILES = [*TRAIN_FILES, HEAD_FILE]
+
+
+def attach_reward_head(model) -> nn.Linear:
+    """A fresh trainable scalar head (nn.Linear default init, from the seeded RNG) on `model`."""
+    w = model.lm_head.weight
+    head = nn.Linear(w.shape[1], 1, bias=False, device=w.device, dtype=w.dtype)
+    setattr(model, HEAD_ATTR, head)
+    return head
 
 
 def last_token_hidden(model, full: torch.Tensor, full_mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -76,7 +82,7 @@ def sequence_rewards(model, batch: dict[str, torch.Tensor], head: torch.Tensor) 
     return h @ head.to(h.dtype)
 
 
-class RewardObjective:
+class RewardObjective(LoraHooks):
     def __init__(self, tok: Tokenizer | None, train: list[PairExample], val: list[PairExample], cfg: RMConfig,
                  eval_batch: int, pad_id: int, vocab_size: int | None = None):
         self.tok, self.train, self.val, self.cfg, self.eval_batch, self.pad_id = tok, train, val, cfg, eval_batch, pad_id
@@ -88,9 +94,25 @@ class RewardObjective:
     def loss_tokens(self, batch) -> int:
         return batch["full"].shape[0] // 2
 
+    def prepare_model(self, model):
+        model = super().prepare_model(model)
+        attach_reward_head(model)
+        return model
+
+    def finish_model(self, model, out: Path):
+        """Detach the head, write it as out/reward_head.safetensors (copied into out/model), then
+        the LoRA outputs (adapter + merged model) when there are adapters."""
+        head = getattr(model, HEAD_ATTR)
+        delattr(model, HEAD_ATTR)
+        path = save_reward_head(out, head.weight[0])
+        model, extra = super().finish_model(model, out)
+        return model, {**extra, HEAD_FILE: path}
+
     def pair_loss(self, model, batch):
-        head = model.lm_head.weight[head_row(model, self.cfg.head_token)]
-        r = sequence_rewards(model, batch, head)
+        head = getattr(model, HEAD_ATTR, None)
+        if head is None:
+            raise LmforgeError("the reward objective's model has no reward head (prepare_model attaches it)")
+        r = sequence_rewards(model, batch, head.weight[0])
         b = r.shape[0] // 2
         margin = torch.full((b,), self.cfg.margin, dtype=r.dtype, device=r.device) if self.cfg.margin else None
         out = bradley_terry_loss(r[:b], r[b:], margin=margin,
@@ -122,12 +144,11 @@ class RewardObjective:
         return self.tok
 
 
-def save_reward_head(model_dir: str | Path, model, head_token: int) -> Path:
-    row = head_row(model, head_token)
-    path = Path(model_dir) / HEAD_FILE
+def save_reward_head(directory: str | Path, head: torch.Tensor) -> Path:
+    """Write head vector [dim] as directory/reward_head.safetensors ({"weight": [1, dim]}), atomically."""
+    path = Path(directory) / HEAD_FILE
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"weight": model.lm_head.weight[row].detach().float().cpu()[None].contiguous()}, str(tmp),
-              metadata={"token": str(row)})
+    save_file({"weight": head.detach().cpu()[None].contiguous()}, str(tmp))
     atomic_write_bytes(path, tmp.read_bytes())
     tmp.unlink()
     return path
@@ -147,14 +168,13 @@ def load_reward_model(model_dir: str | Path, dtype=None, device=None) -> tuple[t
 def finetune_rm(recipe: RMRecipe, model: str | None = None, resume: bool = False,
                 console: Console | None = None) -> dict:
     """A reward model from MODEL (or train.init_from) into train.out; train.out/model holds the
-    weights, the tokenizer and reward_head.safetensors."""
+    weights, the tokenizer and reward_head.safetensors (with LoRA: the merged weights; the adapter
+    is in train.out/adapter)."""
     console = console or Console()
     tc, rc = recipe.train, recipe.rm
-    _, tok = starting_point(tc, model, rc.tokenizer)
+    path, tok = starting_point(tc, model, rc.tokenizer)
     pad_id = pad_token_id(tok)
     train, val = preference_examples(rc, "rm", tok, tc.seq_len + 1, console)
     objective = RewardObjective(tok, train, val, rc, tc.micro_batch, pad_id)
-    summary = fit(objective, tc, to_dict(recipe), None, "finetune", TRAIN_FILES, resume, console)
-    trained = load(summary["model_dir"], dtype=torch.float32)
-    save_reward_head(summary["model_dir"], trained, rc.head_token)
-    return summary
+    objective.lora, objective.base_model = recipe.lora, str(path)
+    return fit(objective, tc, to_dict(recipe), None, "finetune", RM_FILES, resume, console)

@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 
 from lmforge.align.data import read_chat_jsonl, stdlib_chats, tokenize_chat
+from lmforge.align.finetune_config import LoraHooks, LoraSettings
 from lmforge.config import check_positive, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.model.pretrained import find_tokenizer, resolve_model_path
@@ -41,6 +42,7 @@ class SFTRecipe:
     The SFT settings (lr, schedule, sizes) live in recipes/sft-tiny.yaml, the CLI's default recipe."""
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 def build_examples(tok: Tokenizer, chats, max_len: int, limit: int) -> tuple[list[Example], int]:
@@ -122,7 +124,7 @@ def mean_masked_loss(model, batches) -> float:
     return total / max(count, 1)
 
 
-class SFTObjective:
+class SFTObjective(LoraHooks):
     def __init__(self, tok: Tokenizer, train: list[Example], val: list[Example], eval_batch: int):
         self.tok, self.train, self.val, self.eval_batch = tok, train, val, eval_batch
         self.pad_id = pad_token_id(tok)
@@ -188,4 +190,5 @@ def finetune_sft(recipe: SFTRecipe, model: str | None = None, resume: bool = Fal
     if not tok.chat_template:
         raise LmforgeError("the tokenizer has no chat template; SFT formats chats with it")
     objective = sft_objective(recipe, tok, console)
+    objective.lora, objective.base_model = recipe.lora, str(path)
     return fit(objective, tc, to_dict(recipe), None, "finetune", TRAIN_FILES, resume, console)

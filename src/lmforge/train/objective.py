@@ -48,6 +48,24 @@ class Objective(Protocol):
         """Saved beside the final model, so the model folder is self-contained."""
         ...
 
+    # Optional hooks (looked up with getattr; see `prepare_model` / `finish_model` below):
+    #   prepare_model(model) -> model: after the starting weights are loaded and before the optimizer
+    #     is built: freeze weights, wrap layers (LoRA), attach heads. Only parameters left with
+    #     requires_grad train; a model it changes is checkpointed by its trainable parameters alone.
+    #   finish_model(model, out_dir) -> (plain Transformer, {file name: path}): after the last step;
+    #     writes run-level outputs (e.g. out_dir/adapter) and returns the model saved as out_dir/model
+    #     with the extra files copied beside it.
+
+
+def prepare_model(objective, model):
+    hook = getattr(objective, "prepare_model", None)
+    return hook(model) if hook is not None else model
+
+
+def finish_model(objective, model, out_dir):
+    hook = getattr(objective, "finish_model", None)
+    return hook(model, out_dir) if hook is not None else (model, {})
+
 
 def to_device(batch, device: torch.device):
     """A tensor, or a dict of tensors, moved to `device`."""

@@ -16,15 +16,27 @@ from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer, load, save
 from lmforge.model.pretrained import resolve_model_path
 from lmforge.outputs import claim_output_dir
-from lmforge.train.noise_scale import NoiseScaleTracker, noise_scale
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.config import TrainConfig, TrainRecipe
-from lmforge.train.objective import Objective, PretrainObjective, evaluate_loss, to_device  # noqa: F401 (evaluate_loss: re-exported)
-from lmforge.train.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes, plot_loss_curve, read_metrics
+from lmforge.train.metrics import (
+    MetricsLogger,
+    device_peak_flops,
+    peak_memory_bytes,
+    plot_loss_curve,
+    read_metrics,
+)
+from lmforge.train.noise_scale import NoiseScaleTracker, noise_scale
+from lmforge.train.objective import (  # noqa: F401 (evaluate_loss: re-exported)
+    Objective,
+    PretrainObjective,
+    evaluate_loss,
+    finish_model,
+    prepare_model,
+    to_device,
+)
 from lmforge.train.schedule import lr_at
 
-
-TRAIN_FILES = ["recipe.yaml", "metrics.jsonl", "ckpt", "model", "tensorboard", "loss_curve.png"]
+TRAIN_FILES = ["recipe.yaml", "metrics.jsonl", "ckpt", "model", "adapter", "tensorboard", "loss_curve.png"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,9 +46,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(model: Transformer, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms); fused kernels on CUDA."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW over the trainable parameters (frozen ones, e.g. a LoRA base, get no state), with
+    weight decay on matrices only (not norms); fused kernels on CUDA."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8,
                              fused=device.type == "cuda")
@@ -128,6 +142,12 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
 
     model = initial_model(tc, cfg, objective.vocab_size, device)
     cfg = model.cfg
+    plain_keys = set(model.state_dict())
+    model = prepare_model(objective, model)
+    # A model the objective froze or extended is checkpointed by its trainable parameters; the rest
+    # is rebuilt from train.init_from by the same prepare_model on resume.
+    trainable_only = (set(model.state_dict()) != plain_keys
+                      or not all(p.requires_grad for p in model.parameters()))
     model.gradient_checkpointing = tc.activation_checkpointing
     optimizer = build_optimizer(model, tc, device)
     loader = objective.batches(tc.micro_batch, tc.seed)
@@ -166,8 +186,10 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
     def checkpoint(step, loader_state=None):
         save_checkpoint(ckpt_root, step, model, optimizer,
                         {"tokens_seen": tokens_seen, "loader": loader_state or loader.state_dict(),
-                         **({"noise_scale": vars(noise)} if noise else {})}, tc.keep_last)
+                         **({"noise_scale": vars(noise)} if noise else {})}, tc.keep_last,
+                        trainable_only=trainable_only)
 
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     completed = start_step
     completed_loader = loader.state_dict()
@@ -182,7 +204,7 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
             loss_sum, extra_sums, counts, g2_small = accumulate_gradients(
                 objective, model, forward, micros, device, autocast, first_grad_sq=noise is not None)
             n_step = sum(counts)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
             if noise is not None:
                 noise.update(noise_scale(counts[0], g2_small, n_step, float(grad_norm) ** 2))
             optimizer.step()
@@ -220,7 +242,8 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
         raise
     finally:
         logger.close()
-    save(model, out / "model", tokenizer=objective.tokenizer())
+    final, extra_files = finish_model(objective, model, out)
+    save(final, out / "model", tokenizer=objective.tokenizer(), extra_files=extra_files)
     plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
     last = read_metrics(out / "metrics.jsonl")
     losses = [r["loss"] for r in last if "loss" in r]
