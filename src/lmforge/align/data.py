@@ -12,10 +12,10 @@ assistant contents and their end-of-turn markers.
 from __future__ import annotations
 
 import ast
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from lmforge.align.loader import jsonl_rows
 from lmforge.corpus.stdlib import stdlib_documents
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
@@ -85,17 +85,8 @@ def check_messages(messages) -> None:
 
 def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
     """Conversations from a JSONL file, one {"messages": [{role, content}, ...]} per line."""
-    p = Path(path)
-    if not p.is_file():
-        raise LmforgeError(f"SFT data not found: {path}")
     chats = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path}:{n}: not JSON ({e.msg})") from e
+    for n, row in jsonl_rows(path, "SFT data"):
         if not isinstance(row, dict) or "messages" not in row:
             raise LmforgeError(f"{path}:{n}: each line must be an object with `messages`")
         try:

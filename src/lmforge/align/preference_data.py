@@ -9,16 +9,15 @@ tokenizer has one), which is part of what is scored.
 """
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lmforge.align.data import PROMPT, function_pairs
+from lmforge.align.loader import EpochLoader, jsonl_rows
 from lmforge.corpus.stdlib import stdlib_documents
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
@@ -105,17 +104,8 @@ def stdlib_pairs(split: str, seed: int = 0) -> Iterator[PreferencePair]:
 # --- users' JSONL ------------------------------------------------------------------------------------
 def read_preference_jsonl(path: str | Path) -> list[PreferencePair]:
     """Pairs from a JSONL file, one {"prompt", "chosen", "rejected"} (strings) per line."""
-    p = Path(path)
-    if not p.is_file():
-        raise LmforgeError(f"preference data not found: {path}")
     pairs = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path}:{n}: not JSON ({e.msg})") from e
+    for n, row in jsonl_rows(path, "preference data"):
         if not isinstance(row, dict):
             raise LmforgeError(f"{path}:{n}: each line must be an object with prompt, chosen and rejected")
         for key in ("prompt", "chosen", "rejected"):
@@ -178,40 +168,17 @@ def collate_pairs(examples: list[PairExample], pad_id: int) -> dict[str, torch.T
             "full": full, "full_mask": full_mask, "lengths": lengths}
 
 
-class PairLoader:
-    """Micro-batches of pairs in a fresh seeded permutation each epoch; the state is one integer.
-    Each batch carries `index` [B], the pairs' positions in the example list (to look up cached
-    reference log-probs)."""
+class PairLoader(EpochLoader):
+    """Micro-batches of pairs (see `collate_pairs`). Each batch carries `index` [B], the pairs'
+    positions in the example list (to look up cached reference log-probs)."""
 
-    def __init__(self, examples: list[PairExample], micro_batch: int, seed: int, pad_id: int, what: str = "pairs"):
-        if len(examples) < micro_batch:
-            raise LmforgeError(f"{len(examples)} preference {what} are too few for train.micro_batch={micro_batch}")
-        self.examples, self.micro_batch, self.seed, self.pad_id = examples, micro_batch, seed, pad_id
-        self.sample = 0
-        self._epoch, self._order = -1, None
-
-    def _index(self, i: int) -> int:
-        epoch, offset = divmod(i, len(self.examples))
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.default_rng(self.seed + epoch).permutation(len(self.examples))
-        return int(self._order[offset])
+    what = "preference pairs"
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        index = [self._index(self.sample + j) for j in range(self.micro_batch)]
-        self.sample += self.micro_batch
+        index = self.next_indices()
         batch = collate_pairs([self.examples[i] for i in index], self.pad_id)
         batch["index"] = torch.tensor(index)
         return batch
-
-    def state_dict(self) -> dict:
-        return {"sample": self.sample, "examples": len(self.examples)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("examples", len(self.examples)) != len(self.examples):
-            raise LmforgeError(f"the checkpoint was trained on {state['examples']} preference pairs, the data now "
-                               f"gives {len(self.examples)}; resume with the same data and settings")
-        self.sample = int(state["sample"])
 
 
 def completion_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from rich.console import Console
 
 from lmforge.align.data import read_chat_jsonl, stdlib_chats, tokenize_chat
 from lmforge.align.finetune_config import LoraHooks, LoraSettings
+from lmforge.align.loader import EpochLoader
 from lmforge.config import check_positive, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.model.pretrained import find_tokenizer, resolve_model_path
@@ -73,36 +73,13 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"tokens": tokens, "labels": labels}
 
 
-class ChatLoader:
-    """Micro-batches of chats in a fresh seeded permutation each epoch; the state is one integer."""
+class ChatLoader(EpochLoader):
+    """Micro-batches of chats, right-padded (see `collate`)."""
 
-    def __init__(self, examples: list[Example], micro_batch: int, seed: int, pad_id: int):
-        if len(examples) < micro_batch:
-            raise LmforgeError(f"{len(examples)} SFT examples are too few for train.micro_batch={micro_batch}")
-        self.examples, self.micro_batch, self.seed, self.pad_id = examples, micro_batch, seed, pad_id
-        self.sample = 0
-        self._epoch, self._order = -1, None
-
-    def _index(self, i: int) -> int:
-        epoch, offset = divmod(i, len(self.examples))
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.default_rng(self.seed + epoch).permutation(len(self.examples))
-        return int(self._order[offset])
+    what = "SFT examples"
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        rows = [self.examples[self._index(self.sample + j)] for j in range(self.micro_batch)]
-        self.sample += self.micro_batch
-        return collate(rows, self.pad_id)
-
-    def state_dict(self) -> dict:
-        return {"sample": self.sample, "examples": len(self.examples)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("examples", len(self.examples)) != len(self.examples):
-            raise LmforgeError(f"the checkpoint was trained on {state['examples']} SFT examples, the data now gives "
-                               f"{len(self.examples)}; resume with the same data and sft settings")
-        self.sample = int(state["sample"])
+        return collate([self.examples[i] for i in self.next_indices()], self.pad_id)
 
 
 def pad_token_id(tok: Tokenizer) -> int:
