@@ -56,11 +56,24 @@ def uniform_bpb(ev: dict, report: dict) -> float:
 
 
 def test_shipped_recipes_parse():
+    """Every shipped recipe loads with its command's recipe class (finetune recipes are named after
+    their command: sft-tiny.yaml is `lmforge finetune sft`'s)."""
+    import importlib
     from importlib.resources import files
-    for path in files("lmforge").joinpath("recipes").iterdir():
+
+    from lmforge.align.cli import KINDS
+    paths = sorted(files("lmforge").joinpath("recipes").iterdir(), key=lambda p: p.name)
+    for path in paths:
+        kind = path.name.split("-")[0]
+        if kind in KINDS:
+            module, recipe_class, _ = KINDS[kind]
+            recipe = load_recipe(getattr(importlib.import_module(module), recipe_class), str(path))
+            assert recipe.train.grad_accum >= 1
+            continue
         recipe = load_recipe(SpeedrunRecipe, str(path))
         model = TrainRecipe(model=recipe.model, train=recipe.train).model_config()  # validates
         assert model.max_seq_len >= recipe.train.seq_len and recipe.train.grad_accum >= 1
+    assert {p.name.split("-")[0] for p in paths} >= set(KINDS) | {"cpu", "gpu"}
 
 
 def test_a_changed_recipe_reruns_the_stale_stages(tmp_path):
