@@ -143,7 +143,9 @@ def test_full_queue_answers_429(tiny, smollm_tokenizer):
                 return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(10)))
         responses = asyncio.run(fire())
         codes = sorted(r.status_code for r in responses)
-        assert set(codes) == {200, 429} and codes.count(200) >= 3
+        # the 2 queue slots always fill; whether the engine has taken one into its single running slot
+        # before the other requests arrive (a third 200) is a race, so it is not asserted
+        assert set(codes) == {200, 429} and codes.count(200) >= 2
         err = next(r for r in responses if r.status_code == 429).json()["error"]
         assert err["type"] == "rate_limit_error" and "capacity" in err["message"]
         assert server.wait_idle()
