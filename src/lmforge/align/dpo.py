@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from lmforge.align.finetune_config import LoraHooks, LoraSettings
+from lmforge.align.finetune_config import LoraHooks, LoraSettings, starting_point
 from lmforge.align.lora import adapters_disabled, lora_layers
 from lmforge.align.preference import DPO_LOSS_TYPES, dpo_loss
 from lmforge.align.preference_data import (
@@ -33,9 +33,8 @@ from lmforge.align.sft import pad_token_id
 from lmforge.config import check_positive, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.model import load
-from lmforge.model.pretrained import find_tokenizer, resolve_model_path
 from lmforge.outputs import atomic_write_bytes, claim_output_dir
-from lmforge.tokenizer import Tokenizer, load_tokenizer
+from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.trainer import TRAIN_FILES, fit, resolve_device
@@ -213,16 +212,6 @@ def preference_examples(section, section_name: str, tok: Tokenizer, max_len: int
     console.print(f"preference data: {len(train)} train pairs, {len(val)} held-out "
                   f"({dropped + val_dropped} longer than {max_len} tokens skipped)", highlight=False)
     return train, val
-
-
-def starting_point(tc: TrainConfig, model: str | None, tokenizer: str) -> tuple[Path, Tokenizer]:
-    if model is not None and tc.init_from and model != tc.init_from:
-        raise LmforgeError(f"two models given ({model!r} and train.init_from={tc.init_from!r}); give one")
-    path = resolve_model_path(model or tc.init_from or None)
-    if not path.exists():
-        raise LmforgeError(f"model not found: {path}")
-    tc.init_from = str(path)
-    return path, load_tokenizer(tokenizer or find_tokenizer(path))
 
 
 def finetune_dpo(recipe: DPORecipe, model: str | None = None, resume: bool = False,

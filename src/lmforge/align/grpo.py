@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from rich.console import Console
 
-from lmforge.align.dpo import starting_point
+from lmforge.align.finetune_config import starting_point
 from lmforge.align.rl import (
     ADVANTAGE_SCALES,
     AGGREGATIONS,

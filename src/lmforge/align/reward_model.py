@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lmforge.align.dpo import preference_examples, starting_point
-from lmforge.align.finetune_config import LoraHooks, LoraSettings
+from lmforge.align.dpo import preference_examples
+from lmforge.align.finetune_config import LoraHooks, LoraSettings, starting_point
 from lmforge.align.preference_data import PairExample, PairLoader, collate_pairs
 from lmforge.align.reward import bradley_terry_loss
 from lmforge.align.sft import pad_token_id

@@ -8,12 +8,11 @@ import torch
 from rich.console import Console
 
 from lmforge.align.data import read_chat_jsonl, stdlib_chats, tokenize_chat
-from lmforge.align.finetune_config import LoraHooks, LoraSettings
+from lmforge.align.finetune_config import LoraHooks, LoraSettings, starting_point
 from lmforge.align.loader import EpochLoader
 from lmforge.config import check_positive, to_dict
 from lmforge.errors import LmforgeError
-from lmforge.model.pretrained import find_tokenizer, resolve_model_path
-from lmforge.tokenizer import Tokenizer, load_tokenizer
+from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.tokenizer import PAD
 from lmforge.train.config import TrainConfig
 from lmforge.train.trainer import TRAIN_FILES, fit
@@ -157,13 +156,7 @@ def finetune_sft(recipe: SFTRecipe, model: str | None = None, resume: bool = Fal
     the finished model folder train.out/model holds the weights and the tokenizer."""
     console = console or Console()
     tc = recipe.train
-    if model is not None and tc.init_from and model != tc.init_from:
-        raise LmforgeError(f"two models given ({model!r} and train.init_from={tc.init_from!r}); give one")
-    path = resolve_model_path(model or tc.init_from or None)
-    if not path.exists():
-        raise LmforgeError(f"model not found: {path}")
-    tc.init_from = str(path)
-    tok = load_tokenizer(recipe.sft.tokenizer or find_tokenizer(path))
+    path, tok = starting_point(tc, model, recipe.sft.tokenizer)
     if not tok.chat_template:
         raise LmforgeError("the tokenizer has no chat template; SFT formats chats with it")
     objective = sft_objective(recipe, tok, console)
