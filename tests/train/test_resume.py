@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -66,12 +67,14 @@ def check_restart_point(log, expected_ckpt: int) -> None:
     assert first_step == expected_ckpt + 1, text
 
 
-def test_kill9_and_resume_reproduces_losses_exactly(toy_shards, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon's momentum buffers must round-trip too
+def test_kill9_and_resume_reproduces_losses_exactly(toy_shards, tmp_path, optimizer):
     rng = random.Random(11)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    train(load_recipe(TrainRecipe, None, [*OVERRIDES, f"train.data={toy_shards}", f"train.out={ref}"]))
+    overrides = [*OVERRIDES, f"train.optimizer={optimizer}"]
+    train(load_recipe(TrainRecipe, None, [*overrides, f"train.data={toy_shards}", f"train.out={ref}"]))
 
-    cmd = [sys.executable, "-m", "lmforge", "train", "--resume", *OVERRIDES,
+    cmd = [sys.executable, "-m", "lmforge", "train", "--resume", *overrides,
            f"train.data={toy_shards}", f"train.out={cut}"]
     env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
     expected_ckpt, resumes = 0, []

@@ -10,6 +10,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig, ModelSpec, spec_to_config
 
 
+OPTIMIZERS = ("adamw", "muon")
 DTYPES = ("auto", "float32", "bfloat16")  # the trainer honours these: fp32 weights, optional bf16 autocast
 
 
@@ -29,6 +30,9 @@ class TrainConfig:
     warmup: float = 0.1               # fraction of steps; wsd default 1:8:1
     decay: float = 0.1                # fraction of steps in the final decay (wsd only)
     weight_decay: float = 0.1
+    optimizer: str = "adamw"          # "adamw", or "muon": Muon for hidden matrices, AdamW for the rest
+    muon_lr: float = 0.02             # Muon's peak lr; follows train.lr's schedule in a fixed ratio
+    muon_momentum: float = 0.95
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -58,6 +62,9 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             require(0 <= getattr(self, name) < 1, f"train.{name}", "in [0, 1)", getattr(self, name))
         check_choice(self, "train", "dtype", DTYPES)
+        check_choice(self, "train", "optimizer", OPTIMIZERS)
+        check_non_negative(self, "train", "muon_lr")
+        require(0 <= self.muon_momentum < 1, "train.muon_momentum", "in [0, 1)", self.muon_momentum)
         if self.device != "auto":
             try:
                 torch.device(self.device)

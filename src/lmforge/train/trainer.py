@@ -25,6 +25,7 @@ from lmforge.train.metrics import (
     plot_loss_curve,
     read_metrics,
 )
+from lmforge.train.muon import Muon, is_hidden_matrix
 from lmforge.train.noise_scale import NoiseScaleTracker, noise_scale
 from lmforge.train.objective import (  # noqa: F401 (evaluate_loss: re-exported)
     Objective,
@@ -45,12 +46,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(model: Transformer, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (frozen ones, e.g. a LoRA base, get no state), with
-    weight decay on matrices only (not norms); fused kernels on CUDA."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
+def build_optimizer(model: Transformer, tc: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (or Muon for the hidden matrices, see train/muon.py) over the trainable parameters
+    (frozen ones, e.g. a LoRA base, get no state), with weight decay on matrices only (not norms);
+    fused AdamW kernels on CUDA."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for _, p in named if p.dim() < 2]
+    if tc.optimizer == "muon":
+        hidden = [p for n, p in named if is_hidden_matrix(n, p)]
+        other = [p for n, p in named if p.dim() >= 2 and not is_hidden_matrix(n, p)]
+        groups = [{"params": hidden, "muon": True, "lr_mult": tc.muon_lr / tc.lr if tc.lr else 0.0,
+                   "weight_decay": tc.weight_decay},
+                  {"params": other, "weight_decay": tc.weight_decay}, {"params": no_decay}]
+        return Muon([g for g in groups if g["params"]], lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                    momentum=tc.muon_momentum)
+    decay = [p for _, p in named if p.dim() >= 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8,
                              fused=device.type == "cuda")
