@@ -65,6 +65,10 @@ def build(cls, values: dict, where: str = ""):
     """Instantiate dataclass `cls` from a nested dict, checking keys and types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
+    # A recipe class may fill defaults that follow from other values (e.g. model.depth), seeing
+    # exactly the keys the user gave.
+    if hasattr(cls, "derived_defaults") and isinstance(values, dict):
+        values = cls.derived_defaults(values)
     unknown = set(values) - fields
     if unknown:
         raise LmforgeError(f"unknown key(s) {sorted(unknown)} in {where or cls.__name__}; "

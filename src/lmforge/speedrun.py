@@ -27,7 +27,7 @@ from lmforge.config import load_recipe, to_dict
 from lmforge.data.config import PipelineConfig
 from lmforge.model.config import ModelSpec
 from lmforge.outputs import atomic_write_json, claim_output_dir, remove_entries
-from lmforge.train.config import TrainConfig, TrainRecipe
+from lmforge.train.config import TrainConfig, TrainRecipe, depth_dial_defaults
 
 
 @dataclass
@@ -56,6 +56,8 @@ class SpeedrunRecipe:
     model: ModelSpec = field(default_factory=lambda: ModelSpec(preset="tiny"))
     train: TrainConfig = field(default_factory=TrainConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+
+    derived_defaults = staticmethod(depth_dial_defaults)
 
 
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\nclass ", "    for line in "]

@@ -161,14 +161,28 @@ def preset(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
+# One dial (nanochat's --depth): depth N sets the shape, keeping 64 channels per layer and per head.
+# depth=4 is the `tiny` preset's shape.
+DEPTH_CHANNELS = 64
+
+
+def depth_shape(depth: int) -> dict:
+    """Width, heads, KV heads (GQA 2:1 when the head count is even) and SwiGLU size for `depth` layers."""
+    if depth < 1:
+        raise LmforgeError(f"model.depth must be a positive integer, got {depth}")
+    dim = DEPTH_CHANNELS * depth
+    return dict(n_layers=depth, dim=dim, n_heads=depth, n_kv_heads=depth // 2 if depth % 2 == 0 else depth,
+                hidden_dim=None)
+
+
 def _spec_fields() -> list[tuple]:
     hints = typing.get_type_hints(ModelConfig)
-    return [("preset", str | None, field(default="tiny"))] + [
+    return [("preset", str | None, field(default="tiny")), ("depth", int | None, field(default=None))] + [
         (f.name, hints[f.name] | None, field(default=None)) for f in dataclasses.fields(ModelConfig)]
 
 
-# The recipe's `model` section: a preset name plus any ModelConfig field (None: the preset's value,
-# or ModelConfig's default when preset is null). Typed, so unknown keys and wrong types are refused.
+# The recipe's `model` section: a preset name, the depth dial, plus any ModelConfig field (None: the
+# depth's or the preset's value, or ModelConfig's default when preset is null). Typed, so unknown keys and wrong types are refused.
 ModelSpec = dataclasses.make_dataclass("ModelSpec", _spec_fields())
 ModelSpec.__module__ = __name__
 
@@ -176,6 +190,9 @@ ModelSpec.__module__ = __name__
 def spec_to_config(spec, vocab_size: int | None = None) -> ModelConfig:
     values = {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
     name = values.pop("preset", None)
+    depth = values.pop("depth", None)
+    if depth is not None:  # the dial sets the shape; fields given beside it still win
+        values = {**depth_shape(depth), **values}
     if vocab_size is not None and "vocab_size" not in values:
         values["vocab_size"] = vocab_size
     return preset(name, **values) if name else ModelConfig(**values)

@@ -7,7 +7,7 @@ import torch
 
 from lmforge.config import build, check_choice, check_fraction, check_non_negative, check_positive, require
 from lmforge.errors import LmforgeError
-from lmforge.model.config import ModelConfig, ModelSpec, spec_to_config
+from lmforge.model.config import DEPTH_CHANNELS, ModelConfig, ModelSpec, spec_to_config
 
 
 OPTIMIZERS = ("adamw", "muon")
@@ -82,10 +82,33 @@ class TrainConfig:
         return self.global_batch_tokens // (self.micro_batch * self.seq_len)
 
 
+# The depth dial's training side. The AdamW lr was tuned on the tiny preset (width 256) and scales
+# as 1/sqrt(width), as nanochat scales its AdamW rates; Muon's lr is width-independent (its updates
+# are spectrally normalised). The token budget is Chinchilla's ~20 tokens per parameter.
+DEPTH_LR_AT_WIDTH_256 = 3e-3
+TOKENS_PER_PARAM = 20
+
+
+def depth_dial_defaults(values: dict) -> dict:
+    """With model.depth set, train.lr and train.max_steps that the user did not give follow from it."""
+    model = values.get("model")
+    if not isinstance(model, dict) or model.get("depth") is None:
+        return values
+    cfg = spec_to_config(build(ModelSpec, model, "model"))
+    train = dict(values.get("train") or {})
+    batch_tokens = train.get("global_batch_tokens", TrainConfig.global_batch_tokens)
+    if isinstance(batch_tokens, int) and batch_tokens > 0:
+        train.setdefault("max_steps", max(1, round(TOKENS_PER_PARAM * cfg.num_params() / batch_tokens)))
+    train.setdefault("lr", DEPTH_LR_AT_WIDTH_256 * (4 * DEPTH_CHANNELS / cfg.dim) ** 0.5)
+    return {**values, "train": train}
+
+
 @dataclass
 class TrainRecipe:
     model: ModelSpec = field(default_factory=ModelSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    derived_defaults = staticmethod(depth_dial_defaults)
 
     def __post_init__(self):
         if isinstance(self.model, dict):  # programmatic callers: a plain dict without preset means none
