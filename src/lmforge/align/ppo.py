@@ -163,14 +163,17 @@ class PPOObjective(LoraHooks):
         self.prompts_per_batch, self.pad_id, self.grad_accum = prompts_per_batch, pad_id, grad_accum
         self.reward_fn, self.reward_model, self.reference, self.ref_model = reward_fn, reward_model, reference, None
         self.vocab_size = tok.vocab_size
-        self.train_ids = [self.encode(t.prompt) for t in train]
-        self.val_ids = [self.encode(t.prompt) for t in val]
         self.loader: PPOLoader | None = None
+        self._encoded: dict[str, list[int]] = {}
 
     def encode(self, prompt: str) -> list[int]:
-        if self.cfg.chat and self.tok.chat_template:
-            return self.tok.encode_chat([{"role": "user", "content": prompt}])
-        return self.tok.encode(prompt)
+        """Prompt ids, encoded when first drawn (rendering a chat template costs ms per prompt)."""
+        if prompt not in self._encoded:
+            if self.cfg.chat and self.tok.chat_template:
+                self._encoded[prompt] = self.tok.encode_chat([{"role": "user", "content": prompt}])
+            else:
+                self._encoded[prompt] = self.tok.encode(prompt)
+        return self._encoded[prompt]
 
     def batches(self, micro_batch: int, seed: int) -> PPOLoader:
         self.prompts_per_batch = micro_batch
@@ -227,7 +230,7 @@ class PPOObjective(LoraHooks):
         was_training = plain.training
         plain.eval()  # no adapter dropout while sampling and scoring the old policy
         try:
-            r = sample_groups(plain, self.tok, [self.train_ids[i] for i in picks], 1, max_tokens=cfg.max_tokens,
+            r = sample_groups(plain, self.tok, [self.encode(t.prompt) for t in tasks], 1, max_tokens=cfg.max_tokens,
                               temperature=cfg.temperature, seed=seed * 1_000_003 + key, pad_id=self.pad_id,
                               tasks=tasks, reward_fn=self.reward_fn)
             device = next(plain.parameters()).device
@@ -298,7 +301,7 @@ class PPOObjective(LoraHooks):
         was_training = model.training
         model.eval()
         with autocast():
-            r = sample_groups(model, self.tok, self.val_ids, 1, max_tokens=self.cfg.max_tokens, temperature=0.0,
+            r = sample_groups(model, self.tok, [self.encode(t.prompt) for t in self.val], 1, max_tokens=self.cfg.max_tokens, temperature=0.0,
                               seed=0, pad_id=self.pad_id, tasks=self.val, reward_fn=self.reward_fn)
         model.train(was_training)
         name = "val_exact_match" if self.reward_fn is exact_match_reward else "val_reward"
