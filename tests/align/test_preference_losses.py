@@ -11,7 +11,11 @@ Convention differences checked here:
 - DPO sigmoid with label smoothing (cDPO): TRL 1.16's DPO `sigmoid` has no smoothing, so the smoothed
   form is checked against TRL's CPO `sigmoid` loss fed the log-ratios (the same formula there).
 - ORPO: TRL casts the averaged log-probs to float32 inside the loss; its figures therefore carry
-  float32 rounding, and the comparison is at 1e-6 against that.
+  float32 rounding, and the comparison is at 1e-6 against that. TRL's full ORPO loss also adds an
+  NLL over prompt + completion tokens; our DPO command's ORPO adds it over the completion only.
+- SimPO: TRL 1.16 keeps it in `trl.experimental.cpo.CPOTrainer` (`loss_type="simpo"`); with
+  `cpo_alpha > 0` CPO adds an NLL term (CPO-SimPO), so the parity is with `cpo_alpha = 0`.
+- KTO: TRL's z0 is the mean over the (gathered) batch; ours over the rows given, i.e. a micro-batch.
 """
 
 from __future__ import annotations
