@@ -12,8 +12,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.align.ppo import PPOConfig, PPOObjective, PPORecipe, finetune_ppo, policy_forward
-from lmforge.align.rl import gae, kl_penalised_rewards, ppo_policy_loss, ppo_value_loss, whiten
+from lmforge.align.ppo import (
+    PPOConfig,
+    PPOObjective,
+    PPORecipe,
+    finetune_ppo,
+    policy_forward,
+)
+from lmforge.align.rl import (
+    gae,
+    kl_penalised_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+    whiten,
+)
 from lmforge.align.tasks import Task, arithmetic_tasks
 from lmforge.config import load_recipe
 from lmforge.errors import LmforgeError
@@ -61,7 +73,7 @@ def objective(tok, cfg, reward_fn=digit_share, ref=None, n_prompts=4, grad_accum
 
 def test_one_forward_gives_full_forward_logprobs_and_value_head_values_with_gradients(tok):
     model = tiny(tok, dtype=torch.float64)
-    obj, loader = objective(tok, PPOConfig(max_tokens=5), ref=copy.deepcopy(model))
+    obj, _ = objective(tok, PPOConfig(max_tokens=5), ref=copy.deepcopy(model))
     model = obj.prepare_model(model)
     with torch.no_grad():
         model.value_head.weight.normal_(0, 1.0)  # zero-initialised: make the values non-trivial
@@ -73,6 +85,8 @@ def test_one_forward_gives_full_forward_logprobs_and_value_head_values_with_grad
         exp_lp, exp_v = full_forward(model, r["tokens"][i], p, n)
         torch.testing.assert_close(lp[i, :n], exp_lp, rtol=0, atol=1e-10)
         torch.testing.assert_close(values[i, :n], exp_v, rtol=0, atol=1e-10)
+        logp = F.log_softmax(model(r["tokens"][i, :p + n - 1][None]).double(), dim=-1)[0, p - 1:]
+        torch.testing.assert_close(ent[i, :n], -(logp.exp() * logp).sum(-1), rtol=0, atol=1e-10)
         assert lp[i, n:].abs().sum() == 0 and values[i, n:].abs().sum() == 0
     values.sum().backward()  # the value loss trains the head and, through the shared hidden states, the trunk
     assert model.value_head.weight.grad.abs().sum() > 0 and model.value_head.bias.grad.abs().sum() > 0

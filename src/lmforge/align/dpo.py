@@ -27,10 +27,17 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.align.finetune_config import LoraHooks, LoraSettings, starting_point
 from lmforge.align.lora import adapters_disabled, lora_layers
-from lmforge.align.preference import DPO_LOSS_TYPES, PreferenceLoss, dpo_loss, kto_loss, orpo_loss, simpo_loss
+from lmforge.align.preference import (
+    DPO_LOSS_TYPES,
+    PreferenceLoss,
+    dpo_loss,
+    kto_loss,
+    orpo_loss,
+    simpo_loss,
+)
 from lmforge.align.preference_data import (
-    PairExample,
     IGNORE,
+    PairExample,
     PairLoader,
     build_pair_examples,
     collate_pairs,

@@ -41,7 +41,11 @@ from lmforge.align.rl import (
     ppo_value_loss,
     whiten,
 )
-from lmforge.align.rollouts import completion_logprobs, completion_positions, sample_groups
+from lmforge.align.rollouts import (
+    completion_logprobs,
+    completion_positions,
+    sample_groups,
+)
 from lmforge.align.sft import pad_token_id
 from lmforge.align.tasks import Task, arithmetic_tasks, exact_match_reward
 from lmforge.align.value_head import (
@@ -51,7 +55,13 @@ from lmforge.align.value_head import (
     save_value_head,
     value_head_of,
 )
-from lmforge.config import check_choice, check_non_negative, check_positive, require, to_dict
+from lmforge.config import (
+    check_choice,
+    check_non_negative,
+    check_positive,
+    require,
+    to_dict,
+)
 from lmforge.errors import LmforgeError
 from lmforge.model import load
 from lmforge.tokenizer import Tokenizer
