@@ -302,6 +302,11 @@ def test_cli_runs_the_tiny_recipe_and_rejects_bad_settings(tok, tmp_path):
     row = json.loads((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()[0])
     for k in ("loss", "reward_mean", "reward_std", "kl", "entropy", "clip_fraction", "value_loss", "response_length"):
         assert k in row
+    lora = CliRunner().invoke(app, ["finetune", "ppo", str(start), "train.max_steps=1", "ppo.val_tasks=4", "lora.r=4",
+                                    "train.tensorboard=false", f"train.out={tmp_path / 'lora'}"])
+    assert lora.exit_code == 0, lora.output
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "lora" / "model" / "value_head.safetensors").is_file()
     for bad, what in (("ppo.kl_estimator=k4", "ppo.kl_estimator"), ("ppo.ppo_epochs=0", "ppo.ppo_epochs"),
                       ("ppo.lam=1.5", "ppo.lam"), (f"ppo.reward_model={tmp_path}", "not a reward model")):
         out = CliRunner().invoke(app, ["finetune", "ppo", str(start), bad, f"train.out={tmp_path / 'x'}"])
