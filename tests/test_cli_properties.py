@@ -45,6 +45,7 @@ VALIDATION_ONLY = {
     ("finetune", "dpo"): ["train.max_steps=-1"],
     ("finetune", "rm"): ["train.max_steps=-1"],
     ("finetune", "grpo"): ["train.max_steps=-1"],
+    ("finetune", "ppo"): ["train.max_steps=-1"],
     ("speedrun",): ["train.max_steps=-1"],
     ("serve",): ["--device", "tpu"],
     ("scaling", "sweep"): ["--dims", "x"],
@@ -55,7 +56,7 @@ VALIDATION_ONLY = {
 ALWAYS = {("data", "pii-bench"): ["--no-presidio"]}
 # Commands whose default input is large (the bundled 135M-parameter model, the whole stdlib corpus)
 # always get a drawn one: the tiny model in the workspace, or a path that is wrong in some way.
-HEAVY_DEFAULT = {("finetune", "sft"), ("finetune", "dpo"), ("finetune", "rm"), ("finetune", "grpo"), ("generate",), ("chat",), ("int8-report",),
+HEAVY_DEFAULT = {("finetune", "sft"), ("finetune", "dpo"), ("finetune", "rm"), ("finetune", "grpo"), ("finetune", "ppo"), ("generate",), ("chat",), ("int8-report",),
                  ("eval",), ("tokenizer", "train")}
 # Loop counts bounded so that a valid value finishes in a moment (the value itself is not the bug).
 CAPS = {"bootstrap": 20, "docs": 30, "max_tokens": 8, "max_chars": 3000, "limit": 3}

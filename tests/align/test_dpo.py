@@ -16,6 +16,7 @@ from lmforge.align.dpo import (
     DPORecipe,
     cached_reference,
     finetune_dpo,
+    mismatched,
     reference_logps,
 )
 from lmforge.align.lora import apply_lora, lora_layers
@@ -238,3 +239,131 @@ def test_dpo_resume_reuses_the_cached_reference_and_matches_an_uninterrupted_run
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(LmforgeError, match="already holds checkpoints"):
         finetune_dpo(load_recipe(DPORecipe, None, [*part, "train.max_steps=6"]), str(start))
+
+
+# --- the rest of the family: KTO, SimPO, ORPO through the same command ---------------------------------
+def test_kto_simpo_orpo_objective_losses_equal_the_formulas_on_full_logits_fp64(tok):
+    """The objective's loss and gradient equal the preference.py formula (itself equal to TRL's, see
+    test_preference_losses.py) fed log-probs from plain full logits: sums for KTO (with its KL rows,
+    pair i's prompt + pair i+1's completions), per-token means for SimPO/ORPO, plus ORPO's chosen NLL."""
+    from lmforge.align.dpo import reference_rows
+    from lmforge.align.preference import kto_loss, orpo_loss, simpo_loss
+    model = tiny(tok, dtype=torch.float64)
+    reference = tiny(tok, seed=1, dtype=torch.float64)
+    examples, _ = build_pair_examples(tok, key_value_pairs(random.Random(0), 6), 64, 6)
+    examples[1] = tokenize_pair(tok, PreferencePair("now", " north south east", " red"))  # unequal lengths
+    for loss_type in ("kto", "simpo", "orpo"):
+        cfg = DPOConfig(beta=0.3, loss_type=loss_type, label_smoothing=0.1 if loss_type == "simpo" else 0.0,
+                        simpo_gamma=0.4, desirable_weight=1.3, undesirable_weight=0.8)
+        ref = None
+        if loss_type == "kto":
+            with torch.no_grad():
+                ref = torch.tensor([[float(v) for v in full_logits_logps(reference, e)]
+                                    for e in reference_rows(cfg, examples)], dtype=torch.float64)
+            assert ref.shape == (12, 2)
+        obj = DPOObjective(tok, examples, [], cfg, 4, tok.eos_id, ref_train=ref)
+        batch = obj.batches(4, seed=3).next_batch()
+        loss, extra = obj.loss(model, batch)
+        order = batch["index"].tolist()
+        logps = [full_logits_logps(model, examples[i]) for i in order]
+        chosen, rejected = torch.stack([c for c, _ in logps]), torch.stack([r for _, r in logps])
+        n_c = torch.tensor([len(examples[i].chosen) for i in order], dtype=torch.float64)
+        n_r = torch.tensor([len(examples[i].rejected) for i in order], dtype=torch.float64)
+        if loss_type == "kto":
+            kl_rows = mismatched(examples)
+            assert kl_rows[0].prompt == examples[0].prompt and kl_rows[0].chosen == examples[1].chosen
+            with torch.no_grad():
+                kl_pol = torch.stack([torch.stack(full_logits_logps(model, kl_rows[i])) for i in order]).T.reshape(-1)
+            kl_ref = torch.cat([ref[[6 + i for i in order], 0], ref[[6 + i for i in order], 1]])
+            expected = kto_loss(torch.cat([chosen, rejected]), torch.cat([ref[order, 0], ref[order, 1]]),
+                                torch.arange(8) < 4, kl_policy_logps=kl_pol, kl_ref_logps=kl_ref, beta=0.3,
+                                desirable_weight=1.3, undesirable_weight=0.8)
+            assert extra["kl"] == pytest.approx(float(expected.kl), abs=1e-10)
+            expected_loss = expected.loss
+        elif loss_type == "simpo":
+            expected_loss = simpo_loss(chosen / n_c, rejected / n_r, beta=0.3, gamma=0.4, label_smoothing=0.1).loss
+        else:
+            expected_loss = -chosen.sum() / n_c.sum() + orpo_loss(chosen / n_c, rejected / n_r, beta=0.3).loss
+            assert extra["nll"] == pytest.approx(float(-chosen.detach().sum() / n_c.sum()), abs=1e-10)
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=1e-10)
+        g = torch.autograd.grad(loss, model.lm_head.weight)[0]
+        g_ref = torch.autograd.grad(expected_loss, model.lm_head.weight)[0]
+        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type,beta", [("kto", 0.1), ("simpo", 2.0), ("orpo", 1.0)])
+def test_kto_simpo_orpo_learn_prompt_dependent_preferences_and_shuffled_control_does_not(tok, tmp_path, loss_type,
+                                                                                          beta):
+    """Same data and measure as the DPO learning test (held-out chosen-vs-rejected log-ratio accuracy
+    against the start); SimPO and ORPO write no reference cache."""
+    start = tmp_path / "start"
+    save(tiny(tok, 0), start, tokenizer=tok)
+    val_pairs = key_value_pairs(random.Random(100), 64)
+    common = ["train.seq_len=16", "train.micro_batch=16", "train.global_batch_tokens=256", "train.max_steps=60",
+              "train.lr=0.003", "train.warmup=0.1", "train.eval_every=60", "train.ckpt_every=60",
+              "train.log_every=20", "train.tensorboard=false", "dpo.max_examples=400", f"dpo.beta={beta}",
+              f"dpo.loss_type={loss_type}"]
+    acc = {}
+    for name, shuffled in (("real", False), ("shuffled", True)):
+        data = write_pairs(tmp_path / f"{name}.jsonl", key_value_pairs(random.Random(0), 400, shuffled))
+        finetune_dpo(load_recipe(DPORecipe, None, [*common, f"dpo.data={data}", f"train.out={tmp_path / name}"]),
+                     str(start))
+        assert (tmp_path / name / REFERENCE_FILE).is_file() == (loss_type == "kto")
+        acc[name] = implicit_reward_accuracy(tmp_path / name / "model", start, tok, val_pairs)
+    print(f"{loss_type}: held-out accuracy real {acc['real']:.3f}, shuffled {acc['shuffled']:.3f}")
+    assert acc["real"] > 0.9
+    assert abs(acc["shuffled"] - 0.5) < 0.2
+
+
+def test_kto_resume_reuses_the_cached_reference_with_its_kl_rows(tok, tmp_path, capsys):
+    from safetensors.torch import load_file
+    start = tmp_path / "start"
+    save(tiny(tok, 0), start, tokenizer=tok)
+    data = write_pairs(tmp_path / "pairs.jsonl", key_value_pairs(random.Random(0), 40))
+    common = ["train.seq_len=16", "train.micro_batch=4", "train.global_batch_tokens=128", "train.lr=0.003",
+              "train.warmup=0", "train.decay=0", "train.ckpt_every=2", "train.eval_every=100", "train.log_every=1",
+              "train.tensorboard=false", f"dpo.data={data}", "dpo.loss_type=kto"]
+    finetune_dpo(load_recipe(DPORecipe, None, [*common, "train.max_steps=4", f"train.out={tmp_path / 'full'}"]),
+                 str(start))
+    part = [*common, f"train.out={tmp_path / 'part'}"]
+    finetune_dpo(load_recipe(DPORecipe, None, [*part, "train.max_steps=2"]), str(start))
+    capsys.readouterr()
+    finetune_dpo(load_recipe(DPORecipe, None, [*part, "train.max_steps=4"]), str(start), resume=True)
+    assert "reference log-probs: cached" in capsys.readouterr().out
+    n_pairs = len(build_pair_examples(tok, read_preference_jsonl(data), 17, 1000)[0])
+    assert load_file(tmp_path / "part" / REFERENCE_FILE)["train"].shape == (2 * n_pairs, 2)  # pairs + KL rows
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("full", "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kto_with_lora_takes_its_reference_and_kl_rows_from_the_base(tok):
+    base = tiny(tok)
+    model = apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.5)
+    examples, _ = build_pair_examples(tok, key_value_pairs(random.Random(3), 5), 64, 5)
+    with torch.no_grad():
+        ref = reference_logps(base, examples + mismatched(examples),
+                              tok.eos_id)
+    cfg = DPOConfig(loss_type="kto")
+    on_the_fly = DPOObjective(tok, examples, [], cfg, 5, tok.eos_id)
+    cached = DPOObjective(tok, examples, [], cfg, 5, tok.eos_id, ref_train=ref)
+    batch = on_the_fly.batches(5, seed=0).next_batch()
+    a, ea = on_the_fly.loss(model, batch)
+    b, eb = cached.loss(model, batch)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert ea["kl"] == pytest.approx(eb["kl"], abs=1e-6) and ea["kl"] > 0
+
+
+def test_loss_type_settings_are_checked():
+    with pytest.raises(LmforgeError, match="dpo.loss_type must be one of"):
+        DPOConfig(loss_type="cpo")
+    with pytest.raises(LmforgeError, match="label_smoothing applies to"):
+        DPOConfig(loss_type="kto", label_smoothing=0.1)
+    with pytest.raises(LmforgeError, match="dpo.desirable_weight"):
+        DPOConfig(loss_type="kto", desirable_weight=0)
+    with pytest.raises(LmforgeError, match="dpo.simpo_gamma"):
+        DPOConfig(loss_type="simpo", simpo_gamma=-1)
+    assert DPOConfig(loss_type="simpo").reference_free and not DPOConfig(loss_type="kto").reference_free

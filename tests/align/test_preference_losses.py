@@ -11,7 +11,11 @@ Convention differences checked here:
 - DPO sigmoid with label smoothing (cDPO): TRL 1.16's DPO `sigmoid` has no smoothing, so the smoothed
   form is checked against TRL's CPO `sigmoid` loss fed the log-ratios (the same formula there).
 - ORPO: TRL casts the averaged log-probs to float32 inside the loss; its figures therefore carry
-  float32 rounding, and the comparison is at 1e-6 against that.
+  float32 rounding, and the comparison is at 1e-6 against that. TRL's full ORPO loss also adds an
+  NLL over prompt + completion tokens; our DPO command's ORPO adds it over the completion only.
+- SimPO: TRL 1.16 keeps it in `trl.experimental.cpo.CPOTrainer` (`loss_type="simpo"`); with
+  `cpo_alpha > 0` CPO adds an NLL term (CPO-SimPO), so the parity is with `cpo_alpha = 0`.
+- KTO: TRL's z0 is the mean over the (gathered) batch; ours over the rows given, i.e. a micro-batch.
 """
 
 from __future__ import annotations
@@ -234,10 +238,11 @@ def test_kto_matches_trl(trl, beta, desirable_weight, undesirable_weight, with_k
     gen = torch.Generator().manual_seed(11)
     rows = 8
     mask, kl_mask = _completion_mask(rows, gen), _completion_mask(rows, gen)
-    token_logps, kl_token_logps = _token_logps(rows, gen), _token_logps(rows, gen).detach()
+    token_logps, kl_token_logps = _token_logps(rows, gen), _token_logps(rows, gen)  # both with gradients
     ref_logps = -10 * torch.rand(rows, generator=gen, dtype=torch.float64)
     # Mismatched pairs scored a little lower by the reference, so z0 = max(0, mean KL) is positive.
-    kl_ref_logps = (kl_token_logps * kl_mask[:, 1:]).sum(1) - 0.5 * torch.rand(rows, generator=gen, dtype=torch.float64)
+    kl_ref_logps = (kl_token_logps.detach() * kl_mask[:, 1:]).sum(1) - 0.5 * torch.rand(rows, generator=gen,
+                                                                                         dtype=torch.float64)
     desirable = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
     input_ids = torch.randint(0, 50, (rows, SEQ), generator=gen)
     kl_input_ids = torch.randint(0, 50, (rows, SEQ), generator=gen)
@@ -277,6 +282,10 @@ def test_kto_matches_trl(trl, beta, desirable_weight, undesirable_weight, with_k
     )
     _close(ours.loss, theirs)
     _close(_grad(ours.loss, token_logps), _grad(theirs, token_logps))
+    # z0 carries no gradient (TRL scores the KL rows under no_grad and detaches their mean)
+    assert torch.autograd.grad(theirs, kl_token_logps, allow_unused=True)[0] is None
+    if with_kl:
+        assert torch.autograd.grad(ours.loss, kl_token_logps, allow_unused=True)[0] is None
     metrics = trainer._metrics["train"]
     assert ours.kl.item() == pytest.approx(metrics["kl"][0], abs=TOL)
     if with_kl:
@@ -323,6 +332,19 @@ def test_orpo_matches_trl(trl, beta):
     _close(ours.rejected_rewards, theirs_rejected_rewards)
     for leaf in (chosen, rejected):
         _close(_grad(ours.loss, leaf), _grad(-theirs.mean(), leaf))
+
+
+def test_log1mexp_is_accurate_on_both_sides_of_minus_ln2():
+    """ORPO's log(1 - e^x) against closed forms: log(-x) + x/2 - x^2/24 near 0 (where 1 - e^x cancels)
+    and -e^x - e^{2x}/2 far below (where log(1 - e^x) rounds to 0); TRL's fp32 parity cannot see this."""
+    import math
+
+    from lmforge.align.preference import log1mexp
+
+    x = torch.tensor([-1e-10, -1e-6, -40.0, -0.5], dtype=torch.float64)
+    expected = [math.log(1e-10) - 5e-11, math.log(1e-6) - 5e-7 - 1e-12 / 24, -math.exp(-40.0) - math.exp(-80.0) / 2,
+                math.log(1 - math.exp(-0.5))]
+    torch.testing.assert_close(log1mexp(x), torch.tensor(expected, dtype=torch.float64), rtol=1e-13, atol=0)
 
 
 # ----------------------------------------------------------------------------- reward model

@@ -1,4 +1,4 @@
-"""`lmforge finetune`: post-training commands (`sft`, `dpo`, `rm`, `grpo`), each a recipe plus key=value overrides."""
+"""`lmforge finetune`: post-training commands (`sft`, `dpo`, `rm`, `grpo`, `ppo`), each a recipe plus key=value overrides."""
 from __future__ import annotations
 
 import importlib
@@ -10,7 +10,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.cli_options import model_alias, pick_model, tokenizer_option
 
 RECIPES = Path(__file__).parents[1] / "recipes"
-finetune = typer.Typer(help="Post-train a model: supervised finetuning, DPO, reward models, GRPO.", no_args_is_help=True)
+finetune = typer.Typer(help="Post-train a model: supervised finetuning, DPO, reward models, GRPO, PPO.", no_args_is_help=True)
 
 # command -> (module, recipe class, function); the recipe's section for the objective is named like the command
 KINDS = {
@@ -18,6 +18,7 @@ KINDS = {
     "dpo": ("lmforge.align.dpo", "DPORecipe", "finetune_dpo"),
     "rm": ("lmforge.align.reward_model", "RMRecipe", "finetune_rm"),
     "grpo": ("lmforge.align.grpo", "GRPORecipe", "finetune_grpo"),
+    "ppo": ("lmforge.align.ppo", "PPORecipe", "finetune_ppo"),
 }
 
 
@@ -92,6 +93,16 @@ def grpo_command(args: list[str] = args_argument("grpo.group_size=8 grpo.beta=0.
     """GRPO on generated arithmetic with an exact-match reward: every update samples grpo.group_size
     completions per prompt through the serving engine with the current weights; writes train.out/model."""
     run_finetune("grpo", args, recipe, resume, tokenizer, model_opt)
+
+
+@finetune.command("ppo")
+def ppo_command(args: list[str] = args_argument("ppo.beta=0.1 ppo.kl_estimator=k3 ppo.reward_model=runs/rm/model"),
+                recipe: Path = recipe_option("ppo"), resume: bool = resume_option(),
+                tokenizer: str = tokenizer_option(), model_opt: str = model_alias()):
+    """PPO on generated arithmetic prompts: rollouts through the serving engine, reward from exact match
+    or a trained reward model (ppo.reward_model), a value head on the policy's hidden states, GAE,
+    clipped losses and a KL penalty to the frozen start; writes train.out/model."""
+    run_finetune("ppo", args, recipe, resume, tokenizer, model_opt)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,6 +6,14 @@ fingerprint of the data and the weights, so a resumed run reuses them instead of
 half-trained weights); or, for a model carrying LoRA adapters, computed on the fly with the
 adapters switched off (`adapters_disabled`: the frozen base is the reference). `lora.r > 0` in the
 recipe does the latter: no reference pass, no cache, no second copy.
+
+`dpo.loss_type` also takes the rest of the family on the same pairs:
+- simpo, orpo: reference-free (no reference pass, no cache); the log-probs are averaged over each
+  completion's tokens; ORPO adds the token-mean NLL of the chosen completions (its SFT term).
+- kto: unpaired by design, fed from pairs split in two (chosen = desirable, rejected = undesirable).
+  Its reference point z0 = max(0, mean(log pi - log pi_ref)) is estimated, as in TRL, on mismatched
+  rows: pair i's prompt with pair i+1's completions (a fixed shift over the data set, so their
+  reference log-probs are cached with the rest), averaged over each micro-batch, without gradient.
 """
 from __future__ import annotations
 
@@ -19,8 +27,16 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.align.finetune_config import LoraHooks, LoraSettings, starting_point
 from lmforge.align.lora import adapters_disabled, lora_layers
-from lmforge.align.preference import DPO_LOSS_TYPES, dpo_loss
+from lmforge.align.preference import (
+    DPO_LOSS_TYPES,
+    PreferenceLoss,
+    dpo_loss,
+    kto_loss,
+    orpo_loss,
+    simpo_loss,
+)
 from lmforge.align.preference_data import (
+    IGNORE,
     PairExample,
     PairLoader,
     build_pair_examples,
@@ -30,7 +46,7 @@ from lmforge.align.preference_data import (
     stdlib_pairs,
 )
 from lmforge.align.sft import pad_token_id
-from lmforge.config import check_positive, to_dict
+from lmforge.config import check_non_negative, check_positive, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.model import load
 from lmforge.outputs import atomic_write_bytes, claim_output_dir
@@ -40,6 +56,8 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.trainer import TRAIN_FILES, fit, resolve_device
 
 REFERENCE_FILE = "reference_logps.safetensors"
+LOSS_TYPES = (*DPO_LOSS_TYPES, "kto", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
 DPO_FILES = [*TRAIN_FILES, REFERENCE_FILE]
 
 
@@ -50,17 +68,29 @@ class DPOConfig:
     tokenizer: str = ""         # "" -> the model's own
     max_examples: int = 1000
     val_examples: int = 64
-    beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
-    label_smoothing: float = 0.0  # cDPO for sigmoid, the flip rate for robust
+    beta: float = 0.1           # SimPO's paper uses 2.0-2.5; ORPO's beta is the paper's lambda
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust | kto | simpo | orpo
+    label_smoothing: float = 0.0  # cDPO for sigmoid and simpo, the flip rate for robust
+    simpo_gamma: float = 0.5    # SimPO's target reward margin
+    desirable_weight: float = 1.0    # KTO's lambda_D
+    undesirable_weight: float = 1.0  # KTO's lambda_U
     data_seed: int = 0          # the default data's corruptions
 
     def __post_init__(self):
-        check_positive(self, "dpo", "max_examples", "val_examples", "beta")
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise LmforgeError(f"dpo.loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
+        check_positive(self, "dpo", "max_examples", "val_examples", "beta", "desirable_weight",
+                       "undesirable_weight")
+        check_non_negative(self, "dpo", "simpo_gamma")
+        if self.loss_type not in LOSS_TYPES:
+            raise LmforgeError(f"dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         if not 0 <= self.label_smoothing < 0.5:
             raise LmforgeError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type in ("hinge", "ipo", "kto", "orpo"):
+            raise LmforgeError(f"dpo.label_smoothing applies to sigmoid, robust and simpo only, not "
+                               f"{self.loss_type!r}; leave it at 0")
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss_type in REFERENCE_FREE
 
 
 @dataclass
@@ -129,16 +159,33 @@ def cached_reference(model, train: list[PairExample], val: list[PairExample], pa
 
 
 # --- the objective -----------------------------------------------------------------------------------
+def mismatched(examples: list[PairExample], max_len: int | None = None) -> list[PairExample]:
+    """KTO's KL rows: pair i's prompt with pair i+1's completions (cut to fit max_len tokens)."""
+    out = []
+    for i, e in enumerate(examples):
+        nxt = examples[(i + 1) % len(examples)]
+        room = None if max_len is None else max(max_len - len(e.prompt), 1)
+        out.append(PairExample(e.prompt, nxt.chosen[:room], nxt.rejected[:room]))
+    return out
+
+
+def reference_rows(cfg: DPOConfig, examples: list[PairExample], max_len: int | None = None) -> list[PairExample]:
+    """The rows whose reference log-probs the loss needs: the pairs, then (KTO) their KL rows."""
+    return examples + mismatched(examples, max_len) if cfg.loss_type == "kto" else examples
+
+
 class DPOObjective(LoraHooks):
-    """DPO loss on pairs. With ref_train/ref_val (from `cached_reference`) the reference is the cache;
-    without, the model must carry LoRA adapters and the reference is the model with them disabled."""
+    """DPO-family loss on pairs. With ref_train/ref_val (from `cached_reference` on `reference_rows`)
+    the reference is the cache; without, the model must carry LoRA adapters and the reference is the
+    model with them disabled. SimPO and ORPO use no reference."""
 
     def __init__(self, tok: Tokenizer | None, train: list[PairExample], val: list[PairExample], cfg: DPOConfig,
                  eval_batch: int, pad_id: int, ref_train: torch.Tensor | None = None,
-                 ref_val: torch.Tensor | None = None, vocab_size: int | None = None):
+                 ref_val: torch.Tensor | None = None, vocab_size: int | None = None, max_len: int | None = None):
         self.tok, self.train, self.val, self.cfg, self.eval_batch = tok, train, val, cfg, eval_batch
         self.pad_id, self.ref_train, self.ref_val = pad_id, ref_train, ref_val
         self.vocab_size = vocab_size if vocab_size is not None else tok.vocab_size
+        self.kl_train, self.kl_val = mismatched(train, max_len), mismatched(val, max_len)
 
     def batches(self, micro_batch: int, seed: int) -> PairLoader:
         return PairLoader(self.train, micro_batch, seed, self.pad_id)
@@ -146,26 +193,57 @@ class DPOObjective(LoraHooks):
     def loss_tokens(self, batch) -> int:
         return batch["tokens"].shape[0] // 2  # the loss is a mean over pairs
 
-    def reference(self, model, batch, cache: torch.Tensor | None) -> torch.Tensor:
-        """[2B] reference log-probs of the batch's rows (chosen then rejected)."""
+    def reference(self, model, batch, cache: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
+        """[2B] reference log-probs of the batch's rows (chosen then rejected); `offset` picks the
+        cache's KL rows (KTO: they follow the pairs)."""
         if cache is not None:
-            ref = cache[batch["index"].cpu()].to(batch["tokens"].device)
+            ref = cache[batch["index"].cpu() + offset].to(batch["tokens"].device)
             return torch.cat([ref[:, 0], ref[:, 1]])
         if not lora_layers(model):
             raise LmforgeError("DPO needs precomputed reference log-probs or a model with LoRA adapters")
         with torch.no_grad(), adapters_disabled(model):
             return completion_logps(model, batch)
 
-    def pair_loss(self, model, batch, cache):
+    def pair_loss(self, model, batch, cache, kl_rows: list[PairExample]) -> tuple[torch.Tensor, dict[str, float]]:
+        """(mean loss, metrics) of a collated batch; `kl_rows`: the split's KTO KL rows."""
+        cfg = self.cfg
         logps = completion_logps(model, batch)
-        ref = self.reference(model, batch, cache).to(logps.dtype)
         b = logps.shape[0] // 2
-        return dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=self.cfg.beta, loss_type=self.cfg.loss_type,
-                        label_smoothing=self.cfg.label_smoothing)
+        extra = {}
+        if cfg.reference_free:
+            lengths = (batch["targets"] != IGNORE).sum(-1).clamp(min=1).to(logps.dtype)
+            avg = logps / lengths
+            if cfg.loss_type == "simpo":
+                out = simpo_loss(avg[:b], avg[b:], beta=cfg.beta, gamma=cfg.simpo_gamma,
+                                 label_smoothing=cfg.label_smoothing)
+                loss = out.loss
+            else:  # orpo: odds-ratio term + the NLL of the chosen completions (token mean)
+                out = orpo_loss(avg[:b], avg[b:], beta=cfg.beta)
+                nll = -logps[:b].sum() / lengths[:b].sum()
+                loss = nll + out.loss
+                extra["nll"] = float(nll.detach())
+        elif cfg.loss_type == "kto":
+            ref = self.reference(model, batch, cache).to(logps.dtype)
+            rows = [kl_rows[i] for i in batch["index"].tolist()]
+            kl_batch = {k: v.to(batch["tokens"].device) for k, v in collate_pairs(rows, self.pad_id).items()}
+            kl_batch["index"] = batch["index"]
+            with torch.no_grad():
+                kl_policy = completion_logps(model, kl_batch)
+            kl_ref = self.reference(model, kl_batch, cache, offset=len(kl_rows)).to(logps.dtype)
+            desirable = torch.arange(2 * b, device=logps.device) < b  # chosen rows desirable, rejected not
+            k = kto_loss(logps, ref, desirable, kl_policy_logps=kl_policy, kl_ref_logps=kl_ref, beta=cfg.beta,
+                         desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
+            out, loss = PreferenceLoss(k.losses, k.rewards[:b], k.rewards[b:]), k.loss
+            extra["kl"] = float(k.kl)
+        else:
+            ref = self.reference(model, batch, cache).to(logps.dtype)
+            out = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=cfg.beta, loss_type=cfg.loss_type,
+                           label_smoothing=cfg.label_smoothing)
+            loss = out.loss
+        return loss, {**metrics(out), **extra}
 
     def loss(self, model, batch):
-        out = self.pair_loss(model, batch, self.ref_train)
-        return out.loss, metrics(out)
+        return self.pair_loss(model, batch, self.ref_train, self.kl_train)
 
     def evaluate(self, model, autocast) -> dict[str, float]:
         if not self.val:
@@ -179,8 +257,8 @@ class DPOObjective(LoraHooks):
                 chunk = self.val[i:i + self.eval_batch]
                 batch = {k: v.to(device) for k, v in collate_pairs(chunk, self.pad_id).items()}
                 batch["index"] = torch.arange(i, i + len(chunk))
-                out = self.pair_loss(model, batch, self.ref_val)
-                for k, v in {"loss": float(out.loss), **metrics(out)}.items():
+                loss, extra = self.pair_loss(model, batch, self.ref_val, self.kl_val)
+                for k, v in {"loss": float(loss), **extra}.items():
                     sums[k] = sums.get(k, 0.0) + v * len(chunk)
         model.train(was_training)
         return {f"val_{k}": v / len(self.val) for k, v in sums.items()}
@@ -227,10 +305,14 @@ def finetune_dpo(recipe: DPORecipe, model: str | None = None, resume: bool = Fal
     if not resume and latest_checkpoint(out / "ckpt"):  # fit refuses too, but only after the reference pass
         raise LmforgeError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another train.out")
     ref_train = ref_val = None
-    if not recipe.lora.enabled:  # with LoRA the reference is the frozen base, adapters off, on the fly
+    # with LoRA the reference is the frozen base, adapters off, on the fly; SimPO and ORPO need none
+    if not recipe.lora.enabled and not dc.reference_free:
         start = load(path, dtype=torch.float32, device=resolve_device(tc.device))  # scored once, then freed
-        ref_train, ref_val = cached_reference(start, train, val, pad_id, out / REFERENCE_FILE, console)
+        ref_train, ref_val = cached_reference(start, reference_rows(dc, train, tc.seq_len + 1),
+                                              reference_rows(dc, val, tc.seq_len + 1), pad_id,
+                                              out / REFERENCE_FILE, console)
         del start
-    objective = DPOObjective(tok, train, val, dc, tc.micro_batch, pad_id, ref_train, ref_val)
+    objective = DPOObjective(tok, train, val, dc, tc.micro_batch, pad_id, ref_train, ref_val,
+                             max_len=tc.seq_len + 1)
     objective.lora, objective.base_model = recipe.lora, str(path)
     return fit(objective, tc, to_dict(recipe), None, "finetune", DPO_FILES, resume, console)
