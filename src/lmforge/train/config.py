@@ -10,7 +10,8 @@ from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig, ModelSpec, spec_to_config
 
 
-DTYPES = ("auto", "float32", "bfloat16")  # the trainer honours these: fp32 weights, optional bf16 autocast
+# the trainer honours these: fp32 weights with optional bf16 autocast, or fp64 weights (exactness tests)
+DTYPES = ("auto", "float32", "bfloat16", "float64")
 
 
 @dataclass
@@ -75,7 +76,7 @@ class TrainConfig:
         return self.global_batch_tokens // (self.micro_batch * self.seq_len)
 
 
-PARALLEL_DTYPES = ("float32", "bfloat16")
+PARALLEL_DTYPES = ("auto", "float32", "bfloat16")  # auto: the weights' own dtype
 
 
 @dataclass
@@ -88,8 +89,8 @@ class ParallelConfig:
     cp: int = 1                       # context parallel (ring attention) degree
     reshard_after_forward: bool = True  # true: ZeRO-3 (free gathered weights after forward); false: keep
                                         # them until backward (ZeRO-2-like, more memory, less traffic)
-    param_dtype: str = "float32"      # FSDP mixed precision: dtype weights are gathered in for compute
-    reduce_dtype: str = "float32"     # dtype of the gradient reduce-scatter
+    param_dtype: str = "auto"         # FSDP mixed precision: dtype weights are gathered in for compute
+    reduce_dtype: str = "auto"        # dtype of the gradient reduce-scatter
     backend: str = "auto"             # auto: nccl on CUDA, gloo on CPU
 
     def __post_init__(self):

@@ -112,9 +112,10 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
 def initial_model(tc: TrainConfig, cfg: ModelConfig | None, vocab_size: int, device: torch.device) -> Transformer:
     """Random init from `cfg` (seeded by train.seed), or the weights named by train.init_from."""
     torch.manual_seed(tc.seed)
+    dtype = torch.float64 if tc.dtype == "float64" else torch.float32
     if not tc.init_from:
-        return Transformer(cfg).to(device)
-    model = load(resolve_model_path(tc.init_from), dtype=torch.float32, device=device)
+        return Transformer(cfg).to(device=device, dtype=dtype)
+    model = load(resolve_model_path(tc.init_from), dtype=dtype, device=device)
     if model.cfg.vocab_size < vocab_size:
         raise LmforgeError(f"train.init_from model has vocab_size {model.cfg.vocab_size} < the data's {vocab_size}")
     if tc.seq_len > model.cfg.max_seq_len:

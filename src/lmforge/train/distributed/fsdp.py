@@ -5,11 +5,11 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def apply_fsdp(model, mesh: DeviceMesh, reshard_after_forward: bool = True, param_dtype: str = "float32",
-               reduce_dtype: str = "float32"):
+def apply_fsdp(model, mesh: DeviceMesh, reshard_after_forward: bool = True, param_dtype: str = "auto",
+               reduce_dtype: str = "auto"):
     """Shard every block as its own unit (its weights are gathered just before its forward and,
     with reshard_after_forward, freed just after), then the root (embeddings, final norm, head).
     The head stays in the root unit: the fused loss reads lm_head.weight without calling lm_head,
