@@ -8,7 +8,7 @@ import torch
 
 from conftest import run_torchrun
 from lmforge.config import load_recipe
-from lmforge.model import load
+from lmforge.model.hf import read_safetensors_dir
 from lmforge.train.config import TrainRecipe
 from lmforge.train.trainer import train
 
@@ -28,7 +28,8 @@ def losses(out) -> dict[int, float]:
 
 
 def max_param_diff(a, b) -> float:
-    sa, sb = load(a).state_dict(), load(b).state_dict()
+    sa, sb = read_safetensors_dir(a), read_safetensors_dir(b)  # (fp64 as saved; load() would give fp32)
+    assert sa["embed_tokens.weight"].dtype == torch.float64
     assert sa.keys() == sb.keys()
     return max((sa[k] - sb[k]).abs().max().item() for k in sa)
 

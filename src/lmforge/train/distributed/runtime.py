@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 
 from lmforge.errors import LmforgeError
-from lmforge.model.io import model_from_state
+from lmforge.model import Transformer
 from lmforge.train import checkpoint as plain_ckpt
 from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.distributed.checkpoint import is_dcp_checkpoint, load_dcp_checkpoint, save_dcp_checkpoint
@@ -110,7 +110,11 @@ class Distributed:
     def full_model(self, model):
         """Collective: the whole model as a plain Transformer on rank 0 (None elsewhere)."""
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return model_from_state(model.cfg, state, "the gathered model").train() if self.main else None
+        if not self.main:
+            return None
+        plain = Transformer(model.cfg).to(state["embed_tokens.weight"].dtype)  # built at the trained dtype
+        plain.load_state_dict(state)
+        return plain
 
     def barrier(self) -> None:
         dist.barrier()
