@@ -1,9 +1,11 @@
 """Launching torchrun worlds from tests: every launch has a hard timeout and kills its whole
 process group on expiry, so a stuck collective can never hang CI."""
+import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +27,11 @@ def run_torchrun(nproc: int, args: list[str], log_path, timeout: float = LAUNCH_
     text = open(log_path).read()
     assert rc == 0, f"torchrun x{nproc} failed (rc {rc}):\n{text[-4000:]}"
     return text
+
+
+@pytest.fixture(scope="session")
+def parallel_results(tmp_path_factory):
+    """One 4-rank launch of parallel_worker.py (ring attention + tensor parallel), read per rank."""
+    out = tmp_path_factory.mktemp("parallel")
+    run_torchrun(4, [str(Path(__file__).with_name("parallel_worker.py")), str(out)], out / "worker.log", timeout=180)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
