@@ -1,11 +1,31 @@
 """`lmforge convert` (`lmforge generate` runs through the serving engine: see serve/cli.py)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 
 from lmforge.errors import LmforgeError
+
+
+def load_dcp_checkpoint(step_dir: Path):
+    """The weights of a distributed training checkpoint (OUT/ckpt/step_N written by `lmforge train`
+    under torchrun: lmforge_model.json + dcp/), read in this one process at their saved dtype."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from lmforge.model import ModelConfig, Transformer
+    from lmforge.model.io import LMFORGE_CONFIG
+
+    reader = dcp.FileSystemReader(step_dir / "dcp")
+    saved = reader.read_metadata().state_dict_metadata
+    cfg = ModelConfig.from_dict(json.loads((step_dir / LMFORGE_CONFIG).read_text()))
+    model = Transformer(cfg).to(saved["model.embed_tokens.weight"].properties.dtype)
+    target = {"model": model.state_dict()}
+    dcp.load(target, storage_reader=reader)
+    model.load_state_dict(target["model"])
+    return model.eval()
 
 
 def convert_command(
@@ -16,7 +36,8 @@ def convert_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="also write into a non-empty folder that is not an "
                                                               "lmforge output (its other files are kept)"),
 ):
-    """Convert between lmforge checkpoints, Hugging Face directories and GGUF (read only).
+    """Convert between lmforge checkpoints, Hugging Face directories and GGUF (read only); a
+    distributed training checkpoint (a train run's ckpt/step_N with dcp/) is read too.
     The source's tokenizer (a GGUF's own, or the tokenizer files next to the model) is written too."""
     from lmforge.model import load, save, save_hf
     from lmforge.outputs import check_destination
@@ -25,8 +46,8 @@ def convert_command(
     if to not in ("hf", "lmforge"):
         raise LmforgeError(f"--to must be 'hf' or 'lmforge', got {to!r}")
     check_destination(dst, "model", overwrite)  # before the (slow) load
-    model = load(src)
     source = Path(src)
+    model = load_dcp_checkpoint(source) if (source / "dcp" / ".metadata").is_file() else load(src)
     has_tokenizer = source.suffix == ".gguf" or (source.is_dir() and (source / "tokenizer.json").exists())
     tok = load_tokenizer(src) if has_tokenizer else None
     if to == "hf":

@@ -11,7 +11,8 @@ from lmforge.model.config import DEPTH_CHANNELS, ModelConfig, ModelSpec, spec_to
 
 
 OPTIMIZERS = ("adamw", "muon")
-DTYPES = ("auto", "float32", "bfloat16")  # the trainer honours these: fp32 weights, optional bf16 autocast
+# the trainer honours these: fp32 weights with optional bf16 autocast, or fp64 weights (exactness tests)
+DTYPES = ("auto", "float32", "bfloat16", "float64")
 
 
 @dataclass
@@ -103,10 +104,37 @@ def depth_dial_defaults(values: dict) -> dict:
     return {**values, "train": train}
 
 
+PARALLEL_DTYPES = ("auto", "float32", "bfloat16")  # auto: the weights' own dtype
+
+
+@dataclass
+class ParallelConfig:
+    """How a `torchrun`-launched run splits over its processes (lmforge.train.distributed). One
+    process (no torchrun) ignores the section as long as every degree is 1 (or dp_shard=-1)."""
+    dp_shard: int = -1                # FSDP2 degree; -1: the world size left after tp * pp * cp
+    tp: int = 1                       # tensor parallel degree
+    pp: int = 1                       # pipeline stages
+    cp: int = 1                       # context parallel (ring attention) degree
+    reshard_after_forward: bool = True  # true: ZeRO-3 (free gathered weights after forward); false: keep
+                                        # them until backward (ZeRO-2-like, more memory, less traffic)
+    param_dtype: str = "auto"         # FSDP mixed precision: dtype weights are gathered in for compute
+    reduce_dtype: str = "auto"        # dtype of the gradient reduce-scatter
+    backend: str = "auto"             # auto: nccl on CUDA, gloo on CPU
+
+    def __post_init__(self):
+        require(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard", ">= 1 or -1 (the rest)",
+                self.dp_shard)
+        check_positive(self, "parallel", "tp", "pp", "cp")
+        check_choice(self, "parallel", "param_dtype", PARALLEL_DTYPES)
+        check_choice(self, "parallel", "reduce_dtype", PARALLEL_DTYPES)
+        check_choice(self, "parallel", "backend", ("auto", "gloo", "nccl"))
+
+
 @dataclass
 class TrainRecipe:
     model: ModelSpec = field(default_factory=ModelSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     derived_defaults = staticmethod(depth_dial_defaults)
 

@@ -16,8 +16,9 @@ from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer, load, save
 from lmforge.model.pretrained import resolve_model_path
 from lmforge.outputs import claim_output_dir
-from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lmforge.train.config import TrainConfig, TrainRecipe
+from lmforge.train.checkpoint import latest_checkpoint
+from lmforge.train.config import ParallelConfig, TrainConfig, TrainRecipe
+from lmforge.train.distributed.runtime import resolve_device, start_runtime  # noqa: F401 (resolve_device: re-exported)
 from lmforge.train.metrics import (
     MetricsLogger,
     device_peak_flops,
@@ -38,12 +39,6 @@ from lmforge.train.objective import (  # noqa: F401 (evaluate_loss: re-exported)
 from lmforge.train.schedule import lr_at
 
 TRAIN_FILES = ["recipe.yaml", "metrics.jsonl", "ckpt", "model", "adapter", "tensorboard", "loss_curve.png"]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_optimizer(model: Transformer, tc: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -121,15 +116,16 @@ def train(recipe: TrainRecipe, resume: bool = False, console: Console | None = N
     cfg = None if tc.init_from else recipe.model_config(vocab_size=objective.vocab_size)
     if cfg is not None and cfg.vocab_size < objective.vocab_size:
         raise LmforgeError(f"model vocab_size {cfg.vocab_size} < tokenizer vocab {objective.vocab_size}")
-    return fit(objective, tc, to_dict(recipe), cfg, "train", TRAIN_FILES, resume, console)
+    return fit(objective, tc, to_dict(recipe), cfg, "train", TRAIN_FILES, resume, console, recipe.parallel)
 
 
 def initial_model(tc: TrainConfig, cfg: ModelConfig | None, vocab_size: int, device: torch.device) -> Transformer:
     """Random init from `cfg` (seeded by train.seed), or the weights named by train.init_from."""
     torch.manual_seed(tc.seed)
+    dtype = torch.float64 if tc.dtype == "float64" else torch.float32
     if not tc.init_from:
-        return Transformer(cfg).to(device)
-    model = load(resolve_model_path(tc.init_from), dtype=torch.float32, device=device)
+        return Transformer(cfg).to(device=device, dtype=dtype)
+    model = load(resolve_model_path(tc.init_from), dtype=dtype, device=device)
     if model.cfg.vocab_size < vocab_size:
         raise LmforgeError(f"train.init_from model has vocab_size {model.cfg.vocab_size} < the data's {vocab_size}")
     if tc.seq_len > model.cfg.max_seq_len:
@@ -139,12 +135,23 @@ def initial_model(tc: TrainConfig, cfg: ModelConfig | None, vocab_size: int, dev
 
 
 def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | None, kind: str,
-        out_files: list[str], resume: bool = False, console: Console | None = None) -> dict:
+        out_files: list[str], resume: bool = False, console: Console | None = None,
+        parallel: ParallelConfig | None = None) -> dict:
     """The training loop for any objective: a model from `cfg` (random init) or `tc.init_from`,
     trained with the schedule, accumulation, clipping, logging and checkpoints of `tc`; the run
-    folder tc.out is a `kind` output; resume continues bit for bit from the latest checkpoint."""
-    console = console or Console()
-    device = resolve_device(tc.device)
+    folder tc.out is a `kind` output; resume continues bit for bit from the latest checkpoint.
+    Under torchrun, `parallel` lays it over the processes: the `rt.` calls below are the only
+    places that differ from one process (lmforge.train.distributed)."""
+    rt = start_runtime(parallel, tc, cfg, console or Console())
+    try:
+        return _fit(rt, objective, tc, recipe, cfg, kind, out_files, resume)
+    finally:
+        rt.close()
+
+
+def _fit(rt, objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | None, kind: str,
+         out_files: list[str], resume: bool) -> dict:
+    console, device = rt.console, rt.device
     use_bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
 
     def autocast():
@@ -159,42 +166,48 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
     trainable_only = (set(model.state_dict()) != plain_keys
                       or not all(p.requires_grad for p in model.parameters()))
     model.gradient_checkpointing = tc.activation_checkpointing
+    model = rt.parallelize(model)
     optimizer = build_optimizer(model, tc, device)
-    loader = objective.batches(tc.micro_batch, tc.seed)
+    loader = rt.shard(objective.batches(tc.micro_batch, tc.seed))
     out = Path(tc.out)
     ckpt_root = out / "ckpt"
     start_step, tokens_seen = 0, 0
     # B_simple from the first micro-batch's gradient (B_small) and the accumulated one (B_big).
     noise = NoiseScaleTracker() if tc.noise_scale else None
-    claim_output_dir(out, kind, out_files)  # refuses a file or a user's non-empty folder
+    if rt.main:
+        claim_output_dir(out, kind, out_files)  # refuses a file or a user's non-empty folder
+    rt.barrier()
     latest = latest_checkpoint(ckpt_root)
     if latest and not resume:
         raise LmforgeError(f"{out} already holds checkpoints (latest {latest.name}); pass --resume "
                            "to continue it, or choose another train.out")
     if resume and latest:
-        state = load_checkpoint(latest, model, optimizer)
+        state = rt.load_checkpoint(latest, model, optimizer)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         loader.load_state_dict(state["loader"])
         if noise is not None and "noise_scale" in state:
             noise.__dict__.update(state["noise_scale"])
-        _truncate_metrics(out / "metrics.jsonl", start_step)
+        if rt.main:
+            _truncate_metrics(out / "metrics.jsonl", start_step)
         console.print(f"[cyan]resumed from step {start_step}[/] ({latest.name}); next step {start_step + 1}",
                       highlight=False)
     elif resume:
-        _truncate_metrics(out / "metrics.jsonl", 0)
+        if rt.main:
+            _truncate_metrics(out / "metrics.jsonl", 0)
         console.print(f"no checkpoint in {ckpt_root}: starting at step 1", highlight=False)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    if rt.main:
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
 
     forward = torch.compile(model) if tc.compile else model
     flops_per_token = cfg.flops_per_token(tc.seq_len)
     peak = tc.peak_flops or device_peak_flops(device)
-    logger = MetricsLogger(out, tc.tensorboard, console)
+    logger = MetricsLogger(out, tc.tensorboard, console) if rt.main else None
     console.print(f"model {cfg.num_params() / 1e6:.2f}M params, {flops_per_token / 1e6:.1f} MFLOP/token, "
                   f"device {device}{' bf16' if use_bf16 else ''}, {tc.max_steps} steps x "
                   f"{tc.global_batch_tokens} tokens (grad accum {tc.grad_accum})")
 
     def checkpoint(step, loader_state=None):
-        save_checkpoint(ckpt_root, step, model, optimizer,
+        rt.save_checkpoint(ckpt_root, step, model, optimizer,
                         {"tokens_seen": tokens_seen, "loader": loader_state or loader.state_dict(),
                          **({"noise_scale": vars(noise)} if noise else {})}, tc.keep_last,
                         trainable_only=trainable_only)
@@ -218,11 +231,11 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
             if noise is not None:
                 noise.update(noise_scale(counts[0], g2_small, n_step, float(grad_norm) ** 2))
             optimizer.step()
-            tokens_seen += n_step
+            tokens_seen += n_step * rt.dp
             done = step + 1
             completed, completed_loader = done, loader.state_dict()  # what an interrupt may save
             optimizer.zero_grad(set_to_none=True)
-            loss_value = loss_sum.item() / tc.grad_accum
+            loss_value = rt.mean(loss_sum).item() / tc.grad_accum
             if not math.isfinite(loss_value):
                 raise LmforgeError(f"loss became {loss_value} at step {done}; lower train.lr or check the data")
             if done % tc.log_every == 0 or done == tc.max_steps:
@@ -236,10 +249,11 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
                     metrics["mfu"] = flops_per_token * tps / peak
                 if noise is not None:
                     metrics["noise_scale_tokens"] = noise.b_simple
-                logger.log(done, metrics)
+                if logger:
+                    logger.log(done, metrics)
             if done % tc.eval_every == 0 or done == tc.max_steps:
                 held_out = objective.evaluate(model, autocast)
-                if held_out:
+                if held_out and logger:
                     val_loss = held_out.get("val_loss", val_loss)
                     logger.log(done, held_out)
             if done % tc.ckpt_every == 0 or done == tc.max_steps:
@@ -251,10 +265,13 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
             checkpoint(completed, completed_loader)
         raise
     finally:
-        logger.close()
-    final, extra_files = finish_model(objective, model, out)
-    save(final, out / "model", tokenizer=objective.tokenizer(), extra_files=extra_files)
-    plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
+        if logger:
+            logger.close()
+    final, extra_files = finish_model(objective, rt.full_model(model), out)
+    if rt.main:
+        save(final, out / "model", tokenizer=objective.tokenizer(), extra_files=extra_files)
+        plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
+    rt.barrier()
     last = read_metrics(out / "metrics.jsonl")
     losses = [r["loss"] for r in last if "loss" in r]
     return {"steps": tc.max_steps, "tokens_seen": tokens_seen, "final_loss": losses[-1] if losses else None,

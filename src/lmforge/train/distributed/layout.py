@@ -1,0 +1,63 @@
+"""The process layout of a run: the `parallel` degrees resolved against the world size and checked
+against the model and batch, as plain arithmetic (no process group is created here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmforge.errors import LmforgeError
+from lmforge.model.config import ModelConfig
+from lmforge.train.config import ParallelConfig, TrainConfig
+
+# Degrees the training loop can run today; the others are refused up front, not half-applied.
+TRAINER_SUPPORTS = ("dp_shard",)
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    dp_shard: int
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+
+    @property
+    def mesh_shape(self) -> tuple[tuple[str, int], ...]:
+        """(name, size) of each mesh dimension larger than 1, outermost first (dp outside tp, so
+        tp peers are neighbours: on one node they share the fastest links)."""
+        dims = (("pp", self.pp), ("dp_shard", self.dp_shard), ("cp", self.cp), ("tp", self.tp))
+        return tuple(d for d in dims if d[1] > 1) or (("dp_shard", 1),)
+
+
+def resolve_layout(pc: ParallelConfig, world: int, tc: TrainConfig, cfg: ModelConfig | None) -> Layout:
+    """The layout for `world` processes, or an LmforgeError saying which setting is impossible."""
+    fixed = pc.tp * pc.pp * pc.cp
+    if world % fixed:
+        raise LmforgeError(f"parallel.tp*pp*cp = {pc.tp}*{pc.pp}*{pc.cp} = {fixed} does not divide the world "
+                           f"size {world}")
+    dp = world // fixed if pc.dp_shard == -1 else pc.dp_shard
+    if dp * fixed != world:
+        raise LmforgeError(f"parallel.dp_shard*tp*pp*cp = {dp}*{pc.tp}*{pc.pp}*{pc.cp} = {dp * fixed} must equal "
+                           f"the world size {world} (torchrun --nproc-per-node x --nnodes); dp_shard=-1 fills it")
+    if tc.micro_batch % dp:
+        raise LmforgeError(f"train.micro_batch={tc.micro_batch} must be a multiple of parallel.dp_shard={dp}")
+    if cfg is not None and (cfg.n_heads % pc.tp or cfg.n_kv_heads % pc.tp):
+        raise LmforgeError(f"parallel.tp={pc.tp} must divide the model's n_heads={cfg.n_heads} and "
+                           f"n_kv_heads={cfg.n_kv_heads}")
+    if cfg is not None and cfg.n_layers % pc.pp:
+        raise LmforgeError(f"parallel.pp={pc.pp} must divide the model's n_layers={cfg.n_layers}")
+    if pc.pp > 1 and tc.grad_accum < pc.pp:
+        raise LmforgeError(f"parallel.pp={pc.pp} stages need at least as many micro-batches per step; "
+                           f"train.grad_accum is {tc.grad_accum} (raise train.global_batch_tokens)")
+    if tc.seq_len % (2 * pc.cp) and pc.cp > 1:
+        raise LmforgeError(f"train.seq_len={tc.seq_len} must be a multiple of 2*parallel.cp={2 * pc.cp} "
+                           "(zigzag load balancing gives each rank two equal chunks)")
+    unsupported = [f"{name}={getattr(pc, name)}" for name in ("tp", "pp", "cp")
+                   if getattr(pc, name) > 1 and name not in TRAINER_SUPPORTS]
+    if unsupported:
+        raise LmforgeError(f"`lmforge train` runs FSDP (parallel.dp_shard) only so far; {', '.join(unsupported)} "
+                           "is not available in the training loop yet")
+    if tc.noise_scale and world > 1:
+        raise LmforgeError("train.noise_scale is single-process only")
+    if tc.optimizer == "muon" and world > 1:  # Newton–Schulz needs whole matrices, FSDP holds row shards
+        raise LmforgeError("train.optimizer=muon is single-process only so far; use adamw under torchrun")
+    return Layout(world, dp, pc.tp, pc.pp, pc.cp)

@@ -1,0 +1,135 @@
+"""What the training loop asks of its process layout: one process (the default, every hook an
+identity or the plain-file checkpoint) or a torchrun world on a device mesh (FSDP2)."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
+from lmforge.train import checkpoint as plain_ckpt
+from lmforge.train.config import ParallelConfig, TrainConfig
+from lmforge.train.distributed.checkpoint import is_dcp_checkpoint, load_dcp_checkpoint, save_dcp_checkpoint
+from lmforge.train.distributed.fsdp import apply_fsdp
+from lmforge.train.distributed.layout import Layout, resolve_layout
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_any_checkpoint(path: Path, model, optimizer) -> dict:
+    """A step directory of either format (a DCP one also loads into one plain process)."""
+    if is_dcp_checkpoint(path):
+        return load_dcp_checkpoint(path, model, optimizer)
+    return plain_ckpt.load_checkpoint(path, model, optimizer)
+
+
+class SingleProcess:
+    main, dp = True, 1
+
+    def __init__(self, tc: TrainConfig, console: Console):
+        self.device, self.console = resolve_device(tc.device), console
+
+    def parallelize(self, model):
+        return model
+
+    def shard(self, loader):
+        return loader
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def save_checkpoint(self, root, step, model, optimizer, trainer_state, keep_last, trainable_only=False):
+        return plain_ckpt.save_checkpoint(root, step, model, optimizer, trainer_state, keep_last, trainable_only)
+
+    def load_checkpoint(self, path, model, optimizer) -> dict:
+        return load_any_checkpoint(path, model, optimizer)
+
+    def full_model(self, model):
+        return model
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Distributed:
+    """One rank of a torchrun world: FSDP2 over the dp_shard mesh dimension."""
+
+    def __init__(self, layout: Layout, pc: ParallelConfig, tc: TrainConfig, console: Console):
+        self.layout, self.pc = layout, pc
+        self.rank, self.local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+        use_cuda = torch.cuda.is_available() and tc.device in ("auto", "cuda")
+        self.device = torch.device("cuda", self.local_rank) if use_cuda else resolve_device(tc.device)
+        backend = pc.backend if pc.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        names, sizes = zip(*layout.mesh_shape)
+        self.mesh = init_device_mesh(self.device.type, sizes, mesh_dim_names=names)
+        self.dp = layout.dp_shard
+        self.dp_rank = self.mesh["dp_shard"].get_local_rank() if "dp_shard" in names else 0
+        self.main = self.rank == 0
+        self.console = console if self.main else Console(quiet=True)
+
+    def parallelize(self, model):
+        if not all(p.requires_grad for p in model.parameters()):
+            raise LmforgeError("parallel training supports full-model training only (no frozen weights)")
+        return apply_fsdp(model, self.mesh["dp_shard"] if self.dp > 1 else self.mesh, self.pc.reshard_after_forward,
+                          self.pc.param_dtype, self.pc.reduce_dtype)
+
+    def shard(self, loader):
+        if not hasattr(loader, "shard"):
+            raise LmforgeError("this objective's data loader cannot be split by rank: run it in one process")
+        return loader.shard(self.dp_rank, self.dp)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x / self.layout.world
+
+    def save_checkpoint(self, root, step, model, optimizer, trainer_state, keep_last, trainable_only=False):
+        return save_dcp_checkpoint(root, step, model, optimizer, trainer_state, keep_last)
+
+    def load_checkpoint(self, path, model, optimizer) -> dict:
+        return load_any_checkpoint(path, model, optimizer)
+
+    def full_model(self, model):
+        """Collective: the whole model as a plain Transformer on rank 0 (None elsewhere)."""
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.main:
+            return None
+        plain = Transformer(model.cfg).to(state["embed_tokens.weight"].dtype)  # built at the trained dtype
+        plain.load_state_dict(state)
+        return plain
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start_runtime(pc: ParallelConfig | None, tc: TrainConfig, cfg, console: Console):
+    """SingleProcess unless torchrun started more than one process. The layout is checked first,
+    so a bad setting is a one-line error before any process group exists."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    pc = pc or ParallelConfig()
+    layout = resolve_layout(pc, world, tc, cfg)
+    if world == 1:
+        return SingleProcess(tc, console)
+    return Distributed(layout, pc, tc, console)
