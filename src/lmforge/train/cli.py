@@ -1,6 +1,7 @@
 """`lmforge train`: pretraining from a YAML recipe plus key=value overrides."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -18,7 +19,8 @@ def train_command(
     from lmforge.train.trainer import train
 
     summary = train(load_recipe(TrainRecipe, recipe, overrides), resume=resume)
-    typer.echo(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, model at {summary['model_dir']}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, not one per process
+        typer.echo(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, model at {summary['model_dir']}")
 
 
 def register(app: typer.Typer) -> None:
