@@ -41,6 +41,7 @@ COMMANDS = dict(walk(ROOT))
 # Settings that must be refused, so the long-running commands stop after validating their input.
 VALIDATION_ONLY = {
     ("train",): ["train.max_steps=-1"],
+    ("safety", "dp-train"): ["train.max_steps=-1"],
     ("finetune", "sft"): ["train.max_steps=-1"],
     ("finetune", "dpo"): ["train.max_steps=-1"],
     ("finetune", "rm"): ["train.max_steps=-1"],
