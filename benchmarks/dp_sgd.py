@@ -41,7 +41,7 @@ def canary_run(steps: int, target_eps: float, batch: int, clip: float) -> dict:
         model = Transformer(ModelConfig(**CFG))
         train_on_windows(model, windows, steps, batch, 3e-3, seed=0, dp=dp)
         out[f"exposure_{name}"] = exposure(model, SECRET)
-        print(f"{name}: exposure {out[f'exposure_{name}']:.2f} bits (max {exposure.__defaults__ and 13.29})",
+        print(f"{name}: exposure {out[f'exposure_{name}']:.2f} bits (max log2(10^4) = 13.29)",
               flush=True)
     return out
 
