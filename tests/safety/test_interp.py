@@ -92,11 +92,14 @@ def test_head_scores_on_hand_made_patterns():
     assert ind[0].tolist() == [0.0, 1.0] and prev[0].tolist() == [1.0, pytest.approx(1 / 9)]
 
 
+STEPS = 350  # the 2-layer model's induction head forms between steps 200 and 300 (score 0.1 -> 0.83)
+
+
 def grow(n_layers: int, steps: int) -> float:
     torch.manual_seed(0)
     m = attention_only(Transformer(ModelConfig(vocab_size=64, dim=64, n_layers=n_layers, n_heads=4,
                                                hidden_dim=64, max_seq_len=64)))
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     for step in range(steps):
         x = shifted_repeats(64, 32, 32, seed=step + 1)
         loss = m(x[:, :-1], targets=x[:, 1:])
