@@ -114,3 +114,31 @@ def grow(n_layers: int, steps: int) -> float:
 def test_induction_head_grows_in_two_layers_not_one():
     assert grow(2, STEPS) > 0.5
     assert grow(1, STEPS) < 0.3
+
+
+def test_interp_command_writes_heatmaps_and_a_lens_that_ends_at_the_logits(tmp_path):
+    import json
+
+    from lmforge.cli import run
+    from lmforge.model import save
+    from lmforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["def add(a, b):\n    return a + b\n" * 10], vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                                hidden_dim=32, max_seq_len=64))
+    save(m, tmp_path / "model", tokenizer=tok)
+    out = tmp_path / "interp"
+    prompt, corrupt = "def add(a, b):", "def add(b, a):"
+    assert len(tok.encode(prompt)) == len(tok.encode(corrupt))
+    assert run(["safety", "interp", str(tmp_path / "model"), "--prompt", prompt, "--corrupt", corrupt,
+                "--out", str(out)]) == 0
+    result = json.loads((out / "interp.json").read_text())
+    with torch.no_grad():
+        best = int(m(torch.tensor([tok.encode(prompt)]))[0, -1].argmax())
+    assert result["logit_lens"][-1]["top"][0]["token"] == tok.decode([best])
+    for name in ("attention_layer0", "attention_layer1", "induction_heads", "activation_patching",
+                 "attribution_patching"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert run(["safety", "interp", str(tmp_path / "model"), "--prompt", prompt, "--corrupt", "x",
+                "--out", str(out)]) == 2  # a corrupted prompt of another length: a clear error

@@ -1,9 +1,12 @@
-"""`lmforge safety dp-train`: the model-side safety commands (DP-SGD; more join here)."""
+"""The model-side `lmforge safety` commands: dp-train, interp, card."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
+
+from lmforge.errors import LmforgeError
+from lmforge.model.cli_options import device_option, model_argument, tokenizer_option
 
 
 def dp_train_command(
@@ -24,5 +27,41 @@ def dp_train_command(
                f"model at {summary['model_dir']}")
 
 
+def interp_command(
+    model: str = model_argument(),
+    prompt: str = typer.Option("def add(a, b):\n    return a + b\n\nprint(add(", help="the prompt to look inside"),
+    corrupt: str = typer.Option(None, help="a corrupted prompt of the same token length: adds activation and "
+                                           "attribution patching"),
+    out: Path = typer.Option(Path("interp"), "--out", "-o", help="folder for interp.json and the PNG heatmaps"),
+    tokenizer: str = tokenizer_option(),
+    device: str = device_option(),
+):
+    """Logit lens, attention maps, induction / previous-token head scores, activation and attribution patching."""
+    from lmforge.model.pretrained import load_pretrained
+    from lmforge.safety.interp_report import interp_report
+
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"--out {out} is a file, not a folder")
+    pre = load_pretrained(model, tokenizer, dtype="float32", device=device)
+    result = interp_report(pre.model, pre.tokenizer, prompt, corrupt, out)
+    for row in result["logit_lens"]:
+        typer.echo(f"layer {row['layer']:>2}: " + ", ".join(f"{t['token']!r} {t['p']:.2f}" for t in row["top"]))
+    best = max((s, layer, head) for layer, row in enumerate(result["induction_scores"]) for head, s in enumerate(row))
+    typer.echo(f"strongest induction head: layer {best[1]} head {best[2]} (score {best[0]:.2f}); outputs in {out}")
+
+
+def card_command(
+    run_dir: Path = typer.Argument(..., help="a run directory (speedrun run or train.out)"),
+    out: Path = typer.Option(None, "--out", "-o", help="folder for model_card.json/.md (default: RUN_DIR)"),
+):
+    """Model card / governance report (JSON + Markdown) from a run directory."""
+    from lmforge.safety.card import write_card
+
+    json_path, md_path = write_card(run_dir, out)
+    typer.echo(f"wrote {json_path} and {md_path}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("dp-train")(dp_train_command)
+    app.command("interp")(interp_command)
+    app.command("card")(card_command)
