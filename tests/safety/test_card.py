@@ -19,7 +19,7 @@ def test_card_of_a_dp_run_reports_its_epsilon(toy_shards, tmp_path):
     assert card["privacy"]["epsilon"] == pytest.approx(summary["dp_epsilon"])
     assert card["privacy"]["delta"] == 1e-5
     assert card["training"]["steps"] == 2 and card["training"]["tokens_seen"] == summary["tokens_seen"]
-    assert card["model"]["config"]["dim"] == 32
+    assert card["model"]["config"]["dim"] == 32 and card["model"]["config"]["vocab_size"] == 128  # the saved model
     assert card["red_team"] == NOT_MEASURED and any("red-team" in x for x in card["limits"])
     assert f"{summary['dp_epsilon']}" in md_path.read_text()
 

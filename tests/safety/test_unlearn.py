@@ -91,3 +91,28 @@ def test_bad_settings_are_refused():
     with pytest.raises(LmforgeError):
         UnlearnObjective("graddiff", examples(2, 0), [], 0, 30)
     assert collate(examples(2, 0), 0)["labels"].shape[0] == 2
+
+
+def test_unlearn_command_runs_npo_end_to_end(tmp_path, capsys):
+    import json
+
+    from lmforge.cli import run
+    from lmforge.model import save
+    from lmforge.tokenizer import train_tokenizer
+
+    facts = [{"prompt": f"Q: who wrote book {i}? A:", "answer": f" author {i}"} for i in range(8)]
+    tok = train_tokenizer([json.dumps(f) for f in facts] * 5, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    save(Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                 hidden_dim=32, max_seq_len=64)), tmp_path / "model", tokenizer=tok)
+    (tmp_path / "forget.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts[:4]))
+    (tmp_path / "retain.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts[4:]))
+    args = ["safety", "unlearn", str(tmp_path / "model"), f"unlearn.forget={tmp_path / 'forget.jsonl'}",
+            f"unlearn.retain={tmp_path / 'retain.jsonl'}", f"train.out={tmp_path / 'out'}", "train.max_steps=2",
+            "train.seq_len=32", "train.micro_batch=2", "train.global_batch_tokens=64", "train.device=cpu",
+            "train.tensorboard=false"]
+    assert run(args) == 0
+    assert "forget exact match" in capsys.readouterr().out
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    (tmp_path / "bad.jsonl").write_text('{"prompt": 1}\n')
+    assert run(args[:3] + [f"unlearn.forget={tmp_path / 'bad.jsonl'}"] + args[4:]) == 2

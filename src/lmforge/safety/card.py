@@ -77,7 +77,7 @@ def build_card(run_dir: str | Path) -> dict:
         (train_dir / "recipe.yaml").is_file() else {}
     recipe = recipe if isinstance(recipe, dict) else {}
     rows = _metrics(train_dir / "metrics.jsonl") if train_dir else []
-    model_cfg = _read_json(train_dir / "model" / "config.json") if train_dir else None
+    model_cfg = _read_json(train_dir / "model" / "lmforge_model.json") if train_dir else None
     pretrain = stages.get("pretrain", {})
     tc = recipe.get("train", {}) if isinstance(recipe.get("train"), dict) else {}
     dp = tc.get("dp", {}) if isinstance(tc.get("dp"), dict) else {}

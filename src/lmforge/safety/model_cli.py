@@ -1,4 +1,4 @@
-"""The model-side `lmforge safety` commands: dp-train, interp, card."""
+"""The model-side `lmforge safety` commands: dp-train, interp, unlearn, card."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -61,7 +61,28 @@ def card_command(
     typer.echo(f"wrote {json_path} and {md_path}")
 
 
+def unlearn_command(
+    args: list[str] = typer.Argument(None, metavar="[MODEL] [SECTION.KEY=VALUE]...",
+                                     help="the model (default: the bundled SmolLM2) and overrides, e.g. "
+                                          "unlearn.forget=forget.jsonl unlearn.retain=retain.jsonl unlearn.method=npo"),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="YAML recipe"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in train.out"),
+):
+    """Unlearn (prompt, answer) pairs: gradient ascent, gradient difference or NPO; forget/retain exact match."""
+    from lmforge.config import load_recipe
+    from lmforge.safety.unlearn_run import UnlearnRecipe, unlearn
+
+    models = [a for a in args or [] if "=" not in a or Path(a).exists()]
+    if len(models) > 1:
+        raise LmforgeError(f"more than one MODEL given: {', '.join(models)}")
+    overrides = [a for a in args or [] if a not in models]
+    s = unlearn(load_recipe(UnlearnRecipe, recipe, overrides), models[0] if models else None, resume=resume)
+    typer.echo(f"done: forget exact match {s['forget_em_before']:.2f} -> {s['forget_em_after']:.2f}, retain "
+               f"{s['retain_em_before']:.2f} -> {s['retain_em_after']:.2f}; model at {s['model_dir']}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("dp-train")(dp_train_command)
     app.command("interp")(interp_command)
     app.command("card")(card_command)
+    app.command("unlearn")(unlearn_command)
