@@ -20,12 +20,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt, interleave, ratios, spread, write_json  # noqa: E402
+from common import fmt, interleave, ratios, spread, write_json
 
-from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.safety.accountant import epsilon, noise_for_epsilon  # noqa: E402
-from lmforge.safety.dp_sgd import clip_and_sum, per_sample_gradients  # noqa: E402
-from lmforge.safety.dp_sgd_canary import canary_windows, exposure, stdlib_bytes, train_on_windows  # noqa: E402
+from lmforge.model import ModelConfig, Transformer
+from lmforge.safety.accountant import epsilon, noise_for_epsilon
+from lmforge.safety.dp_sgd import clip_and_sum, per_sample_gradients
+from lmforge.safety.dp_sgd_canary import (
+    canary_windows,
+    exposure,
+    stdlib_bytes,
+    train_on_windows,
+)
 
 CFG = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=64)
 SECRET = "4821"

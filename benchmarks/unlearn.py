@@ -27,7 +27,7 @@ SYLLABLES = ["ka", "ro", "mi", "ten", "sha", "vel", "or", "lu", "zan", "pe", "qu
 
 def facts(n: int, seed: int = 0) -> list[tuple[str, str]]:
     rng = random.Random(seed)
-    word = lambda k: "".join(rng.choice(SYLLABLES) for _ in range(k)).capitalize()  # noqa: E731
+    word = lambda k: "".join(rng.choice(SYLLABLES) for _ in range(k)).capitalize()
     return [(f"Q: Where was {word(2)} {word(3)} born? A:", f" {word(3)}.") for _ in range(n)]
 
 

@@ -8,7 +8,13 @@ import torch
 
 from lmforge.model import ModelConfig, Transformer
 from lmforge.safety.accountant import epsilon, noise_for_epsilon
-from lmforge.safety.dp_sgd_canary import PREFIX, canary_windows, exposure, stdlib_bytes, train_on_windows
+from lmforge.safety.dp_sgd_canary import (
+    PREFIX,
+    canary_windows,
+    exposure,
+    stdlib_bytes,
+    train_on_windows,
+)
 
 CFG = ModelConfig(vocab_size=256, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_seq_len=64)
 

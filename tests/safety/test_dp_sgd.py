@@ -10,7 +10,12 @@ from lmforge.config import load_recipe
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.safety.accountant import epsilon
-from lmforge.safety.dp_sgd import PoissonLoader, clip_and_sum, dp_train, per_sample_gradients
+from lmforge.safety.dp_sgd import (
+    PoissonLoader,
+    clip_and_sum,
+    dp_train,
+    per_sample_gradients,
+)
 from lmforge.train.config import TrainRecipe
 from lmforge.train.trainer import train
 
@@ -46,7 +51,7 @@ def test_clipping_bounds_each_example_and_keeps_small_ones():
     grads["a"][1] *= 1e-3  # one far below
     grads["b"][1] *= 1e-3
     bound = 1.0
-    summed, norms = clip_and_sum(grads, bound)
+    _, norms = clip_and_sum(grads, bound)
     for i in range(6):
         alone, _ = clip_and_sum({k: g[i:i + 1] for k, g in grads.items()}, bound)
         norm_alone = torch.cat([v.flatten() for v in alone.values()]).norm()

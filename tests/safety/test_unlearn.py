@@ -76,7 +76,7 @@ def test_npo_away_from_the_reference_matches_its_formula():
 
 def test_ga_and_graddiff_losses():
     model, objective, batch = setup("graddiff")
-    loss, extra = objective.loss(model, batch)
+    loss, _ = objective.loss(model, batch)
     forget_nll = float(model(batch["forget"]["tokens"], targets=batch["forget"]["labels"]))
     retain_nll = float(model(batch["retain"]["tokens"], targets=batch["retain"]["labels"]))
     assert float(loss) == pytest.approx(retain_nll - forget_nll, rel=1e-12)

@@ -10,7 +10,6 @@ The privacy spent is the RDP accountant's ε for the run's δ after the steps ta
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import torch
