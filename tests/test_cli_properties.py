@@ -41,6 +41,8 @@ COMMANDS = dict(walk(ROOT))
 # Settings that must be refused, so the long-running commands stop after validating their input.
 VALIDATION_ONLY = {
     ("train",): ["train.max_steps=-1"],
+    ("safety", "dp-train"): ["train.max_steps=-1"],
+    ("safety", "unlearn"): ["train.max_steps=-1"],
     ("finetune", "sft"): ["train.max_steps=-1"],
     ("finetune", "dpo"): ["train.max_steps=-1"],
     ("finetune", "rm"): ["train.max_steps=-1"],
@@ -56,7 +58,7 @@ VALIDATION_ONLY = {
 ALWAYS = {("data", "pii-bench"): ["--no-presidio"]}
 # Commands whose default input is large (the bundled 135M-parameter model, the whole stdlib corpus)
 # always get a drawn one: the tiny model in the workspace, or a path that is wrong in some way.
-HEAVY_DEFAULT = {("finetune", "sft"), ("finetune", "dpo"), ("finetune", "rm"), ("finetune", "grpo"), ("finetune", "ppo"), ("generate",), ("chat",), ("int8-report",),
+HEAVY_DEFAULT = {("safety", "interp"), ("safety", "unlearn"), ("finetune", "sft"), ("finetune", "dpo"), ("finetune", "rm"), ("finetune", "grpo"), ("finetune", "ppo"), ("generate",), ("chat",), ("int8-report",),
                  ("eval",), ("tokenizer", "train")}
 # Loop counts bounded so that a valid value finishes in a moment (the value itself is not the bug).
 CAPS = {"bootstrap": 20, "docs": 30, "max_tokens": 8, "max_chars": 3000, "limit": 3}

@@ -12,7 +12,6 @@ from lmforge.errors import LmforgeError
 def load_dcp_checkpoint(step_dir: Path):
     """The weights of a distributed training checkpoint (OUT/ckpt/step_N written by `lmforge train`
     under torchrun: lmforge_model.json + dcp/), read in this one process at their saved dtype."""
-    import torch
     import torch.distributed.checkpoint as dcp
 
     from lmforge.model import ModelConfig, Transformer

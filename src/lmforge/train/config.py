@@ -16,6 +16,23 @@ DTYPES = ("auto", "float32", "bfloat16", "float64")
 
 
 @dataclass
+class DPConfig:
+    """train.dp: DP-SGD (per-example clipping, Gaussian noise, Poisson sampling; lmforge.safety.dp_sgd)."""
+    enabled: bool = False
+    max_grad_norm: float = 1.0        # C: each example's gradient is clipped to this L2 norm
+    noise_multiplier: float = 1.0     # sigma: noise std is sigma * C (ignored when target_epsilon is set)
+    target_epsilon: float = 0.0       # > 0: choose the smallest sigma that keeps epsilon <= this after max_steps
+    delta: float = 1e-5
+
+    def __post_init__(self):
+        check_positive(self, "train.dp", "max_grad_norm")
+        check_non_negative(self, "train.dp", "noise_multiplier", "target_epsilon")
+        require(0 < self.delta < 1, "train.dp.delta", "in (0, 1)", self.delta)
+        if self.enabled and not self.target_epsilon and not self.noise_multiplier > 0:
+            raise LmforgeError("train.dp needs noise_multiplier > 0 or target_epsilon > 0")
+
+
+@dataclass
 class TrainConfig:
     data: str = ""                    # token shard directory (index.json + .bin files)
     init_from: str = ""               # start from these weights (any `lmforge.model.load` reference) instead
@@ -50,6 +67,7 @@ class TrainConfig:
     tensorboard: bool = True
     peak_flops: float = 0.0           # device peak for MFU; 0 -> looked up for known GPUs
     noise_scale: bool = False         # log the gradient noise scale B_simple (needs grad accum >= 2)
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self):
         if self.schedule not in ("wsd", "cosine"):
@@ -77,6 +95,10 @@ class TrainConfig:
         if self.noise_scale and self.grad_accum < 2:
             raise LmforgeError("train.noise_scale compares micro-batch and full-batch gradients: it needs "
                                "global_batch_tokens >= 2 * micro_batch * seq_len")
+
+        if self.dp.enabled and (self.noise_scale or self.activation_checkpointing):
+            raise LmforgeError("train.dp computes per-example gradients: it cannot be combined with "
+                               "train.noise_scale or train.activation_checkpointing")
 
     @property
     def grad_accum(self) -> int:

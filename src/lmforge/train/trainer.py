@@ -152,6 +152,11 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
 def _fit(rt, objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | None, kind: str,
          out_files: list[str], resume: bool) -> dict:
     console, device = rt.console, rt.device
+    # Optional objective hook: the objective computes each step's gradient itself (DP-SGD).
+    step_gradients = getattr(objective, "step_gradients", None)
+    if tc.dp.enabled and step_gradients is None:
+        raise LmforgeError("train.dp.enabled needs the DP-SGD objective: run `lmforge safety dp-train` "
+                           "(or wrap the objective in lmforge.safety.dp_sgd.DPObjective)")
     use_bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
 
     def autocast():
@@ -224,10 +229,13 @@ def _fit(rt, objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConf
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micros = [loader.next_batch() for _ in range(tc.grad_accum)]
-            loss_sum, extra_sums, counts, g2_small = accumulate_gradients(
-                objective, model, forward, micros, device, autocast, first_grad_sq=noise is not None)
+            if step_gradients is None:
+                loss_sum, extra_sums, counts, g2_small = accumulate_gradients(
+                    objective, model, forward, micros, device, autocast, first_grad_sq=noise is not None)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+            else:  # sets .grad, clipped and noised by the objective's own rule
+                loss_sum, extra_sums, counts, grad_norm = step_gradients(model, micros, step, device, autocast)
             n_step = sum(counts)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
             if noise is not None:
                 noise.update(noise_scale(counts[0], g2_small, n_step, float(grad_norm) ** 2))
             optimizer.step()

@@ -58,6 +58,8 @@ def resolve_layout(pc: ParallelConfig, world: int, tc: TrainConfig, cfg: ModelCo
                            "is not available in the training loop yet")
     if tc.noise_scale and world > 1:
         raise LmforgeError("train.noise_scale is single-process only")
+    if tc.dp.enabled and world > 1:  # per-example gradients and the accountant assume one process
+        raise LmforgeError("train.dp (DP-SGD) is single-process only so far")
     if tc.optimizer == "muon" and world > 1:  # Newton–Schulz needs whole matrices, FSDP holds row shards
         raise LmforgeError("train.optimizer=muon is single-process only so far; use adamw under torchrun")
     return Layout(world, dp, pc.tp, pc.pp, pc.cp)
