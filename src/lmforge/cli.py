@@ -22,6 +22,7 @@ STAGES = (
     "lmforge.align.cli",
     "lmforge.serve.cli",
     "lmforge.eval.cli",
+    "lmforge.safety.cli",
     "lmforge.plan.cli",
     "lmforge.speedrun",
 )

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import zlib
 from pathlib import Path
 from typing import Protocol
@@ -76,7 +77,10 @@ class NgramClassifier:
             vals += [len(g) ** -0.5] * len(g)  # unit-length rows, as tf-idf vectors are
         x = torch.sparse_coo_tensor(torch.tensor([rows, cols]), torch.tensor(vals), (len(analyses), self.buckets),
                                     check_invariants=True)
-        return x.coalesce().to_sparse_csr(), torch.tensor([_dense(a) for a in analyses], dtype=torch.float32)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": matrix-vector products are all we use
+            warnings.simplefilter("ignore", UserWarning)
+            csr = x.coalesce().to_sparse_csr()
+        return csr, torch.tensor([_dense(a) for a in analyses], dtype=torch.float32)
 
     def _logits(self, x, dense, w=None, v=None, b=None) -> torch.Tensor:
         w, v, b = (self.w, self.v, self.b) if w is None else (w, v, b)
@@ -92,7 +96,9 @@ class NgramClassifier:
             raise LmforgeError("the guard classifier needs both attack and benign examples to train")
         weight = torch.where(y > 0, len(y) / (2 * pos), len(y) / (2 * (len(y) - pos)))
         w, v, b = (t.clone() for t in (self.w, self.v, self.b))
-        xt = x.t().to_sparse_csr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            xt = x.t().to_sparse_csr()
         opt = torch.optim.Adam([w, v, b], lr=lr)
         # the gradient of the weighted mean logistic loss, by hand: autograd through a sparse
         # product is ~100x slower on CPU

@@ -107,7 +107,8 @@ class Guard:
         score = float(self.classifier.score([a])[0])
         reasons = a.reasons()
         if any(h.rule == "role_marker" for h in a.hits):
-            log.warning("guard: role-marker smuggling attempt: %r", next(h.excerpt for h in a.hits if h.rule == "role_marker"))
+            markers = [m.group() for m in RULES["role_marker"][1].finditer(a.norm.text)]
+            log.warning("guard: role-marker smuggling attempt: %s", " ".join(markers)[:200])
         if score < self.classifier.threshold:
             return self._report(Decision("input", "allow", score, reasons))
         if not reasons:

@@ -36,6 +36,7 @@ RULES: dict[str, tuple[float, re.Pattern]] = {
         r"|\bstarting with ['\"]?you are\b", _I)),
     "role_marker": (0.95, re.compile(
         r"<\|(?:im_start|im_end|system|user|assistant|endoftext|eot_id|start_header_id|end_header_id|begin_of_text)\|>"
+        r"(?:(?:system|user|assistant|developer|tool)\b)?"
         r"|\[/?INST\]|<</?SYS>>|<\|?(?:start|end)_of_turn\|?>|^\s*#{2,3} ?(?:system|instruction)\s*:"
         r"|^\s*(?:system|assistant)\s*:\s*(?:you|ignore|new|override)", _I | re.MULTILINE)),
     "rogue_output": (0.6, re.compile(
