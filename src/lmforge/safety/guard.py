@@ -17,13 +17,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lmforge.data.pii import PIIConfig, detect, placeholder
 from lmforge.errors import LmforgeError
 from lmforge.safety.analysis import analyse
 from lmforge.safety.classifier import Classifier, RuleClassifier
 from lmforge.safety.heuristics import RULES
 from lmforge.safety.leak import leak_finder, max_leak_length
 from lmforge.safety.normalize import normalize
+from lmforge.safety.output_pii import reply_pii_finder
 from lmforge.safety.stream_redact import StreamRedactor, apply_spans
 
 log = logging.getLogger("lmforge.safety.guard")
@@ -67,11 +67,6 @@ def merge_spans(*span_lists) -> list[tuple[int, int, str]]:
         if not out or s[0] >= out[-1][1]:
             out.append(s)
     return out
-
-
-def pii_finder(cfg: PIIConfig | None = None):
-    cfg = cfg or PIIConfig()
-    return lambda text: [(s.start, s.end, placeholder(s.type, cfg)) for s in detect(text, cfg)]
 
 
 def _system_prompt(messages: list[dict]) -> str:
@@ -123,7 +118,7 @@ class Guard:
     def _output_finder(self, messages: list[dict]):
         finders = []
         if self.config.pii:
-            finders.append(pii_finder())
+            finders.append(reply_pii_finder())
         system = _system_prompt(messages)
         if self.config.leaks and system:
             finders.append(leak_finder(system))
