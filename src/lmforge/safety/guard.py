@@ -14,6 +14,7 @@ always redacts), `flag` logs only. Streaming uses a hold-back buffer (stream_red
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from lmforge.safety.stream_redact import StreamRedactor, apply_spans
 log = logging.getLogger("lmforge.safety.guard")
 POLICIES = ("block", "redact", "flag")
 REFUSAL = "I can't help with that request."
+LEAK, BANNED = "[REDACTED]", "[REMOVED]"  # what replaces a system-prompt leak, a banned string
 PII_HOLD_BACK = 96  # longer than any e-mail, phone, card, IBAN or IP address the detector matches
 
 
@@ -38,6 +40,7 @@ class GuardConfig:
     output_policy: str = "redact"
     pii: bool = True            # redact PII in replies
     leaks: bool = True          # catch the system prompt in replies
+    banned: tuple[str, ...] = ()  # more strings to keep out of replies (case-insensitive)
 
     def __post_init__(self):
         for name in ("input_policy", "output_policy"):
@@ -122,13 +125,16 @@ class Guard:
         system = _system_prompt(messages)
         if self.config.leaks and system:
             finders.append(leak_finder(system))
+        if self.config.banned:
+            banned = re.compile("|".join(re.escape(b) for b in self.config.banned if b), re.IGNORECASE)
+            finders.append(lambda text: [(m.start(), m.end(), BANNED) for m in banned.finditer(text)])
         return lambda text: merge_spans(*(f(text) for f in finders))
 
     def _output_decision(self, spans, score_text: str, streamed: bool) -> Decision | None:
         if not spans:
             return None
-        reasons = list(dict.fromkeys("system_prompt_leak" if r == "[REDACTED]" else "pii_" + r.strip("<>").lower()
-                                     for _, _, r in spans))
+        names = {LEAK: "system_prompt_leak", BANNED: "banned_string"}
+        reasons = list(dict.fromkeys(names.get(r) or "pii_" + r.strip("<>").lower() for _, _, r in spans))
         action = self.config.output_policy
         if action == "block" and streamed:
             action = "redact"
