@@ -16,8 +16,9 @@ from lmforge.errors import LmforgeError
 from lmforge.safety.analysis import analyse
 from lmforge.safety.attacks import FAMILIES, attacks
 from lmforge.safety.benign import benign
-from lmforge.safety.classifier import NgramClassifier, RuleClassifier, load_classifier
+from lmforge.safety.classifier import NgramClassifier, RuleClassifier
 from lmforge.safety.guard import Guard, GuardConfig
+from lmforge.safety.load import load_classifier
 from lmforge.safety.metrics import bootstrap_ci, roc_auc, threshold_at_fpr, tpr_at_fpr
 from lmforge.safety.normalize import normalize
 
@@ -141,7 +142,7 @@ def data():
 @pytest.mark.parametrize("held", ["role_marker", "encoding"])
 def test_classifier_catches_a_family_it_never_saw(data, held):
     """Trained without one family (and without the benign test half), at 1 % FPR on benign prompts."""
-    a, b, aa, ba = data
+    a, _b, aa, ba = data
     train = [x for p, x in zip(a, aa) if p.family != held] + ba[::2]
     clf = NgramClassifier().fit(train, [1] * (len(train) - len(ba[::2])) + [0] * len(ba[::2]))
     pos, neg = clf.score([x for p, x in zip(a, aa) if p.family == held]), clf.score(ba[1::2])
@@ -149,7 +150,7 @@ def test_classifier_catches_a_family_it_never_saw(data, held):
 
 
 def test_saved_classifier_loads_to_the_same_scores(data, tmp_path):
-    a, b, aa, ba = data
+    _a, _b, aa, ba = data
     clf = NgramClassifier(buckets=1 << 12, threshold=0.7).fit(aa + ba, [1] * len(aa) + [0] * len(ba), steps=20)
     back = load_classifier(str(clf.save(tmp_path / "g")))
     assert back.threshold == 0.7 and np.array_equal(back.score(aa[:20] + ba[:20]), clf.score(aa[:20] + ba[:20]))

@@ -3,6 +3,7 @@ redacting the whole reply at once, so no PII string (Faker-generated) or system-
 split across chunk boundaries gets out; recall on Faker values >= 0.99."""
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -42,8 +43,8 @@ def sentences(n: int, seed: int = 0) -> list[tuple[str, list[str]]]:
 
 def stream(finder, text: str, cuts: list[int], hold_back: int = 96) -> tuple[str, list[str]]:
     r = StreamRedactor(finder, hold_back=hold_back)
-    bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(text))), len(text)]
-    sent = [r.feed(text[a:b]) for a, b in zip(bounds, bounds[1:])] + [r.finish()]
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(text)}), len(text)]
+    sent = [r.feed(text[a:b]) for a, b in itertools.pairwise(bounds)] + [r.finish()]
     return "".join(sent), sent
 
 
@@ -82,7 +83,7 @@ def test_hold_back_shorter_than_a_value_is_what_leaks():
     """The property needs the buffer: with none, a card number cut in two goes out as two halves."""
     text = "card 4111 1111 1111 1111 ok"
     assert stream(FINDER, text, [12], hold_back=96)[0] == "card <CREDIT_CARD> ok"
-    out, sent = stream(FINDER, text, [12], hold_back=0)
+    _out, sent = stream(FINDER, text, [12], hold_back=0)
     assert "4111 11" in sent[0]
 
 
@@ -94,8 +95,8 @@ def test_a_system_prompt_canary_never_leaks_through_the_guarded_stream(cuts):
     reply = "Of course. The secret password is ZEBRA-4417, and write to ann@example.com."
     g = Guard(config=GuardConfig(output_policy="block"))  # streaming cannot recall text: it redacts
     s = g.output_stream(messages)
-    bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(reply))), len(reply)]
-    out = "".join(s.feed(reply[a:b]) for a, b in zip(bounds, bounds[1:])) + s.finish()
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(reply)}), len(reply)]
+    out = "".join(s.feed(reply[a:b]) for a, b in itertools.pairwise(bounds)) + s.finish()
     assert out == "Of course. The secret password is [REDACTED], and write to <EMAIL>."
     assert out == Guard().filter_output(reply, messages)
 

@@ -87,7 +87,7 @@ class NgramClassifier:
         return (x @ w[:, None]).squeeze(-1) + dense @ v + b
 
     def fit(self, analyses: list[Analysis], labels: list[int], steps: int = 100, lr: float = 0.5,
-            l2: float = 1e-4) -> "NgramClassifier":
+            l2: float = 1e-4) -> NgramClassifier:
         """Full-batch Adam on the class-balanced logistic loss (deterministic: no sampling)."""
         x, dense = self._inputs(analyses)
         y = torch.tensor(labels, dtype=torch.float32)
@@ -130,7 +130,7 @@ class NgramClassifier:
         return d
 
     @classmethod
-    def load(cls, directory: str | Path) -> "NgramClassifier":
+    def load(cls, directory: str | Path) -> NgramClassifier:
         from safetensors.torch import load_file
         d = Path(directory)
         meta = json.loads((d / "guard.json").read_text(encoding="utf-8"))
@@ -167,20 +167,3 @@ class HFClassifier:
                          padding=True, return_tensors="pt")
         probs = self.model(**batch).logits.softmax(-1)[:, self.positive].sum(-1).double().numpy()
         return np.maximum(probs, [a.rule_score for a in analyses])
-
-
-def load_classifier(ref: str | None) -> Classifier:
-    """None or 'rules': the rules alone; a directory with guard.json: a saved n-gram model;
-    another directory: an HF sequence classifier; 'trained': fit on the generated sets now."""
-    if ref in (None, "", "rules"):
-        return RuleClassifier()
-    if ref == "trained":
-        from lmforge.safety.training import train_default
-        return train_default()
-    path = Path(ref)
-    if (path / "guard.json").is_file():
-        return NgramClassifier.load(path)
-    if (path / "config.json").is_file():
-        return HFClassifier(path)
-    raise LmforgeError(f"no guard classifier at {ref!r} (expected 'rules', 'trained', or a directory "
-                       "holding guard.json or an HF config.json)")

@@ -36,8 +36,8 @@ def guard_command(
     classifier: str = typer.Option("trained", help=CLASSIFIER_HELP),
 ):
     """Classify prompts as attack or benign; prints one JSON line per prompt with score and reasons."""
-    from lmforge.safety.classifier import load_classifier
     from lmforge.safety.guard import Guard
+    from lmforge.safety.load import load_classifier
 
     if (text is None) == (file is None):
         raise LmforgeError("give the prompt as TEXT or with --file (one of the two)")
@@ -106,8 +106,8 @@ def redteam_command(
         target = EndpointTarget(endpoint, endpoint_model, api_key, max_tokens)
     else:
         from lmforge.model import load_pretrained
-        from lmforge.safety.classifier import load_classifier
         from lmforge.safety.guard import Guard
+        from lmforge.safety.load import load_classifier
         from lmforge.safety.targets import ModelTarget
         loaded = load_pretrained(model, tokenizer, dtype, "cpu")
         target = ModelTarget(loaded.model, loaded.tokenizer, max_tokens, Guard(load_classifier(classifier)) if guard else None)

@@ -150,7 +150,7 @@ class Guard:
         self._report(d)
         return d.text
 
-    def output_stream(self, messages: list[dict]) -> "GuardedStream":
+    def output_stream(self, messages: list[dict]) -> GuardedStream:
         return GuardedStream(self, messages)
 
 

@@ -24,8 +24,9 @@ class ModelTarget:
                 return "", True
             messages = d.messages or messages
         ids = self.tok.encode_chat(messages)
-        out = list(generate(self.model, ids, self.max_tokens, temperature=0.0, stop_ids=self.tok.stop_ids))
-        text = self.tok.decode([t for t in out if t not in self.tok.stop_ids])
+        stops = self.tok.stop_ids()
+        out = list(generate(self.model, ids, self.max_tokens, temperature=0.0, stop_ids=stops))
+        text = self.tok.decode([t for t in out if t not in stops])
         return (self.guard.filter_output(text, messages) if self.guard is not None else text), False
 
 
@@ -41,14 +42,14 @@ class EndpointTarget:
         self.max_tokens = max_tokens
         try:
             self.model = model or self.client.get(self.base + "/models").json()["data"][0]["id"]
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, IndexError, TypeError) as e:
             raise LmforgeError(f"cannot list the models of {self.base}: {e}") from None
 
     def reply(self, messages: list[dict]) -> tuple[str, bool]:
         try:
             r = self.client.post(self.base + "/chat/completions", json={
                 "model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens})
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise LmforgeError(f"the endpoint {self.base} failed: {e}") from None
         if r.status_code == 400 and (r.json().get("error") or {}).get("code") == "guard_blocked":
             return "", True

@@ -75,8 +75,8 @@ def serve_command(
 
 
 def _guard(classifier: str, input_policy: str, output_policy: str):
-    from lmforge.safety.classifier import load_classifier
     from lmforge.safety.guard import Guard, GuardConfig
+    from lmforge.safety.load import load_classifier
     config = GuardConfig(input_policy=input_policy, output_policy=output_policy)
     return Guard(load_classifier(classifier), config)
 
