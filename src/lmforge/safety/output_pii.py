@@ -15,14 +15,16 @@ _DATE_OR_VERSION = re.compile(r"^\d{1,4}[./-]\d{1,2}[./-]\d{1,4}$|^\d+(?:\.\d+)+
 def _extra_spans(text: str) -> list[tuple[int, int, str]]:
     out = []
     for m in _DIGIT_RUN.finditer(text):
-        s = m.group()
+        s, start = m.group(), m.start()
+        if s.startswith("(") and ")" not in s:  # "(4111 1111 ...)": the parenthesis is not the number's
+            s, start = s[1:], start + 1
         digits = re.sub(r"\D", "", s)
         if _DATE_OR_VERSION.match(s) or s.count(".") >= 3:
             continue  # dates, versions and IPv4 addresses are not phones or cards
         if 12 <= len(digits) <= 19 and re.fullmatch(r"\d+(?:[ -]\d+)*", s) and len(set(digits)) > 1 and v.luhn_ok(digits):
-            out.append((m.start(), m.end(), "CREDIT_CARD"))
+            out.append((start, m.end(), "CREDIT_CARD"))
         elif 9 <= len(digits) <= 15 and len(set(digits)) > 2:
-            out.append((m.start(), m.end(), "PHONE"))
+            out.append((start, m.end(), "PHONE"))
     return out
 
 
