@@ -87,14 +87,15 @@ def part_e2e(args) -> dict:
     from lmforge.safety.judges import make_canary
     from lmforge.safety.redteam import report, run
     from lmforge.safety.targets import EndpointTarget
-    atk, ben, canary = attacks(args.per_family, 0), benign(350, 0), make_canary(0)
+    atk, ben, canary = attacks(args.per_family, 0), benign(args.benign, 0), make_canary(0)
     out = {}
     for name, flags in (("no guard", []), ("guard", ["--guard"])):
         proc, url = _serve(flags, args.port)
         try:
             t = time.time()
-            rep = report(run(EndpointTarget(url, max_tokens=args.max_tokens), atk, canary, workers=4) +
-                         (run(EndpointTarget(url, max_tokens=1), ben, canary, workers=4) if flags else []))
+            rep = report(run(EndpointTarget(url, max_tokens=args.max_tokens, timeout=1800), atk, canary, workers=4) +
+                         # benign prompts only need the guard's verdict: one token each
+                         (run(EndpointTarget(url, max_tokens=1, timeout=1800), ben, canary, workers=4) if flags else []))
             rep["seconds"] = time.time() - t
         finally:
             proc.terminate()
@@ -150,8 +151,9 @@ PARTS = {"guard": part_guard, "pii": part_pii, "e2e": part_e2e, "latency": part_
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="guard,pii,e2e,latency")
-    ap.add_argument("--per-family", type=int, default=7)
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--per-family", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--benign", type=int, default=150)
     ap.add_argument("--pii-per-locale", type=int, default=60)
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--threads", type=int, default=2)

@@ -16,7 +16,7 @@ from lmforge.errors import LmforgeError
 from lmforge.safety.analysis import analyse
 from lmforge.safety.attacks import FAMILIES, attacks
 from lmforge.safety.benign import benign
-from lmforge.safety.classifier import NgramClassifier, RuleClassifier
+from lmforge.safety.classifier import _DENSE, NgramClassifier, RuleClassifier, _dense
 from lmforge.safety.guard import Guard, GuardConfig
 from lmforge.safety.load import load_classifier
 from lmforge.safety.metrics import bootstrap_ci, roc_auc, threshold_at_fpr, tpr_at_fpr
@@ -156,3 +156,22 @@ def test_saved_classifier_loads_to_the_same_scores(data, tmp_path):
     assert back.threshold == 0.7 and np.array_equal(back.score(aa[:20] + ba[:20]), clf.score(aa[:20] + ba[:20]))
     with pytest.raises(LmforgeError):
         load_classifier(str(tmp_path / "nothing"))
+
+
+def test_rule_weights_never_go_negative_and_unseen_rules_keep_their_prior(data):
+    """The rules are prior knowledge: benign prompts that trip a rule (hard negatives) may shrink
+    its weight to zero but never below, and a rule no training prompt trips keeps its prior."""
+    a, b, aa, ba = data
+    train = [x for p, x in zip(a, aa) if p.family != "role_marker"] + ba
+    labels = [1] * (len(train) - len(ba)) + [0] * len(ba)
+    hard = [analyse("What is the <|im_start|> token in ChatML? I'm writing a tokenizer.")] * 20
+    clf = NgramClassifier(buckets=1 << 14).fit(train + hard, labels + [0] * 20)
+    assert (clf.v >= 0).all()
+    tripped = {k for x in train + hard for k, on in zip(_DENSE, _dense(x)) if on}
+    unseen = [i for i, k in enumerate(_DENSE) if k not in tripped]
+    assert unseen and np.allclose(clf.v[unseen].numpy(), clf.prior[unseen].numpy(), atol=1e-6)
+    assert clf.v[_DENSE.index("rule:role_marker")] < clf.prior[_DENSE.index("rule:role_marker")]  # hard negatives pulled it down
+    # with one n-gram bucket the rules alone must explain the labels: unconstrained, the marker's
+    # weight would go far below zero; constrained, it stops at zero
+    rules_only = NgramClassifier(buckets=1).fit(train + hard, labels + [0] * 20)
+    assert rules_only.v[_DENSE.index("rule:role_marker")] == 0.0 and (rules_only.v >= 0).all()
