@@ -51,7 +51,7 @@ def serve_command(
 ):
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
     from lmforge.serve.server import listen_socket, run_on_socket
-    screen = _guard(guard_classifier, guard_input, guard_output) if guard else None  # bad settings fail first
+    guard_config = _guard_config(guard_input, guard_output) if guard else None  # bad settings fail first
     sock = listen_socket(host, port)  # a busy port fails now, before loading the model
     import torch
 
@@ -62,6 +62,7 @@ def serve_command(
     if threads:
         torch.set_num_threads(threads)
     net, tok, default_name = _load(pick_model(model, model_opt), tokenizer, dtype, device, int8)
+    screen = _guard(guard_classifier, guard_config) if guard else None
     config = _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len,
                             prefix_caching, compile_decode)
     engine = AsyncEngine(LLMEngine(net, tok, config), max_queue=max_queue)
@@ -74,10 +75,15 @@ def serve_command(
         sock.close()
 
 
-def _guard(classifier: str, input_policy: str, output_policy: str):
-    from lmforge.safety.guard import Guard, GuardConfig
+def _guard_config(input_policy: str, output_policy: str):
+    from lmforge.safety.guard import GuardConfig
+    return GuardConfig(input_policy=input_policy, output_policy=output_policy)
+
+
+def _guard(classifier: str, config):
+    """The guard (`trained`: its classifier is fit on the generated sets now, ~10 s on CPU)."""
+    from lmforge.safety.guard import Guard
     from lmforge.safety.load import load_classifier
-    config = GuardConfig(input_policy=input_policy, output_policy=output_policy)
     return Guard(load_classifier(classifier), config)
 
 
