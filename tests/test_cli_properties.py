@@ -52,16 +52,19 @@ VALIDATION_ONLY = {
     ("serve",): ["--device", "tpu"],
     ("scaling", "sweep"): ["--dims", "x"],
     ("data", "clean"): ["--workers", "0"],
+    ("safety", "guard-eval"): ["--fpr", "-1"],
 }
 # Appended to every drawn command line: importing Presidio (it loads spaCy) costs a minute per
 # example; `pii-bench --presidio` is tested in tests/data/test_pii_real.py.
-ALWAYS = {("data", "pii-bench"): ["--no-presidio"]}
+ALWAYS = {("data", "pii-bench"): ["--no-presidio"],
+          # the default guard classifier trains for ~10 s; the rules alone exercise the same paths
+          ("safety", "guard"): ["--classifier", "rules"], ("safety", "redteam"): ["--classifier", "rules"]}
 # Commands whose default input is large (the bundled 135M-parameter model, the whole stdlib corpus)
 # always get a drawn one: the tiny model in the workspace, or a path that is wrong in some way.
 HEAVY_DEFAULT = {("safety", "interp"), ("safety", "unlearn"), ("finetune", "sft"), ("finetune", "dpo"), ("finetune", "rm"), ("finetune", "grpo"), ("finetune", "ppo"), ("generate",), ("chat",), ("int8-report",),
-                 ("eval",), ("tokenizer", "train")}
+                 ("eval",), ("tokenizer", "train"), ("safety", "redteam")}
 # Loop counts bounded so that a valid value finishes in a moment (the value itself is not the bug).
-CAPS = {"bootstrap": 20, "docs": 30, "max_tokens": 8, "max_chars": 3000, "limit": 3}
+CAPS = {"bootstrap": 20, "docs": 30, "max_tokens": 8, "max_chars": 3000, "limit": 3, "per_family": 2, "benign_n": 3}
 PATHS = ["", "missing", "missing/deeper/x", "file.txt", "empty.txt", "latin1.txt", "folder", "ü🙂 name",
          "model", "tok", "file.txt/child"]
 TEXT = ["", " ", "x", "ü🙂", "a.b=1", "=", "key=", "bpb", "bpb:file.txt", "mc:missing", "needle", "humaneval,bpb",
@@ -228,6 +231,8 @@ VALID_BASE = {
     ("scaling", "fit"): ["runs.csv"], ("plan", "params"): ["tiny"], ("plan", "memory"): ["tiny"],
     ("plan", "inference"): ["tiny"], ("plan", "time"): ["--params", "7B", "--tokens", "1T"],
     ("plan", "optimal"): ["1e20"], ("convert",): ["model", "converted"],
+    ("safety", "guard"): ["hello", "--classifier", "rules"],
+    ("safety", "redteam"): ["model", "--per-family", "1", "--benign", "1", "--max-tokens", "2", "--classifier", "rules"],
 }
 EDGES = {int: ["-1", "0", str(2**63)], float: ["nan", "inf", "-1e308"]}
 NUMERIC = [(path, param.name, flag_of(param), value)

@@ -41,10 +41,17 @@ def serve_command(
     prefix_caching: bool = typer.Option(True, help="share KV blocks of identical prompt prefixes"),
     compile_decode: bool = typer.Option(False, "--compile", help="torch.compile the decode step (GPU)"),
     threads: int = typer.Option(0, min=0, max=4096, help="CPU threads for PyTorch (0: its default)"),
+    guard: bool = typer.Option(False, "--guard", help="screen requests for prompt injection; redact PII and "
+                               "system-prompt leaks in replies (blocked requests get a 400, code guard_blocked)"),
+    guard_classifier: str = typer.Option("trained", help="guard scorer: trained (fit on the generated sets at "
+                                         "start), rules, or a saved guard / HF classifier directory"),
+    guard_input: str = typer.Option("block", help="guard policy for attacks: block, redact or flag"),
+    guard_output: str = typer.Option("redact", help="guard policy for PII and leaks in replies: block, redact or flag"),
     model_opt: str = model_alias(),
 ):
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
     from lmforge.serve.server import listen_socket, run_on_socket
+    guard_config = _guard_config(guard_input, guard_output) if guard else None  # bad settings fail first
     sock = listen_socket(host, port)  # a busy port fails now, before loading the model
     import torch
 
@@ -55,16 +62,29 @@ def serve_command(
     if threads:
         torch.set_num_threads(threads)
     net, tok, default_name = _load(pick_model(model, model_opt), tokenizer, dtype, device, int8)
+    screen = _guard(guard_classifier, guard_config) if guard else None
     config = _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len,
                             prefix_caching, compile_decode)
     engine = AsyncEngine(LLMEngine(net, tok, config), max_queue=max_queue)
-    app = create_app(engine, tok, name or default_name, api_key, default_max_tokens)
+    app = create_app(engine, tok, name or default_name, api_key, default_max_tokens, guard=screen)
     typer.echo(f"serving {name or default_name} on http://{host}:{sock.getsockname()[1]}  (chat page at /, API at /v1)")
     try:
         run_on_socket(app, sock)
     finally:
         engine.shutdown()
         sock.close()
+
+
+def _guard_config(input_policy: str, output_policy: str):
+    from lmforge.safety.guard import GuardConfig
+    return GuardConfig(input_policy=input_policy, output_policy=output_policy)
+
+
+def _guard(classifier: str, config):
+    """The guard (`trained`: its classifier is fit on the generated sets now, ~10 s on CPU)."""
+    from lmforge.safety.guard import Guard
+    from lmforge.safety.load import load_classifier
+    return Guard(load_classifier(classifier), config)
 
 
 def chat_command(

@@ -44,6 +44,7 @@ class ServeMetrics:
         self.finished: dict[str, int] = {}
         self.rejected = 0
         self.cancelled = 0
+        self.guard: dict[tuple[str, str, str], int] = {}  # (direction, action, reason) -> decisions
         self.window_s = window_s
         self.recent: deque[tuple[float, int]] = deque()   # (time, tokens) of recent steps
 
@@ -76,6 +77,11 @@ class ServeMetrics:
         with self.lock:
             self.cancelled += 1
 
+    def on_guard(self, direction: str, action: str, reason: str) -> None:
+        with self.lock:
+            key = (direction, action, reason)
+            self.guard[key] = self.guard.get(key, 0) + 1
+
     def tokens_per_second(self, now: float | None = None) -> float:
         now = now or time.monotonic()
         with self.lock:
@@ -98,6 +104,10 @@ class ServeMetrics:
             lines += ["# HELP lmforge_requests_finished_total Finished requests by finish reason.",
                       "# TYPE lmforge_requests_finished_total counter"]
             lines += [f'lmforge_requests_finished_total{{reason="{r}"}} {c}' for r, c in sorted(self.finished.items())]
+            lines += ["# HELP lmforge_guard_decisions_total Guard decisions by direction, action and main reason.",
+                      "# TYPE lmforge_guard_decisions_total counter"]
+            lines += [f'lmforge_guard_decisions_total{{direction="{d}",action="{a}",reason="{r}"}} {c}'
+                      for (d, a, r), c in sorted(self.guard.items())]
             all_gauges = {"lmforge_generation_tokens_per_second":
                           (f"Tokens generated per second over the last {self.window_s:.0f} s.", tps), **gauges}
             for name, (help_text, value) in all_gauges.items():

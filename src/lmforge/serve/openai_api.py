@@ -43,6 +43,22 @@ def _max_tokens(state, prompt_len: int, requested: int | None) -> int:
     return requested if requested is not None else min(state.default_max_tokens, room)
 
 
+def _screen(state, messages: list[dict]) -> list[dict]:
+    """The guard's input check (when the server runs one): a blocked request is a 400 with code
+    `guard_blocked`; a redacted one goes on with the offending text cut out."""
+    if state.guard is None:
+        return messages
+    decision = state.guard.check_messages(messages)
+    if decision.action == "block":
+        raise APIError(400, f"the request was blocked by the server's guard ({decision.reason})",
+                       param="messages", code="guard_blocked")
+    return decision.messages or messages
+
+
+def _output_filters(state, messages: list[dict], n: int) -> list | None:
+    return None if state.guard is None else [state.guard.output_stream(messages) for _ in range(n)]
+
+
 def _start(state, requests) -> Generation:
     try:
         return Generation(state.engine, requests)
@@ -143,6 +159,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     _check_model(state, body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    messages = _screen(state, messages)
     try:  # only the template inserts special tokens; what users typed stays text
         prompt_ids = state.tokenizer.encode_chat(messages)
     except LmforgeError as e:
@@ -152,30 +169,36 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
     if body.stream:
-        return StreamingResponse(_guarded(_chat_events(state, body, gen, base), gen), media_type="text/event-stream",
+        return StreamingResponse(_guarded(_chat_events(state, body, gen, base, _output_filters(state, messages, body.n)), gen),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     outs = await _collect(request, gen)
     choices = []
     for i in range(body.n):
         parts = outs.get(i, [])
         lps = [lp for o in parts for lp in o.logprobs]
-        choices.append({"index": i, "message": {"role": "assistant", "content": "".join(o.text for o in parts)},
+        content = "".join(o.text for o in parts)
+        content = content if state.guard is None else state.guard.filter_output(content, messages)
+        choices.append({"index": i, "message": {"role": "assistant", "content": content},
                         "logprobs": _chat_logprobs(state.tokenizer, lps) if body.logprobs else None,
                         "finish_reason": parts[-1].finish_reason if parts else "stop"})
     usage = _totals({i: v[-1] for i, v in outs.items() if v}, body.n)
     return JSONResponse({**base, "object": "chat.completion", "choices": choices, "usage": usage})
 
 
-async def _chat_events(state, body: ChatCompletionRequest, gen: Generation, base: dict):
+async def _chat_events(state, body: ChatCompletionRequest, gen: Generation, base: dict, filters=None):
     chunk = {**base, "object": "chat.completion.chunk"}
     for i in range(body.n):
         yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}]})
     final: dict[int, RequestOutput] = {}
     async for i, out in gen.stream():
-        if out.text or out.logprobs:
+        text = out.text
+        if filters is not None:  # the guard holds back text that could still become PII or a leak
+            text = filters[i].feed(text) + (filters[i].finish() if out.finished else "")
+        if text or out.logprobs:
             lp = _chat_logprobs(state.tokenizer, out.logprobs) if body.logprobs else None
-            yield _sse({**chunk, "choices": [{"index": i, "delta": {"content": out.text}, "logprobs": lp,
+            yield _sse({**chunk, "choices": [{"index": i, "delta": {"content": text}, "logprobs": lp,
                                               "finish_reason": None}]})
         if out.finished:
             final[i] = out
@@ -193,6 +216,9 @@ async def completions(body: CompletionRequest, request: Request):
     _check_model(state, body.model)
     tok = state.tokenizer
     prompts = body.prompts()
+    # the guard reads each text prompt as one untrusted user message
+    prompts = [_screen(state, [{"role": "user", "content": p}])[0]["content"] if isinstance(p, str) else p
+               for p in prompts]
     # A text prompt is text even when it spells a special token; send token ids to use specials.
     encoded = [tok.encode_text(p) if isinstance(p, str) else list(p) for p in prompts]
     if any(not ids for ids in encoded):
@@ -211,13 +237,15 @@ async def completions(body: CompletionRequest, request: Request):
     base = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
             "system_fingerprint": None}
     if body.stream:
-        return StreamingResponse(_guarded(_completion_events(state, body, gen, base, texts), gen), media_type="text/event-stream",
+        return StreamingResponse(_guarded(_completion_events(state, body, gen, base, texts, _output_filters(state, [], len(texts))), gen),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     outs = await _collect(request, gen)
     choices = []
     for i in range(len(requests)):
         parts = outs.get(i, [])
         text = "".join(o.text for o in parts)
+        text = text if state.guard is None else state.guard.filter_output(text, [])
         lps = [lp for o in parts for lp in o.logprobs]
         choices.append({"index": i, "text": (texts[i] if body.echo else "") + text,
                         "logprobs": _completion_logprobs(tok, lps, 0) if body.logprobs is not None else None,
@@ -226,7 +254,8 @@ async def completions(body: CompletionRequest, request: Request):
     return JSONResponse({**base, "choices": choices, "usage": usage})
 
 
-async def _completion_events(state, body: CompletionRequest, gen: Generation, base: dict, texts: list[str]):
+async def _completion_events(state, body: CompletionRequest, gen: Generation, base: dict, texts: list[str],
+                             filters=None):
     offsets = [0] * len(texts)
     if body.echo:
         for i, text in enumerate(texts):
@@ -237,10 +266,13 @@ async def _completion_events(state, body: CompletionRequest, gen: Generation, ba
         if body.logprobs is not None:
             lp = _completion_logprobs(state.tokenizer, out.logprobs, offsets[i])
         offsets[i] += len(out.text)
+        text = out.text
+        if filters is not None:
+            text = filters[i].feed(text) + (filters[i].finish() if out.finished else "")
         if out.finished:
             final[i] = out
-        if out.text or out.finished or lp:
-            yield _sse({**base, "choices": [{"index": i, "text": out.text, "logprobs": lp,
+        if text or out.finished or lp:
+            yield _sse({**base, "choices": [{"index": i, "text": text, "logprobs": lp,
                                              "finish_reason": out.finish_reason if out.finished else None}]})
     if body.stream_options and body.stream_options.include_usage:
         yield _sse({**base, "choices": [], "usage": _totals(final, body.n)})

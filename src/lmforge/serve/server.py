@@ -32,6 +32,7 @@ class ServerState:
     default_max_tokens: int = 512
     max_body_bytes: int = 1 << 20
     created: int = 0
+    guard: object | None = None  # lmforge.safety.guard.Guard: screens input, filters output
 
     @property
     def model_names(self) -> set[str]:
@@ -81,10 +82,12 @@ class GuardMiddleware:
 
 
 def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None,
-               default_max_tokens: int = 512, max_body_bytes: int = 1 << 20) -> FastAPI:
+               default_max_tokens: int = 512, max_body_bytes: int = 1 << 20, guard=None) -> FastAPI:
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lmforge = state = ServerState(engine, tokenizer, model_name, api_key, default_max_tokens,
-                                            max_body_bytes, int(time.time()))
+                                            max_body_bytes, int(time.time()), guard)
+    if guard is not None:  # every guard decision counted in /metrics by its main reason
+        guard.listeners.append(lambda d: engine.metrics.on_guard(d.direction, d.action, d.reason))
     app.include_router(router)
 
     app.add_middleware(GuardMiddleware, state=state)
