@@ -19,7 +19,7 @@ def output_error(x, w, wq):
     return ((x.double() @ (wq.double() - w.double()).t()) ** 2).sum().item()
 
 
-def correlated_inputs(n=2048, d=128, seed=0):
+def correlated_inputs(n=2048, d=256, seed=0):
     """Inputs near a 16-dimensional subspace (real activations are strongly correlated too)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 16, generator=g) @ torch.randn(16, d, generator=g) + 0.1 * torch.randn(n, d, generator=g)
@@ -42,7 +42,7 @@ def test_gptq_with_an_identity_hessian_is_round_to_nearest(act_order):
 def test_gptq_beats_round_to_nearest_on_the_output_loss(act_order, asym):
     x = correlated_inputs()
     torch.manual_seed(1)
-    w = torch.randn(64, 128)
+    w = torch.randn(64, 256)    # two column blocks of 128: the error also flows across blocks
     q, s, z = gptq(w, hessian(x), 4, 32, asym, act_order)
     err_gptq = output_error(x, w, dequantize(q, s, z, 32))
     err_rtn = output_error(x, w, fake_quantize(w, 4, 32, asym))

@@ -26,6 +26,7 @@ def awkward_matrix(seed=0):
     x[2, :32] = 0.5 * np.arange(-16, 16)                  # halves
     x[3, :32] = 1e-30                                     # tiny
     x[4, 32:64] = -x[4, 32:64]
+    x[5, :32] = np.r_[127.0, np.arange(31) - 15.5]        # d = 1: exact halves, rounded away from zero
     return x
 
 
