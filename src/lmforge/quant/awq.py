@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.quant.groupwise import fake_quantize, group_params, grouped
+from lmforge.quant.groupwise import fake_quantize, grouped
 
 N_GRID = 10          # the paper searches 20 points; 10 halves the cost on a CPU
 CLIP_RATIOS = torch.linspace(1.0, 0.5, 11).tolist()
