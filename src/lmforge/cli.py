@@ -21,6 +21,7 @@ STAGES = (
     "lmforge.model.cli",
     "lmforge.align.cli",
     "lmforge.serve.cli",
+    "lmforge.quant.cli",
     "lmforge.eval.cli",
     "lmforge.safety.cli",
     "lmforge.plan.cli",

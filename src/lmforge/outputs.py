@@ -34,14 +34,15 @@ MARKER = ".lmforge-output.json"  # {"kind": ..., "files": [top-level names or gl
 # downloaded HF models), and the entries such an output consists of.
 _RECOGNISED = {
     "model": (["lmforge_model.json"], ["lmforge_model.json", "config.json", "*.safetensors",
-                                       "model.safetensors.index.json", "generation_config.json"]),
+                                       "model.safetensors.index.json", "generation_config.json",
+                                       "lmforge_quant.json"]),
     "hf-model": (["config.json", "*.safetensors"], ["config.json", "*.safetensors", "model.safetensors.index.json",
                                                     "generation_config.json"]),
     "tokenizer": (["lmforge_tokenizer.json"], []),
     "clean": (["report.json", "work/manifest.json"], ["report.json", "work", "docs"]),
     "shards": (["index.json", "*.bin"], ["index.json", ".progress.json", "*.bin", "tokenizer"]),
     "speedrun": (["report.json", "clean", "tokenizer"], ["report.json", "fingerprints.json", "clean", "tokenizer",
-                                                       "data", "train", "eval"]),
+                                                       "data", "train", "eval", "report.html"]),
     "train": (["recipe.yaml", "metrics.jsonl"], ["recipe.yaml", "metrics.jsonl", "ckpt", "model", "tensorboard",
                                                  "loss_curve.png"]),
 }

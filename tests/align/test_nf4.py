@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lmforge.align.lora import apply_lora, lora_layers, lora_parameters, merge
-from lmforge.align.nf4 import LEVELS, NF4Linear, dequantize_nf4, quantize_nf4, storage_bytes
+from lmforge.quant.nf4 import LEVELS, NF4Linear, dequantize_nf4, quantize_nf4, storage_bytes
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
 

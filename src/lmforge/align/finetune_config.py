@@ -23,7 +23,7 @@ from lmforge.align.lora import (
     merge_and_unload,
     save_adapter,
 )
-from lmforge.align.nf4 import NF4Linear
+from lmforge.quant.nf4 import NF4Linear
 from lmforge.config import check_choice, require
 from lmforge.errors import LmforgeError
 from lmforge.model.pretrained import find_tokenizer, resolve_model_path

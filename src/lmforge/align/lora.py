@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge.align.nf4 import NF4Linear
+from lmforge.quant.nf4 import NF4Linear
 from lmforge.errors import LmforgeError
 from lmforge.model.hf import from_hf_key, to_hf_key
 from lmforge.outputs import commit_output_dir, new_output_dir

@@ -22,9 +22,9 @@ SUPPORTED_ARCHS = ("llama",)
 __all__ = ["gguf_config", "gguf_state_dict", "read_gguf_model", "unpermute_rope_rows"]
 
 # llama.cpp tensor names -> ours (HF Llama layout without the "model." prefix).
-_GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
                  "output.weight": "lm_head.weight"}
-_BLOCK_NAMES = {
+BLOCK_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
@@ -67,11 +67,11 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _our_name(name: str) -> str | None:
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _BLOCK_NAMES:
-        return f"layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.weight"
+    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in BLOCK_NAMES:
+        return f"layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.weight"
     return None
 
 

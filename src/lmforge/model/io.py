@@ -2,6 +2,9 @@
 
 An lmforge checkpoint is a directory holding `lmforge_model.json` (the exact ModelConfig) and
 `model.safetensors` (our parameter names); a Hugging Face directory holds `config.json`.
+A quantised lmforge checkpoint (`lmforge quantize`) also holds `lmforge_quant.json`: how it was
+quantised and, per quantised linear layer, its storage format (lmforge.model.quantized); its
+safetensors hold that layer's codes and scales in place of the float weight.
 Weights are only ever read from safetensors (or GGUF), never unpickled.
 """
 from __future__ import annotations
@@ -18,10 +21,12 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.hf import (config_from_hf, config_to_hf, from_hf_key, read_safetensors_dir,
                               to_hf_key, write_safetensors_dir)
 from lmforge.model.layers import rope_inv_freq
+from lmforge.model.quantized import swap_in_quantized
 from lmforge.model.transformer import Transformer
 from lmforge.outputs import commit_output_dir, new_output_dir
 
 LMFORGE_CONFIG = "lmforge_model.json"
+QUANT_CONFIG = "lmforge_quant.json"
 
 
 def state_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
@@ -32,7 +37,8 @@ def state_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
     return state
 
 
-def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], where, dtype=None, device=None):
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], where, dtype=None, device=None,
+                     quantization: dict | None = None):
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device or "cpu")
@@ -40,20 +46,41 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], where, dt
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    if quantization:
+        swap_in_quantized(model, quantization.get("layers", {}))
+        model.quantization = quantization
     expected = set(state_for_saving(model))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise LmforgeError(f"{where}: weights do not match the config "
                            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    targets = dict(model.named_parameters()) | dict(model.named_buffers())
     for name, tensor in state.items():
-        target = model.get_parameter(name)
+        target = targets[name]
         if target.shape != tensor.shape:
             raise LmforgeError(f"{where}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(target.shape)}")
+        if target.is_floating_point() != tensor.is_floating_point():
+            raise LmforgeError(f"{where}: {name} is {tensor.dtype}, the model expects {target.dtype}")
         with torch.no_grad():
             target.copy_(tensor)
+    if device is not None:
+        model.to(device)
     if dtype is not None:
-        model.to(dtype)
+        model.to(dtype)   # floating tensors only: quantised codes keep their integer dtype
     return model.eval()
+
+
+def read_quant_config(path: Path) -> dict | None:
+    file = path / QUANT_CONFIG
+    if not file.exists():
+        return None
+    try:
+        spec = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{file}: corrupt JSON ({e})") from e
+    if not isinstance(spec, dict) or not isinstance(spec.get("layers", {}), dict):
+        raise LmforgeError(f"{file}: expected an object with a 'layers' object")
+    return spec
 
 
 def load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device=None) -> Transformer:
@@ -69,7 +96,7 @@ def load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device=None) 
             cfg = ModelConfig.from_dict(json.loads((path / LMFORGE_CONFIG).read_text()))
         except (json.JSONDecodeError, TypeError) as e:
             raise LmforgeError(f"{path / LMFORGE_CONFIG}: corrupt config ({e})") from e
-        return model_from_state(cfg, read_safetensors_dir(path), path, dtype, device)
+        return model_from_state(cfg, read_safetensors_dir(path), path, dtype, device, read_quant_config(path))
     if (path / "config.json").exists():
         try:
             hf = json.loads((path / "config.json").read_text())
@@ -84,6 +111,9 @@ def load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device=None) 
 def write_model_files(model: Transformer, directory: Path) -> None:
     """The model part of an lmforge checkpoint, into an existing directory (not atomic by itself)."""
     (directory / LMFORGE_CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    quantization = getattr(model, "quantization", None)
+    if quantization:
+        (directory / QUANT_CONFIG).write_text(json.dumps(quantization, indent=2))
     write_safetensors_dir(state_for_saving(model), directory)
 
 
@@ -124,6 +154,8 @@ def save_hf(model: Transformer, path: str | os.PathLike, max_shard_bytes: int | 
             tokenizer=None, overwrite: bool = False) -> Path:
     """Write a Hugging Face Llama directory (config.json + safetensors, sharded if large, and with a
     tokenizer: tokenizer files + generation_config.json), atomically."""
+    if getattr(model, "quantization", None):
+        raise LmforgeError("a quantised model has no Hugging Face Llama form; save it as an lmforge checkpoint")
     hf_config = config_to_hf(model.cfg, extra_config)
     tmp = new_output_dir(path, "model", overwrite)
     try:

@@ -215,7 +215,7 @@ def generate_command(
 def _load(model: str | None, tokenizer: str | None, dtype: str, device: str, int8: bool):
     """-> (model, tokenizer, served name), INT8-quantised on request."""
     from lmforge.model import load_pretrained
-    from lmforge.serve.quant import quantize_int8
+    from lmforge.quant.int8 import quantize_int8
 
     loaded = load_pretrained(model, tokenizer, dtype, device)
     if int8:

@@ -33,7 +33,7 @@ def perplexity(model, token_ids: list[int], window: int = 512) -> float:
 
 def int8_report(model, tokenizer, text: str | None = None, window: int = 512) -> dict:
     """Perplexity of the model and of its INT8 copy on the same text, and the relative change."""
-    from lmforge.serve.quant import quantize_int8, weight_bytes
+    from lmforge.quant.int8 import quantize_int8, weight_bytes
     ids = tokenizer.encode(text if text is not None else heldout_text())
     base = perplexity(model, ids, window)
     q = quantize_int8(copy.deepcopy(model))

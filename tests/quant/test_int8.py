@@ -3,9 +3,10 @@ import pytest
 import torch
 from torch import nn
 
+from lmforge.model.quantized import Int8Linear
+from lmforge.quant.int8 import int8_linear, quantize_int8, quantize_per_channel, weight_bytes
 from lmforge.serve import EngineConfig, LLMEngine, SamplingParams
 from lmforge.serve.perplexity import heldout_text, int8_report
-from lmforge.serve.quant import Int8Linear, quantize_int8, quantize_per_channel, weight_bytes
 from tests.serve.helpers import tiny_model
 
 
@@ -20,11 +21,11 @@ def test_per_channel_error_is_half_a_step():
 
 @pytest.mark.parametrize("cpu_kernel", [True, False])
 def test_int8_linear_matches_its_dequantised_weight(monkeypatch, cpu_kernel):
-    import lmforge.serve.quant as quant
+    import lmforge.model.quantized as quant
     monkeypatch.setattr(quant, "_CPU_INT8_MM", cpu_kernel and hasattr(torch, "_weight_int8pack_mm"))
     torch.manual_seed(0)
     lin = nn.Linear(96, 48, bias=False)
-    q = Int8Linear.from_linear(lin)
+    q = int8_linear(lin)
     x = torch.randn(2, 5, 96)
     ref = x @ q.dequantized().T
     got = q(x)

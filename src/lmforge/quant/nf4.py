@@ -9,8 +9,10 @@ parameter: 4 + 8/64 + 32/(64*256) = 4.127 bits (the paper's figure), against 4.5
 The second-level quantiser here is symmetric linear int8 (the paper and bitsandbytes use an 8-bit
 float code); the layout and the bits per parameter are the same.
 
-NF4Linear holds a frozen quantised weight and dequantises it on the fly in forward. When the
-weight lives on CUDA and bitsandbytes is importable, its 4-bit kernels are used instead.
+NF4Linear holds a frozen quantised weight and dequantises it on the fly in forward (QLoRA's base
+layers). When the weight lives on CUDA and bitsandbytes is importable, its 4-bit kernels are used
+instead. For a saved checkpoint (`lmforge quantize --method nf4`), nf4_int4_linear stores the same
+codes in the model's codebook Int4Linear, with each block's absmax after double quantisation.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.model.quantized import Int4Linear
 
 BLOCK = 64          # values per absmax constant
 ABSMAX_BLOCK = 256  # absmax constants per second-level scale
@@ -125,3 +128,17 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, double-quant"
+
+
+def nf4_int4_linear(linear: nn.Linear) -> Int4Linear:
+    """The NF4 (double-quantised) weight as a codebook Int4Linear: r = absmax * LEVELS[code], one
+    group per block of 64 inputs of a row (rows are padded to whole blocks so blocks never span rows)."""
+    w = linear.weight.detach().float()
+    padded = F.pad(w, (0, (-w.shape[1]) % BLOCK))
+    q = quantize_nf4(padded)
+    n_blocks = padded.numel() // BLOCK
+    centred = q["absmax_codes"].float().view(-1, ABSMAX_BLOCK) / 127 * q["absmax_scale"][:, None]
+    absmax = (centred.view(-1)[:n_blocks] + q["absmax_mean"]).view(w.shape[0], -1)
+    codes = torch.stack([q["packed"] >> 4, q["packed"] & 0x0F], dim=1).view(padded.shape)[:, :w.shape[1]]
+    layer = Int4Linear.from_codes(codes.cpu(), absmax.cpu(), None, BLOCK, codebook=LEVELS)
+    return layer.to(w.device)

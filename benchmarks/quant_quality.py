@@ -1,0 +1,68 @@
+"""Quality of weight quantisation: held-out perplexity of SmolLM2-135M-Instruct after each method,
+against float32, on text that no method calibrated on.
+
+    python benchmarks/quant_quality.py                  # int8, rtn, awq, gptq (g128, asymmetric), nf4
+    python benchmarks/quant_quality.py --eval-tokens 4096 --json quant_quality.json
+
+Calibration: 16 x 256 tokens of the stdlib *train* split (lmforge.quant.calibration); evaluation:
+the stdlib *val* split (lmforge.serve.perplexity.heldout_text), scored in windows of 512 tokens.
+The bundled model is a Q4_1 GGUF dequantised to float32: "fp32" is that float model, and every
+method re-quantises it. "gap recovered" = (ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp32).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from common import write_json
+from lmforge.gguf_file import bundled_smollm2
+from lmforge.model import load
+from lmforge.quant import quantize_model
+from lmforge.quant.calibration import calibration_batch
+from lmforge.quant.int8 import weight_bytes
+from lmforge.serve.perplexity import heldout_text, perplexity
+from lmforge.tokenizer import load_tokenizer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--sym", action="store_true", help="symmetric grids for rtn/awq/gptq (default: asymmetric)")
+    ap.add_argument("--methods", default="int8,rtn,awq,gptq,nf4")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    path = bundled_smollm2()
+    tok, base = load_tokenizer(path), load(path)
+    ids = tok.encode(heldout_text(args.eval_tokens * 6))[:args.eval_tokens]
+    calib = calibration_batch(tok, 16, 256)
+    grid = {"group_size": args.group_size, "asym": not args.sym}
+    settings = {"int8": {}, "nf4": {}, "rtn": grid, "awq": grid, "gptq": {**grid, "act_order": True}}
+    rows = {"fp32": {"ppl": perplexity(base, ids), "mb": weight_bytes(base) / 2**20, "quantise_s": 0.0}}
+    print(f"fp32  ppl {rows['fp32']['ppl']:.3f}", flush=True)
+    for method in args.methods.split(","):
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        quantize_model(model, method, calibration=calib, **settings[method])
+        seconds = time.perf_counter() - start
+        rows[method] = {"ppl": perplexity(model, ids), "mb": weight_bytes(model) / 2**20, "quantise_s": seconds}
+        print(f"{method:5s} ppl {rows[method]['ppl']:.3f}  ({seconds:.0f} s to quantise)", flush=True)
+        del model
+    fp = rows["fp32"]["ppl"]
+    gap = rows["rtn"]["ppl"] - fp if "rtn" in rows else None
+    print(f"\n{len(ids)} held-out tokens; 4-bit grids g{args.group_size} {'sym' if args.sym else 'asym'}")
+    print("| method | perplexity | vs fp32 | weights MB | RTN gap recovered | quantise s |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        recovered = (f"{(rows['rtn']['ppl'] - r['ppl']) / gap:.0%}" if gap and name in ("awq", "gptq") else "")
+        print(f"| {name} | {r['ppl']:.3f} | {r['ppl'] / fp - 1:+.2%} | {r['mb']:.0f} | {recovered} | {r['quantise_s']:.0f} |")
+    if args.json:
+        write_json(args.json, "quant_quality", vars(args), {"tokens": len(ids)}, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Quantised linear layers: how a quantised weight is stored and multiplied (not how it is chosen:
+that is lmforge.quant). They live with the model so that `lmforge.model.load` can rebuild a
+quantised checkpoint without importing the quantisers.
+
+Two storage formats, both bias-free drop-ins for nn.Linear:
+- Int8Linear: w ~= q * s, q int8 [out, in], one float32 scale per output row.
+  CPU: PyTorch's int8-weight kernel `_weight_int8pack_mm` (bfloat16 activations, the per-row
+  scale applied in float32 afterwards); elsewhere (x @ q^T) * s.
+- Int4Linear: 4-bit codes q in 0..15, groups of `group_size` inputs, one scale S and one zero
+  point Z per (row, group). Uniform grid: r = S (q - Z). Codebook grid (NF4): r = S codebook[q].
+  CPU, uniform grid: PyTorch's int4 kernel `_weight_int4pack_mm_for_cpu`, which computes
+  (q - 8) * scale + zero, so it is fed zero = S (8 - Z) (bfloat16 scales, activations, output).
+  The kernel's packed layout is built on first use and not saved (it is CPU-specific); the
+  checkpoint holds two codes per byte, low nibble first. `in` is padded up to a whole number of
+  groups (the padding codes meet zero activations).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import LmforgeError
+
+_CPU_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
+_CPU_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)   # group sizes the CPU int4 kernel accepts
+# The packed kernels win when decoding (a few rows: memory-bound); a long prompt or a scoring pass
+# is compute-bound, where dequantising once and calling the float matmul is faster.
+KERNEL_MAX_ROWS = 32
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+class Int8Linear(nn.Module):
+    """Holds int8 weights [out, in] and per-row float32 scales."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int) -> "Int8Linear":
+        return cls(torch.zeros(out_features, in_features, dtype=torch.int8), torch.zeros(out_features))
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and _CPU_INT8_MM and _rows(x) <= KERNEL_MAX_ROWS:
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            ones = torch.ones(self.out_features, dtype=torch.bfloat16)
+            y = torch._weight_int8pack_mm(flat, self.qweight, ones).float() * self.scale
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """codes 0..15 [out, in] (in even) -> uint8 [out, in/2], low nibble = even column."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(packed.shape[0], -1)
+
+
+class Int4Linear(nn.Module):
+    """4-bit group-wise weights: packed codes, scales and zero points per (row, group), and an
+    optional 16-entry codebook (then r = S codebook[q] and the zero points are unused)."""
+
+    def __init__(self, out_features: int, in_features: int, group_size: int, codebook: bool = False):
+        super().__init__()
+        if group_size < 2 or group_size % 2:
+            raise LmforgeError(f"int4 group size must be an even number >= 2, got {group_size}")
+        self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
+        self.n_groups = -(-in_features // group_size)
+        padded = self.n_groups * group_size
+        self.register_buffer("packed", torch.zeros(out_features, padded // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, self.n_groups))
+        self.register_buffer("zeros", torch.zeros(out_features, self.n_groups))
+        self.register_buffer("codebook", torch.zeros(16) if codebook else None)
+        self.bias = None
+        self._kernel_cache = None   # (packed int4 weight, bf16 scales-and-zeros) for the CPU kernel
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                   codebook: torch.Tensor | None = None) -> "Int4Linear":
+        """q int codes [out, in]; scales/zeros [out, n_groups]."""
+        out_features, in_features = q.shape
+        layer = cls(out_features, in_features, group_size, codebook is not None)
+        padded = F.pad(q.to(torch.uint8), (0, layer.n_groups * group_size - in_features))
+        layer.packed.copy_(pack_nibbles(padded))
+        layer.scales.copy_(scales)
+        if zeros is not None:
+            layer.zeros.copy_(zeros)
+        if codebook is not None:
+            layer.codebook.copy_(codebook)
+        return layer
+
+    def codes(self) -> torch.Tensor:
+        return unpack_nibbles(self.packed)[:, :self.in_features]
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [out, in] these codes stand for (the reference for every path)."""
+        q = unpack_nibbles(self.packed).float().view(self.out_features, self.n_groups, self.group_size)
+        s, z = self.scales.float()[..., None], self.zeros.float()[..., None]
+        w = s * self.codebook.float()[q.long()] if self.codebook is not None else s * (q - z)
+        return w.view(self.out_features, -1)[:, :self.in_features]
+
+    def uses_cpu_kernel(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and _CPU_INT4_MM and self.codebook is None and _rows(x) <= KERNEL_MAX_ROWS
+                and self.group_size in INT4_KERNEL_GROUPS and self.out_features % 16 == 0)
+
+    def _kernel_weights(self):
+        if self._kernel_cache is None:
+            q = unpack_nibbles(self.packed).to(torch.int32)
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+            zero = self.scales.float() * (8 - self.zeros.float())    # (q - 8) s + zero = s (q - Z)
+            sz = torch.stack([self.scales.float().t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+            self._kernel_cache = (weight, sz)
+        return self._kernel_cache
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda() invalidate the kernel layout
+        self._kernel_cache = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_cpu_kernel(x):
+            weight, sz = self._kernel_weights()
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            padding = self.n_groups * self.group_size - self.in_features
+            if padding:
+                flat = F.pad(flat, (0, padding))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, self.group_size, sz)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantized().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        grid = "codebook" if self.codebook is not None else "uniform"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{self.group_size} {grid}"
+
+
+FORMATS = {"int8": Int8Linear, "int4": Int4Linear, "nf4": Int4Linear}
+
+
+def empty_quantized(kind: dict, out_features: int, in_features: int) -> nn.Module:
+    """The layer a checkpoint's quantisation entry describes, with zero buffers to load into."""
+    fmt = kind.get("format")
+    if fmt == "int8":
+        return Int8Linear.empty(out_features, in_features)
+    if fmt in ("int4", "nf4"):
+        return Int4Linear(out_features, in_features, int(kind["group_size"]), codebook=fmt == "nf4")
+    raise LmforgeError(f"unknown quantised format {fmt!r} (known: {sorted(FORMATS)})")
+
+
+def swap_in_quantized(model: nn.Module, layers: dict[str, dict]) -> nn.Module:
+    """Replace the named nn.Linear modules with empty quantised ones (before loading a state dict)."""
+    for name, kind in layers.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise LmforgeError(f"quantisation entry names no module of this model: {name!r}") from None
+        if not isinstance(linear, nn.Linear):
+            raise LmforgeError(f"quantisation entry {name!r} is not a linear layer")
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, empty_quantized(kind, linear.out_features, linear.in_features))
+    return model

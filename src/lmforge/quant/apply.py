@@ -1,0 +1,86 @@
+"""One entry point: quantise a model in place with a named method, recording what was done in
+`model.quantization` (saved as lmforge_quant.json by lmforge.model.save, read back by load).
+
+Methods: int8 (per-channel, every linear including the LM head), rtn / awq / gptq (group-wise
+4-bit codes for the decoder blocks' linears), nf4 (NF4 + double quantisation, blocks of 64).
+The 4-bit methods keep the LM head in int8: it is the largest matrix (49152 x 576 on SmolLM2),
+the one most sensitive to rounding, and int8 keeps it close to float. The embedding stays float.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.quant.groupwise import check_grid, group_params, int4_linear, quantize_with, rtn_linear
+from lmforge.quant.int8 import int8_linear, linear_targets, quantize_int8, replace_module
+
+METHODS = ("int8", "rtn", "awq", "gptq", "nf4")
+CALIBRATED = ("awq", "gptq")
+HEAD = "lm_head"
+
+
+@torch.no_grad()
+def quantize_model(model, method: str, *, bits: int = 4, group_size: int = 128, asym: bool = False,
+                   calibration: torch.Tensor | None = None, act_order: bool = False):
+    """Quantise `model` in place; `calibration` [n, T] token ids are required by awq and gptq."""
+    if method not in METHODS:
+        raise LmforgeError(f"unknown quantisation method {method!r}; choose one of {', '.join(METHODS)}")
+    if getattr(model, "quantization", None):
+        raise LmforgeError("this model is already quantised")
+    if method == "int8":
+        return quantize_int8(model)
+    if method in ("rtn", "awq", "gptq"):
+        check_grid(bits, group_size)
+    if method in CALIBRATED and calibration is None:
+        raise LmforgeError(f"{method} needs calibration tokens")
+    body = [(name, mod) for name, mod in linear_targets(model, skip=(HEAD,))]
+    if method == "nf4":
+        from lmforge.quant.nf4 import BLOCK, nf4_int4_linear
+        new = {name: nf4_int4_linear(mod) for name, mod in body}
+        kind = {"format": "nf4", "group_size": BLOCK}
+    elif method == "rtn":
+        new = {name: rtn_linear(mod, bits, group_size, asym) for name, mod in body}
+        kind = {"format": "int4", "group_size": group_size}
+    else:
+        new = _calibrated(model, method, calibration, bits, group_size, asym, act_order)
+        kind = {"format": "int4", "group_size": group_size}
+    for name, layer in new.items():
+        replace_module(model, name, layer)
+    layers = {name: dict(kind) for name in new}
+    if isinstance(model.get_submodule(HEAD), nn.Linear):
+        replace_module(model, HEAD, int8_linear(model.get_submodule(HEAD)))
+        layers[HEAD] = {"format": "int8"}
+    settings = {"bits": bits, "group_size": group_size, "asym": asym} if method != "nf4" else {}
+    if method == "gptq":
+        settings["act_order"] = act_order
+    model.quantization = {"method": method, **settings, "layers": layers}
+    return model
+
+
+def _calibrated(model, method, calibration, bits, group_size, asym, act_order) -> dict[str, nn.Module]:
+    """Block by block: AWQ folds its scales and picks clip ratios, GPTQ runs its column loop; each
+    block's weights are replaced by their dequantised values so the next block calibrates on the
+    quantised model's activations, and the codes are kept for the Int4Linear layers."""
+    from lmforge.quant.awq import awq_block
+    from lmforge.quant.calibration import blockwise
+    from lmforge.quant.gptq import gptq, hessian
+    new = {}
+
+    def quantize_block(i: int, block: nn.Module, inputs: dict) -> None:
+        clips = awq_block(block, inputs, model.cfg, bits, group_size, asym) if method == "awq" else None
+        for name, lin in block.named_modules():
+            if not isinstance(lin, nn.Linear):
+                continue
+            w = lin.weight.float()
+            if method == "awq":
+                scale, zero = group_params(w, bits, group_size, asym, clips[name])
+                q = quantize_with(w, scale, zero, bits, group_size)
+            else:
+                q, scale, zero = gptq(w, hessian(inputs[name]), bits, group_size, asym, act_order)
+            layer = int4_linear(q, scale, zero, group_size, lin.weight.device)
+            lin.weight.copy_(layer.dequantized().to(lin.weight.dtype))
+            new[f"layers.{i}.{name}"] = layer
+
+    blockwise(model, calibration, quantize_block)
+    return new

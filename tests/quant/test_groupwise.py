@@ -1,0 +1,93 @@
+"""Group-wise int4 (r = S (q - Z)): the round trip against the formula, the packed layout, and the
+CPU int4 kernel against the dequantised reference matmul."""
+import pytest
+import torch
+from torch import nn
+
+from lmforge.model.quantized import Int4Linear
+from lmforge.quant.groupwise import dequantize, group_params, quantize_with, rtn, rtn_linear
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("asym", [False, True])
+def test_codes_on_the_grid_round_trip_exactly(group_size, asym):
+    """Weights built as S (q - Z) from known codes come back as exactly those codes."""
+    torch.manual_seed(0)
+    out, n = 24, 4 * group_size
+    g = n // group_size
+    scale = torch.rand(out, g) + 0.1
+    if asym:
+        zero = torch.randint(0, 16, (out, g)).float()
+        codes = torch.randint(0, 16, (out, n))
+        codes[:, ::group_size], codes[:, 1::group_size] = 0, 15   # each group spans the full range
+    else:
+        zero = torch.full((out, g), 8.0)
+        codes = torch.randint(1, 16, (out, n))
+        codes[:, ::group_size] = 15                                # max |q - 8| = 7 in each group
+    w = scale.repeat_interleave(group_size, 1) * (codes - zero.repeat_interleave(group_size, 1))
+    q, s, z = rtn(w, 4, group_size, asym)
+    assert torch.equal(q.long(), codes)
+    torch.testing.assert_close(dequantize(q, s, z, group_size), w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("asym", [False, True])
+def test_rounding_error_is_at_most_half_a_step_and_codes_are_in_range(asym):
+    torch.manual_seed(1)
+    w = torch.randn(32, 200) * torch.logspace(-2, 1, 32)[:, None]   # 200: a short last group of 72
+    q, s, z = rtn(w, 4, 128, asym)
+    assert q.min() >= 0 and q.max() <= 15
+    assert torch.equal(z, z.round())            # integer zero points
+    if not asym:
+        assert (z == 8).all()
+    step = s.repeat_interleave(128, 1)[:, :200]
+    assert ((dequantize(q, s, z, 128) - w).abs() <= step / 2 + 1e-6).all()
+
+
+def test_int4_linear_stores_the_codes_and_reconstructs_r_equals_s_q_minus_z():
+    torch.manual_seed(2)
+    w = torch.randn(48, 96)
+    q, s, z = rtn(w, 4, 32, asym=True)
+    layer = Int4Linear.from_codes(q, s, z, 32)
+    assert layer.packed.dtype == torch.uint8 and layer.packed.shape == (48, 48)
+    assert torch.equal(layer.codes(), q.to(torch.uint8))
+    ref = s.repeat_interleave(32, 1) * (q.float() - z.repeat_interleave(32, 1))
+    torch.testing.assert_close(layer.dequantized(), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("group_size,n_in", [(32, 96), (64, 576), (128, 576)])
+@pytest.mark.parametrize("asym", [False, True])
+def test_cpu_int4_kernel_equals_the_dequantised_reference_matmul(group_size, n_in, asym):
+    """576 is not a multiple of 128: the kernel path pads the input to whole groups."""
+    torch.manual_seed(3)
+    lin = nn.Linear(n_in, 64, bias=False)
+    layer = rtn_linear(lin, 4, group_size, asym)
+    x = torch.randn(3, n_in)
+    assert layer.uses_cpu_kernel(x)
+    got = layer(x)
+    # reference in float64 with the same bfloat16 rounding of activations and scales the kernel uses
+    s = layer.scales.to(torch.bfloat16).double()
+    zero = (layer.scales * (8 - layer.zeros)).to(torch.bfloat16).double()
+    q = layer.codes().double()
+    w = (s.repeat_interleave(group_size, 1)[:, :n_in] * (q - 8) + zero.repeat_interleave(group_size, 1)[:, :n_in])
+    ref = x.to(torch.bfloat16).double() @ w.t()
+    assert got.shape == (3, 64) and got.dtype == torch.float32
+    assert (got.double() - ref).abs().max() <= 1e-2 * ref.abs().max()   # bfloat16 output: ~3 digits
+    exact = x.double() @ layer.dequantized().double().t()
+    assert (got.double() - exact).abs().max() <= 3e-2 * exact.abs().max()
+
+
+def test_large_inputs_take_the_dequantised_float_path():
+    torch.manual_seed(4)
+    layer = rtn_linear(nn.Linear(64, 32, bias=False), 4, 32, False)
+    x = torch.randn(2, 40, 64)     # 80 rows: a prompt, not a decode step
+    assert not layer.uses_cpu_kernel(x)
+    torch.testing.assert_close(layer(x), x @ layer.dequantized().t())
+
+
+def test_group_params_clip_shrinks_the_range():
+    w = torch.linspace(-1, 1, 64)[None]
+    s_full, _ = group_params(w, 4, 64, asym=False)
+    s_half, _ = group_params(w, 4, 64, asym=False, clip=0.5)
+    torch.testing.assert_close(s_half, s_full / 2)
+    q = quantize_with(w, s_half, torch.full_like(s_half, 8), 4, 64)
+    assert q.max() == 15 and q.min() == 0          # out-of-range values clamp to the end codes
