@@ -15,12 +15,12 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmforge.align.loader import jsonl_rows
 from lmforge.corpus.stdlib import stdlib_documents
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import render_chat_parts
 from lmforge.tokenizer.tokenizer import IM_END
+from lmforge.train.epoch_loader import jsonl_rows
 
 PROMPT = "Write the body of this Python function.\n\n"
 

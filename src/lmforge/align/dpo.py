@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from lmforge.align.finetune_config import LoraHooks, LoraSettings, starting_point
+from lmforge.align.finetune_config import LoraHooks, LoraSettings
 from lmforge.align.lora import adapters_disabled, lora_layers
 from lmforge.align.preference import (
     DPO_LOSS_TYPES,
@@ -53,6 +53,7 @@ from lmforge.outputs import atomic_write_bytes, claim_output_dir
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.config import TrainConfig
+from lmforge.train.starting_point import starting_point
 from lmforge.train.trainer import TRAIN_FILES, fit, resolve_device
 
 REFERENCE_FILE = "reference_logps.safetensors"

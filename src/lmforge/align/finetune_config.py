@@ -25,10 +25,6 @@ from lmforge.align.lora import (
 )
 from lmforge.quant.nf4 import NF4Linear
 from lmforge.config import check_choice, require
-from lmforge.errors import LmforgeError
-from lmforge.model.pretrained import find_tokenizer, resolve_model_path
-from lmforge.tokenizer import Tokenizer, load_tokenizer
-from lmforge.train.config import TrainConfig
 
 ADAPTER_DIR = "adapter"
 BASE_QUANTIZATIONS = ("none", "nf4")
@@ -94,15 +90,3 @@ def dequantize_bases(model: nn.Module) -> None:
                 plain.bias.copy_(base.bias)
             plain.requires_grad_(False)
             layer.base_layer = plain
-
-
-def starting_point(tc: TrainConfig, model: str | None, tokenizer: str | None) -> tuple[Path, Tokenizer]:
-    """The model a finetune starts from (MODEL or train.init_from, default the bundled SmolLM2), recorded
-    as train.init_from so that a resume reloads the same weights, and its tokenizer."""
-    if model is not None and tc.init_from and model != tc.init_from:
-        raise LmforgeError(f"two models given ({model!r} and train.init_from={tc.init_from!r}); give one")
-    path = resolve_model_path(model or tc.init_from or None)
-    if not path.exists():
-        raise LmforgeError(f"model not found: {path}")
-    tc.init_from = str(path)
-    return path, load_tokenizer(tokenizer or find_tokenizer(path))

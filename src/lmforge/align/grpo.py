@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 from rich.console import Console
 
-from lmforge.align.finetune_config import starting_point
 from lmforge.align.rl import (
     ADVANTAGE_SCALES,
     AGGREGATIONS,
@@ -37,6 +36,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model import load
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import TrainConfig
+from lmforge.train.starting_point import starting_point
 from lmforge.train.trainer import TRAIN_FILES, fit
 
 

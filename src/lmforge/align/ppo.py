@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from lmforge.align.finetune_config import LoraHooks, LoraSettings, starting_point
+from lmforge.align.finetune_config import LoraHooks, LoraSettings
 from lmforge.align.lora import adapters_disabled, lora_layers
 from lmforge.align.rl import (
     KL_ESTIMATORS,
@@ -66,6 +66,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model import load
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import TrainConfig
+from lmforge.train.starting_point import starting_point
 from lmforge.train.trainer import TRAIN_FILES, fit
 
 PPO_FILES = [*TRAIN_FILES, VALUE_HEAD_FILE]

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from lmforge.align.data import PROMPT, function_pairs
-from lmforge.align.loader import EpochLoader, jsonl_rows
 from lmforge.corpus.stdlib import stdlib_documents
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.epoch_loader import EpochLoader, jsonl_rows
 
 IGNORE = -100
 

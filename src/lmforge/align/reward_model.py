@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lmforge.align.dpo import preference_examples
-from lmforge.align.finetune_config import LoraHooks, LoraSettings, starting_point
+from lmforge.align.finetune_config import LoraHooks, LoraSettings
 from lmforge.align.preference_data import PairExample, PairLoader, collate_pairs
 from lmforge.align.reward import bradley_terry_loss
 from lmforge.align.sft import pad_token_id
@@ -29,6 +29,7 @@ from lmforge.model import load
 from lmforge.outputs import atomic_write_bytes
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import TrainConfig
+from lmforge.train.starting_point import starting_point
 from lmforge.train.trainer import TRAIN_FILES, fit
 
 HEAD_FILE = "reward_head.safetensors"

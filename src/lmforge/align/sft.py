@@ -8,13 +8,14 @@ import torch
 from rich.console import Console
 
 from lmforge.align.data import read_chat_jsonl, stdlib_chats, tokenize_chat
-from lmforge.align.finetune_config import LoraHooks, LoraSettings, starting_point
-from lmforge.align.loader import EpochLoader
+from lmforge.align.finetune_config import LoraHooks, LoraSettings
 from lmforge.config import check_positive, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.tokenizer import PAD
 from lmforge.train.config import TrainConfig
+from lmforge.train.epoch_loader import EpochLoader
+from lmforge.train.starting_point import starting_point
 from lmforge.train.trainer import TRAIN_FILES, fit
 
 IGNORE = -100  # the fused cross-entropy's ignore_index

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmforge.align.loader import EpochLoader
 from lmforge.errors import LmforgeError
+from lmforge.train.epoch_loader import EpochLoader
 
 IGNORE = -100
 METHODS = ("ga", "graddiff", "npo")

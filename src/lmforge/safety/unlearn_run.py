@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 import torch
 from rich.console import Console
 
-from lmforge.align.finetune_config import starting_point
-from lmforge.align.loader import jsonl_rows
 from lmforge.config import check_positive, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.model import load
 from lmforge.safety.unlearn import METHODS, UnlearnObjective
 from lmforge.train.config import TrainConfig
+from lmforge.train.epoch_loader import jsonl_rows
+from lmforge.train.starting_point import starting_point
 from lmforge.train.trainer import TRAIN_FILES, fit
 
 
