@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.align.grpo import GRPOConfig, GRPOObjective
+from lmforge.align.grpo import GRPOConfig, GRPOObjective, with_advantages
 from lmforge.align.rl import group_advantages, grpo_loss, mask_truncated
 from lmforge.align.rollouts import sample_groups
 from lmforge.align.tasks import (
@@ -121,7 +121,7 @@ def test_objective_loss_equals_grpo_loss_on_reference_logprobs(tok, aggregation,
     model = model.double()
     cfg = GRPOConfig(group_size=4, max_tokens=6, scale=scale, aggregation=aggregation, beta=beta)
     obj = GRPOObjective(tok, tasks, [], cfg, 3, tok.eos_id, reference=lambda d: model)
-    loss, metrics = obj.loss(model, r.to_dict())
+    loss, metrics = obj.loss(model, with_advantages(r.to_dict(), cfg))
     grads = torch.autograd.grad(loss, [model.lm_head.weight, model.embed_tokens.weight])
 
     lens = m.sum(1).long()
@@ -162,6 +162,7 @@ def grpo_run(tok, seed: int, reward_fn, steps: int = 30) -> tuple[float, float]:
     model = tiny(tok, seed)
     cfg = GRPOConfig(group_size=8, max_tokens=4, aggregation="dapo", mask_truncated=False)
     obj = GRPOObjective(tok, arithmetic_tasks(64, seed), [], cfg, 4, tok.eos_id, reward_fn=reward_fn)
+    obj.prepare_model(model)
     loader = obj.batches(4, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     val = arithmetic_tasks(8, 99, "val")
