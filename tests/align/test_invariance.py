@@ -20,7 +20,12 @@ import torch.nn.functional as F
 
 from lmforge.align.data import stdlib_chats
 from lmforge.align.dpo import DPOConfig, DPOObjective, reference_logps
-from lmforge.align.grpo import GRPOConfig, GRPOObjective, RolloutLoader, split_micro_batches
+from lmforge.align.grpo import (
+    GRPOConfig,
+    GRPOObjective,
+    RolloutLoader,
+    split_micro_batches,
+)
 from lmforge.align.preference import dpo_loss
 from lmforge.align.preference_data import PairExample, collate_pairs
 from lmforge.align.rl import group_advantages, grpo_loss, mask_truncated

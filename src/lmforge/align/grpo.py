@@ -84,7 +84,7 @@ class RolloutLoader:
     the live policy and splits it into grad_accum micro-batches of micro_batch groups; the state is
     the number of steps sampled (taken between steps, when no micro-batch is pending)."""
 
-    def __init__(self, objective: "GRPOObjective", micro_batch: int, seed: int, grad_accum: int):
+    def __init__(self, objective: GRPOObjective, micro_batch: int, seed: int, grad_accum: int):
         self.objective, self.micro_batch, self.seed, self.grad_accum = objective, micro_batch, seed, grad_accum
         self.counter = 0
         self.pending: list[dict[str, torch.Tensor]] = []
