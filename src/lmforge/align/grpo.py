@@ -35,13 +35,21 @@ from lmforge.align.rl import (
 )
 from lmforge.align.rollouts import completion_logprobs, sample_groups
 from lmforge.align.sft import pad_token_id
-from lmforge.align.tasks import Task, arithmetic_tasks, exact_match_reward
+from lmforge.align.tasks import (
+    Task,
+    arithmetic_tasks,
+    coding_tasks,
+    exact_match_reward,
+    unit_test_reward,
+)
 from lmforge.config import check_non_negative, check_positive, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.model import load
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import TrainConfig
 from lmforge.train.trainer import TRAIN_FILES, fit
+
+TASKS = ("arithmetic", "code")
 
 
 @dataclass
@@ -59,6 +67,7 @@ class GRPOConfig:
     val_tasks: int = 64
     max_operand: int = 99
     ops: str = "+"
+    task: str = "arithmetic"      # arithmetic (exact match) | code (small functions, unit tests in the eval sandbox)
     tokenizer: str = ""           # "" -> the model's own
     chat: bool = True             # prompts as a user turn when the tokenizer has a chat template
 
@@ -69,6 +78,8 @@ class GRPOConfig:
             raise LmforgeError(f"grpo.group_size must be >= 2 (got {self.group_size})")
         if self.scale not in ADVANTAGE_SCALES:
             raise LmforgeError(f"grpo.scale must be one of {', '.join(ADVANTAGE_SCALES)} (got {self.scale!r})")
+        if self.task not in TASKS:
+            raise LmforgeError(f"grpo.task must be one of {', '.join(TASKS)} (got {self.task!r})")
         if self.aggregation not in AGGREGATIONS:
             raise LmforgeError(f"grpo.aggregation must be one of {', '.join(AGGREGATIONS)} (got {self.aggregation!r})")
 
@@ -131,11 +142,13 @@ def split_micro_batches(step: dict[str, torch.Tensor], parts: int) -> list[dict[
 class GRPOObjective:
     def __init__(self, tok: Tokenizer, train: list[Task], val: list[Task], cfg: GRPOConfig, prompts_per_batch: int,
                  pad_id: int, reward_fn: Callable[[str, Task], float] = exact_match_reward,
-                 reference: Callable[[torch.device], torch.nn.Module] | None = None):
+                 reference: Callable[[torch.device], torch.nn.Module] | None = None,
+                 eval_reward_fn: Callable[[str, Task], float] | None = None):
         if cfg.beta > 0 and reference is None:
             raise LmforgeError("grpo.beta > 0 needs a reference model")
         self.tok, self.train, self.val, self.cfg = tok, train, val, cfg
         self.prompts_per_batch, self.pad_id, self.reward_fn = prompts_per_batch, pad_id, reward_fn
+        self.eval_reward_fn = eval_reward_fn or reward_fn  # a control run trains on another reward
         self.reference, self.ref_model, self.policy = reference, None, None
         self.grad_accum = 1  # micro-batches per optimizer step (the loader samples a whole step at once)
         self.vocab_size = tok.vocab_size
@@ -217,16 +230,17 @@ class GRPOObjective:
         return out.loss, metrics
 
     def evaluate(self, model, autocast) -> dict[str, float]:
-        """Held-out exact match, greedy completions through the engine."""
+        """Held-out reward (exact match, or unit tests passed) of greedy completions through the engine."""
         if not self.val:
             return {}
         was_training = model.training
         model.eval()
         with autocast():
             r = sample_groups(model, self.tok, self.val_ids, 1, max_tokens=self.cfg.max_tokens, temperature=0.0,
-                              seed=0, pad_id=self.pad_id, tasks=self.val, reward_fn=exact_match_reward)
+                              seed=0, pad_id=self.pad_id, tasks=self.val, reward_fn=self.eval_reward_fn)
         model.train(was_training)
-        return {"val_exact_match": float(r.rewards.mean())}
+        name = "val_exact_match" if self.cfg.task == "arithmetic" else "val_pass_at_1"
+        return {name: float(r.rewards.mean())}
 
     def tokenizer(self) -> Tokenizer | None:
         return self.tok
@@ -240,19 +254,27 @@ def with_advantages(batch: dict[str, torch.Tensor], cfg: GRPOConfig) -> dict[str
 
 
 def finetune_grpo(recipe: GRPORecipe, model: str | None = None, resume: bool = False,
-                  console: Console | None = None) -> dict:
-    """GRPO of MODEL (or train.init_from) on generated arithmetic with an exact-match reward; writes
-    train.out/model. train.micro_batch is prompts per micro-batch (each sampled group_size times)."""
+                  console: Console | None = None, reward_fn: Callable | None = None) -> dict:
+    """GRPO of MODEL (or train.init_from) on generated arithmetic with an exact-match reward, or small
+    coding tasks rewarded by their unit tests in the sandbox; writes train.out/model.
+    train.micro_batch is prompts per micro-batch (each sampled group_size times). `reward_fn`
+    replaces the training reward (held-out scores keep the task's own), e.g. for a control run."""
     console = console or Console()
     tc, gc = recipe.train, recipe.grpo
     path, tok = starting_point(tc, model, gc.tokenizer)
-    train = arithmetic_tasks(gc.train_tasks, tc.seed, "train", gc.max_operand, gc.ops)
-    val = arithmetic_tasks(gc.val_tasks, 0, "val", gc.max_operand, gc.ops)
+    if gc.task == "code":
+        train, val = coding_tasks(gc.train_tasks, tc.seed, "train"), coding_tasks(gc.val_tasks, 0, "val")
+        task_reward = unit_test_reward
+    else:
+        train = arithmetic_tasks(gc.train_tasks, tc.seed, "train", gc.max_operand, gc.ops)
+        val = arithmetic_tasks(gc.val_tasks, 0, "val", gc.max_operand, gc.ops)
+        task_reward = exact_match_reward
 
     def reference(device):
         return load(path, dtype=torch.float32, device=device)
     objective = GRPOObjective(tok, train, val, gc, tc.micro_batch, pad_token_id(tok),
-                              reference=reference if gc.beta > 0 else None)
+                              reward_fn=reward_fn or task_reward, reference=reference if gc.beta > 0 else None,
+                              eval_reward_fn=task_reward)
     objective.grad_accum = tc.grad_accum
     summary = fit(objective, tc, to_dict(recipe), None, "finetune", TRAIN_FILES, resume, console)
     return summary
