@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.align.grpo import GRPOConfig, GRPOObjective
+from lmforge.align.grpo import GRPOConfig, GRPOObjective, with_advantages
 from lmforge.align.rl import group_advantages, grpo_loss, mask_truncated
 from lmforge.align.rollouts import sample_groups
 from lmforge.align.tasks import (
@@ -121,7 +121,7 @@ def test_objective_loss_equals_grpo_loss_on_reference_logprobs(tok, aggregation,
     model = model.double()
     cfg = GRPOConfig(group_size=4, max_tokens=6, scale=scale, aggregation=aggregation, beta=beta)
     obj = GRPOObjective(tok, tasks, [], cfg, 3, tok.eos_id, reference=lambda d: model)
-    loss, metrics = obj.loss(model, r.to_dict())
+    loss, metrics = obj.loss(model, with_advantages(r.to_dict(), cfg))
     grads = torch.autograd.grad(loss, [model.lm_head.weight, model.embed_tokens.weight])
 
     lens = m.sum(1).long()
@@ -162,6 +162,7 @@ def grpo_run(tok, seed: int, reward_fn, steps: int = 30) -> tuple[float, float]:
     model = tiny(tok, seed)
     cfg = GRPOConfig(group_size=8, max_tokens=4, aggregation="dapo", mask_truncated=False)
     obj = GRPOObjective(tok, arithmetic_tasks(64, seed), [], cfg, 4, tok.eos_id, reward_fn=reward_fn)
+    obj.prepare_model(model)
     loader = obj.batches(4, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     val = arithmetic_tasks(8, 99, "val")
@@ -222,3 +223,65 @@ def test_finetune_grpo_resumes_bit_for_bit_with_a_kl_reference_and_the_cli_runs(
     assert "done: 1 steps" in result.output
     bad = CliRunner().invoke(app, ["finetune", "grpo", str(start), "grpo.aggregation=mean", f"train.out={tmp_path / 'x'}"])
     assert isinstance(bad.exception, LmforgeError) and "grpo.aggregation" in str(bad.exception)
+
+
+# --- unit-test rewards in the sandbox ---------------------------------------------------------------
+CORRECT = {"add": "    return x + {k}", "times": "    return x * {k}", "count": "    return sum(1 for v in xs if v > {k})",
+           "first": "    return s[:{k}][::-1]"}
+WRONG = {"add": "    return x - {k}", "times": "    return x + {k}", "count": "    return len(xs)",
+         "first": "    return s[::-1][:{k}]"}
+
+
+def test_unit_test_reward_runs_each_program_in_the_sandbox_and_passes_only_correct_bodies():
+    """Reference: the bodies are written by hand, right and wrong, for every task template; the
+    sandbox's own verdict on the assembled program decides the reward."""
+    from lmforge.align.tasks import code_program, coding_tasks, unit_test_reward
+    from lmforge.eval.sandbox import SandboxLimits, run_program
+
+    tasks = coding_tasks(40, 0)
+    seen = {}
+    for t in tasks:  # one task per template
+        seen.setdefault(t.header.split("(")[0].split()[1].split("_")[0], t)
+    assert set(seen) == set(CORRECT)
+    assert not {t.header for t in tasks} & {t.header for t in coding_tasks(40, 0, "val")}
+    for kind, task in seen.items():
+        k = int(next(p for p in task.header.split("(")[0].split("_") if p.isdigit()))
+        good, bad = CORRECT[kind].format(k=k), WRONG[kind].format(k=k)
+        assert unit_test_reward(good, task) == 1.0, code_program(good, task)
+        assert unit_test_reward(bad, task) == 0.0, code_program(bad, task)
+    task = seen["add"]
+    escape = "    import socket; socket.create_connection(('1.1.1.1', 80)); return x + 2"
+    assert unit_test_reward(escape, task) == 0.0  # no network: the program fails, it is not rewarded
+    quick = SandboxLimits(cpu_seconds=1, wall_seconds=3)
+    assert unit_test_reward("    while True: pass", task, quick) == 0.0  # a timeout is a failure, not a hang
+    assert run_program(code_program("    return x", task)).status == "failed"
+
+
+@pytest.mark.slow
+def test_finetune_grpo_on_coding_tasks_scores_completions_in_the_sandbox(tok, tmp_path):
+    """grpo.task=code: one step on coding tasks; every completion's reward is the sandbox's verdict
+    (a random model's bodies all fail: reward 0, held-out pass@1 0), logged as val_pass_at_1."""
+    import json
+
+    from lmforge.align.grpo import GRPORecipe, finetune_grpo
+    from lmforge.config import load_recipe
+    from lmforge.model import save
+
+    start = tmp_path / "start"
+    torch.manual_seed(0)
+    save(Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                                 hidden_dim=64, max_seq_len=256)), start, tokenizer=tok)
+    calls = []
+
+    def counting(text, task):
+        from lmforge.align.tasks import unit_test_reward
+        calls.append(text)
+        return unit_test_reward(text, task)
+    recipe = load_recipe(GRPORecipe, None, ["train.seq_len=160", "train.micro_batch=1", "train.global_batch_tokens=160",
+                                            "train.max_steps=1", "train.tensorboard=false", "grpo.task=code",
+                                            "grpo.group_size=2", "grpo.max_tokens=3", "grpo.val_tasks=1",
+                                            f"train.out={tmp_path / 'out'}"])
+    finetune_grpo(recipe, str(start), reward_fn=counting)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(calls) == 2 and rows[0]["reward_mean"] == 0.0
+    assert [r["val_pass_at_1"] for r in rows if "val_pass_at_1" in r] == [0.0]

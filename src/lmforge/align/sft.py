@@ -30,6 +30,7 @@ class SFTConfig:
     tokenizer: str = ""         # "" -> the model's own (beside it, in its run, or inside the .gguf)
     max_examples: int = 2000    # training chats kept (the first that fit train.seq_len + 1 tokens)
     val_examples: int = 128
+    pack: bool = False          # pack each micro-batch's chats into as few rows of train.seq_len as fit (no cross-attention)
 
     def __post_init__(self):
         check_positive(self, "sft", "max_examples", "val_examples")
@@ -73,13 +74,58 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"tokens": tokens, "labels": labels}
 
 
+def collate_packed(examples: list[Example], pad_id: int, width: int) -> dict[str, torch.Tensor]:
+    """The chats of `collate`, first-fit packed into rows of at most `width` positions, plus doc_ids
+    [R, T]: each chat's run of positions has its own id (padding -1), so the model's attention never
+    crosses a chat boundary and positions restart at 0 in each; no label crosses one either, since
+    each chat is shifted on its own. Same loss tokens as `collate`, fewer padded positions."""
+    rows: list[list[int]] = []  # example indices per row
+    used: list[int] = []
+    for e, (ids, _) in enumerate(examples):
+        n = len(ids) - 1
+        if n > width:
+            raise LmforgeError(f"an SFT example of {n + 1} tokens does not fit a packed row of {width + 1}")
+        r = next((r for r, u in enumerate(used) if u + n <= width), None)
+        if r is None:
+            r = len(rows)
+            rows.append([])
+            used.append(0)
+        rows[r].append(e)
+        used[r] += n
+    t = max(used)
+    tokens = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), t), IGNORE, dtype=torch.long)
+    doc_ids = torch.full((len(rows), t), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        pos = 0
+        for doc, e in enumerate(members):
+            one = collate([examples[e]], pad_id)
+            n = one["tokens"].shape[1]
+            tokens[r, pos:pos + n], labels[r, pos:pos + n] = one["tokens"][0], one["labels"][0]
+            doc_ids[r, pos:pos + n] = doc
+            pos += n
+    return {"tokens": tokens, "labels": labels, "doc_ids": doc_ids}
+
+
 class ChatLoader(EpochLoader):
-    """Micro-batches of chats, right-padded (see `collate`)."""
+    """Micro-batches of chats, right-padded (see `collate`), or packed into rows of `pack_width`
+    positions (see `collate_packed`) when it is set."""
 
     what = "SFT examples"
+    pack_width: int | None = None
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        return collate([self.examples[i] for i in self.next_indices()], self.pad_id)
+        chats = [self.examples[i] for i in self.next_indices()]
+        if self.pack_width:
+            return collate_packed(chats, self.pad_id, self.pack_width)
+        return collate(chats, self.pad_id)
+
+
+def sft_loss(model, batch) -> torch.Tensor:
+    """Mean cross-entropy over the batch's trained labels (fused with the LM head); a packed batch
+    carries doc_ids, a left-padded one an attention_mask."""
+    return model(batch["tokens"], targets=batch["labels"], doc_ids=batch.get("doc_ids"),
+                 attention_mask=batch.get("attention_mask"))
 
 
 def pad_token_id(tok: Tokenizer) -> int:
@@ -96,25 +142,28 @@ def mean_masked_loss(model, batches) -> float:
     total, count = 0.0, 0
     for batch in batches:
         n = int((batch["labels"] != IGNORE).sum())
-        total += float(model(batch["tokens"], targets=batch["labels"])) * n
+        total += float(sft_loss(model, batch)) * n
         count += n
     return total / max(count, 1)
 
 
 class SFTObjective(LoraHooks):
-    def __init__(self, tok: Tokenizer, train: list[Example], val: list[Example], eval_batch: int):
-        self.tok, self.train, self.val, self.eval_batch = tok, train, val, eval_batch
+    def __init__(self, tok: Tokenizer, train: list[Example], val: list[Example], eval_batch: int,
+                 pack_width: int | None = None):
+        self.tok, self.train, self.val, self.eval_batch, self.pack_width = tok, train, val, eval_batch, pack_width
         self.pad_id = pad_token_id(tok)
         self.vocab_size = tok.vocab_size
 
     def batches(self, micro_batch: int, seed: int) -> ChatLoader:
-        return ChatLoader(self.train, micro_batch, seed, self.pad_id)
+        loader = ChatLoader(self.train, micro_batch, seed, self.pad_id)
+        loader.pack_width = self.pack_width
+        return loader
 
     def loss_tokens(self, batch) -> int:
         return int((batch["labels"] != IGNORE).sum())
 
     def loss(self, model, batch):
-        return model(batch["tokens"], targets=batch["labels"]), {}
+        return sft_loss(model, batch), {}
 
     def evaluate(self, model, autocast) -> dict[str, float]:
         if not self.val:
@@ -148,7 +197,7 @@ def sft_objective(recipe: SFTRecipe, tok: Tokenizer, console: Console) -> SFTObj
         raise LmforgeError(f"no SFT chat fits train.seq_len={tc.seq_len} tokens")
     console.print(f"SFT data: {len(train)} train chats, {len(val)} held-out "
                   f"({dropped + val_dropped} longer than {max_len} tokens skipped)", highlight=False)
-    return SFTObjective(tok, train, val, tc.micro_batch)
+    return SFTObjective(tok, train, val, tc.micro_batch, pack_width=tc.seq_len if sc.pack else None)
 
 
 def finetune_sft(recipe: SFTRecipe, model: str | None = None, resume: bool = False,
