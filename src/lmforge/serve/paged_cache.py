@@ -47,24 +47,47 @@ class Chunk:
     gather: torch.Tensor | None         # slots of positions 0..cached+n-1 (None when cached == 0)
 
 
+@dataclass
+class StepItem:
+    """One sequence's part of a step: `tokens` at positions start.., logits for the last `num_logits`."""
+    seq: Sequence
+    start: int
+    tokens: list[int]
+    num_logits: int
+
+    @classmethod
+    def scheduled(cls, seq: Sequence, n: int) -> "StepItem":
+        """The scheduler's (seq, n): its next n tokens from num_computed on. Speculative draft
+        tokens (seq.spec.draft) follow the real ones; every position from the last real token on
+        gets logits, so one forward verifies the whole draft."""
+        start = seq.num_computed
+        draft = seq.spec.draft if seq.spec is not None else []
+        tokens = (seq.token_ids + draft)[start:start + n] if draft else seq.token_ids[start:start + n]
+        end = start + n
+        return cls(seq, start, tokens, end - seq.num_tokens + 1 if end >= seq.num_tokens else 0)
+
+
 class StepBatch:
     """One engine step: packed inputs, slot mapping and attention metadata (the cache protocol)."""
 
-    def __init__(self, cache: PagedKVCache, items: list[tuple[Sequence, int]], device=None):
+    def __init__(self, cache: PagedKVCache, items: list[tuple[Sequence, int] | StepItem], device=None):
         self.cache = cache
         bs = cache.block_size
+        items = [it if isinstance(it, StepItem) else StepItem.scheduled(*it) for it in items]
         # Decode-like items first: they share one batched attention call.
-        self.items = sorted(items, key=lambda item: item[1] != 1)
+        self.items = sorted(items, key=lambda it: len(it.tokens) != 1)
         tokens, positions, slots, logits_rows = [], [], [], []
-        self.sampled: list[Sequence] = []   # sequences whose last new token gets logits
-        for seq, n in self.items:
-            start = seq.num_computed
-            tokens += seq.token_ids[start:start + n]
+        self.sampled: list[Sequence] = []   # sequences that get logits, in row order
+        self.num_logits: list[int] = []     # rows of each (1, or 1 + draft length when verifying)
+        for it in self.items:
+            seq, start, n = it.seq, it.start, len(it.tokens)
+            tokens += it.tokens
             positions += range(start, start + n)
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            if start + n == seq.num_tokens:
-                logits_rows.append(len(tokens) - 1)
+            if it.num_logits:
+                logits_rows += range(len(tokens) - it.num_logits, len(tokens))
                 self.sampled.append(seq)
+                self.num_logits.append(it.num_logits)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         self.tokens = as_long(tokens)[None]
         self.positions = as_long(positions)[None]
@@ -72,15 +95,15 @@ class StepBatch:
         self.logits_index = as_long(logits_rows)
         self.length = 0  # protocol attribute; positions are always explicit here
 
-        singles = [seq for seq, n in self.items if n == 1]
+        singles = [it for it in self.items if len(it.tokens) == 1]
         self.n_single = len(singles)
         self.single_gather = self.single_mask = None
         if singles:
-            lengths = [seq.num_computed + 1 for seq in singles]
+            lengths = [it.start + 1 for it in singles]
             width = max(lengths)
             n_blocks = -(-width // bs)
-            tables = as_long([seq.block_table[:n_blocks] + [0] * (n_blocks - len(seq.block_table[:n_blocks]))
-                              for seq in singles])
+            tables = as_long([it.seq.block_table[:n_blocks] + [0] * (n_blocks - len(it.seq.block_table[:n_blocks]))
+                              for it in singles])
             offsets = torch.arange(bs, device=device)
             self.single_gather = (tables[:, :, None] * bs + offsets).reshape(len(singles), -1)[:, :width]
             if min(lengths) != width:  # ragged: mask the padding
@@ -89,11 +112,11 @@ class StepBatch:
 
         self.chunks: list[Chunk] = []
         start = self.n_single
-        for seq, n in self.items[self.n_single:]:
-            cached = seq.num_computed
+        for it in self.items[self.n_single:]:
+            cached, n, table = it.start, len(it.tokens), it.seq.block_table
             gather = None
             if cached:
-                gather = as_long([seq.block_table[p // bs] * bs + p % bs for p in range(cached + n)])
+                gather = as_long([table[p // bs] * bs + p % bs for p in range(cached + n)])
             self.chunks.append(Chunk(start, n, cached, gather))
             start += n
 
