@@ -230,7 +230,6 @@ class LLMEngine:
         # K/V are valid for the last real token and the accepted draft tokens; those of rejected
         # draft tokens lie beyond num_computed and are overwritten by the next step.
         seq.num_computed += 1 + accepted
-        spec.draft_computed = min(spec.draft_computed, seq.num_tokens + accepted)
         self.spec_stats["rounds"] += 1
         self.spec_stats["drafted"] += len(draft)
         self.spec_stats["accepted"] += accepted

@@ -35,6 +35,9 @@ class DraftModelProposer:
             spec.draft, rows = [], []
             spec.draft_probs = rows
             want[id(seq)] = k
+            # Every position before the last token holds the prompt, earlier output or accepted
+            # draft tokens; the draft's K/V past that point belong to rejected tokens (the first
+            # rejected one sits where the target's correction now is), so they are recomputed.
             start = min(spec.draft_computed, seq.num_tokens - 1)
             items.append(StepItem(seq, start, seq.token_ids[start:], 1))
         while items:
