@@ -130,11 +130,12 @@ def int8_report_command(
     tokenizer: str = tokenizer_option(),
     text_file: Path = typer.Option(None, help="held-out UTF-8 text (default: the stdlib validation split)"),
     max_chars: int = typer.Option(30_000, min=100),
+    kv: bool = typer.Option(False, "--kv", help="the int8 KV cache instead of int8 weights (+ greedy agreement)"),
     dtype: str = dtype_option(),
     device: str = device_option(),
     model_opt: str = model_alias(),
 ):
-    """Perplexity before and after INT8 weight-only quantisation, on held-out text."""
+    """Perplexity before and after INT8 weight-only (or, with --kv, KV-cache) quantisation, on held-out text."""
     import json
 
     from lmforge.serve.perplexity import heldout_text, int8_report
@@ -143,7 +144,18 @@ def int8_report_command(
     net, tok, _ = _load(pick_model(model, model_opt), tokenizer, dtype, device, False)
     if len(tok.encode(text)) < 2:
         raise LmforgeError("the held-out text must encode to at least 2 tokens")
+    if kv:
+        from lmforge.serve.kv_report import kv_int8_report
+        prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in KV_AGREEMENT_QUESTIONS]
+        typer.echo(json.dumps(kv_int8_report(net, tok, text, prompts), indent=2))
+        return
     typer.echo(json.dumps(int8_report(net, tok, text), indent=2))
+
+
+KV_AGREEMENT_QUESTIONS = ["What is the capital of France?", "Write a haiku about autumn.", "Explain what a CPU does.",
+                          "Give me three tips for learning to code.", "Why is the sky blue?",
+                          "Describe a cat in two sentences.", "How do airplanes stay in the air?",
+                          "Write a poem about the ocean."]
 
 
 def _read_text(path: Path) -> str:

@@ -43,6 +43,7 @@ class EngineConfig:
     compile_decode: bool = False        # torch.compile the decode step (GPU)
     seed: int = 0                       # for requests without a seed of their own
     speculative: SpeculativeConfig | None = None   # speculative decoding (serve/speculative)
+    kv_dtype: str = "auto"              # "auto" (the model's dtype) or "int8" (per-head scales, ~2x the tokens)
 
 
 class LLMEngine:
@@ -52,8 +53,9 @@ class LLMEngine:
         param = next(model.parameters())
         self.device, dtype = param.device, model.embed_tokens.weight.dtype
         mcfg = model.cfg
-        num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_mb * 2**20 // PagedKVCache.bytes_per_block(mcfg, cfg.block_size, dtype))
-        self.cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, self.device, dtype)
+        block_bytes = PagedKVCache.bytes_per_block(mcfg, cfg.block_size, dtype, cfg.kv_dtype)
+        num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_mb * 2**20 // block_bytes)
+        self.cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, self.device, dtype, cfg.kv_dtype)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_batched_tokens)
         self.runner = ModelRunner(model, self.cache, cfg.compile_decode)
