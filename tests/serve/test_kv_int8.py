@@ -69,9 +69,33 @@ def test_paged_perplexity_auto_equals_a_plain_forward(tiny):
     assert math.isclose(paged_perplexity(tiny, ids, "auto", window), math.exp(nll / n), rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_int8_kv_perplexity_within_one_percent_on_smollm2(smollm, smollm_tokenizer):
-    ids = smollm_tokenizer.encode(heldout_text(6000))
+    ids = smollm_tokenizer.encode(heldout_text(3000))
     base = paged_perplexity(smollm, ids, "auto", window=512)
     quant = paged_perplexity(smollm, ids, "int8", window=512)
     assert 1 < base < 50
     assert abs(quant / base - 1) < 0.01, (base, quant)
+
+
+def test_cli_int8_report_kv_and_serve_flags(tmp_path, smollm_tokenizer):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+    from lmforge.model import save
+    from tests.serve.helpers import tiny_model
+    ckpt = tmp_path / "tiny"
+    save(tiny_model(smollm_tokenizer.vocab_size), ckpt)
+    smollm_tokenizer.save(ckpt)
+    text = tmp_path / "heldout.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 20)
+    result = CliRunner().invoke(app, ["int8-report", str(ckpt), "--kv", "--text-file", str(text)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert abs(report["relative_change"]) < 0.01 and report["greedy_agreement"]["prompts"] == 8
+    assert report["blocks_per_512mb"]["int8"] > 1.5 * report["blocks_per_512mb"]["bfloat16"]
+    for flag, value in (("--kv-dtype", "int4"), ("--speculative", "medusa")):
+        result = CliRunner().invoke(app, ["serve", str(ckpt), "--port", "0", flag, value])
+        assert isinstance(result.exception, LmforgeError) and flag in str(result.exception), result.output

@@ -131,6 +131,7 @@ def test_draft_model_proposals_are_its_own_greedy_continuations(smollm_tokenizer
     assert 0 < stats["accepted"] < stats["drafted"], stats
 
 
+@pytest.mark.slow
 def test_smollm2_prompt_lookup_is_token_identical(smollm, smollm_tokenizer):
     tok = smollm_tokenizer
     code = "def area(width, height):\n    result = width * height\n    return result\n"

@@ -14,11 +14,19 @@ from lmforge.model.cli_options import (device_option, dtype_option, model_alias,
 
 
 def _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len, prefix_caching,
-                   compile_decode):
+                   compile_decode, kv_dtype="auto", speculative="off", num_speculative=4):
     from lmforge.serve.engine import EngineConfig
+    from lmforge.serve.speculative import SpeculativeConfig
+    from lmforge.serve.paged_cache import KV_DTYPES
+    if kv_dtype not in KV_DTYPES:
+        raise LmforgeError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)} (got {kv_dtype!r})")
+    if speculative not in ("off", "ngram"):
+        raise LmforgeError(f"--speculative must be off or ngram (got {speculative!r})")
+    spec = SpeculativeConfig("ngram", num_speculative) if speculative == "ngram" else None
     return EngineConfig(block_size=block_size, kv_cache_mb=kv_cache_mb, max_num_seqs=max_num_seqs,
                         max_batched_tokens=max_batched_tokens, max_model_len=max_model_len or None,
-                        prefix_caching=prefix_caching, compile_decode=compile_decode)
+                        prefix_caching=prefix_caching, compile_decode=compile_decode, kv_dtype=kv_dtype,
+                        speculative=spec)
 
 
 def serve_command(
@@ -41,6 +49,9 @@ def serve_command(
     prefix_caching: bool = typer.Option(True, help="share KV blocks of identical prompt prefixes"),
     compile_decode: bool = typer.Option(False, "--compile", help="torch.compile the decode step (GPU)"),
     threads: int = typer.Option(0, min=0, max=4096, help="CPU threads for PyTorch (0: its default)"),
+    kv_dtype: str = typer.Option("auto", help="KV cache storage: auto (the model's dtype) or int8 (~2x the tokens)"),
+    speculative: str = typer.Option("off", help="speculative decoding: off or ngram (prompt lookup)"),
+    num_speculative: int = typer.Option(4, min=1, max=16, help="draft tokens per step with --speculative"),
     model_opt: str = model_alias(),
 ):
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
@@ -54,9 +65,9 @@ def serve_command(
 
     if threads:
         torch.set_num_threads(threads)
-    net, tok, default_name = _load(pick_model(model, model_opt), tokenizer, dtype, device, int8)
     config = _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len,
-                            prefix_caching, compile_decode)
+                            prefix_caching, compile_decode, kv_dtype, speculative, num_speculative)
+    net, tok, default_name = _load(pick_model(model, model_opt), tokenizer, dtype, device, int8)
     engine = AsyncEngine(LLMEngine(net, tok, config), max_queue=max_queue)
     app = create_app(engine, tok, name or default_name, api_key, default_max_tokens)
     typer.echo(f"serving {name or default_name} on http://{host}:{sock.getsockname()[1]}  (chat page at /, API at /v1)")
