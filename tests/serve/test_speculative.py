@@ -142,7 +142,7 @@ def test_smollm2_prompt_lookup_is_token_identical(smollm, smollm_tokenizer):
     engine = LLMEngine(smollm, tok, EngineConfig(kv_cache_mb=16, speculative=SpeculativeConfig(num_tokens=4)))
     got = run(engine, [(p, greedy, None) for p in prompts] + [(prompts[0], greedy, False)])
     assert got == plain + plain[:1]
-    assert engine.spec_stats["accepted"] > 10, engine.spec_stats
+    assert engine.spec_stats["accepted"] >= 5, engine.spec_stats
 
 
 def test_prompt_lookup_drafts():
