@@ -111,6 +111,19 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed = 0
+        if seq.spec is not None:  # whatever a draft model cached for it is gone with the blocks
+            seq.spec.reset()
+            seq.spec.draft_computed = 0
+
+    def trim(self, seq: Sequence) -> None:
+        """KV rollback: release the blocks past the sequence's tokens (slots that held rejected
+        speculative tokens). Such blocks were never full of computed tokens, so never shared."""
+        keep = self.blocks_for(seq.num_tokens)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                self.free[block] = None
 
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

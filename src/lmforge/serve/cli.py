@@ -14,11 +14,19 @@ from lmforge.model.cli_options import (device_option, dtype_option, model_alias,
 
 
 def _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len, prefix_caching,
-                   compile_decode):
+                   compile_decode, kv_dtype="auto", speculative="off", num_speculative=4):
     from lmforge.serve.engine import EngineConfig
+    from lmforge.serve.speculative import SpeculativeConfig
+    from lmforge.serve.paged_cache import KV_DTYPES
+    if kv_dtype not in KV_DTYPES:
+        raise LmforgeError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)} (got {kv_dtype!r})")
+    if speculative not in ("off", "ngram"):
+        raise LmforgeError(f"--speculative must be off or ngram (got {speculative!r})")
+    spec = SpeculativeConfig("ngram", num_speculative) if speculative == "ngram" else None
     return EngineConfig(block_size=block_size, kv_cache_mb=kv_cache_mb, max_num_seqs=max_num_seqs,
                         max_batched_tokens=max_batched_tokens, max_model_len=max_model_len or None,
-                        prefix_caching=prefix_caching, compile_decode=compile_decode)
+                        prefix_caching=prefix_caching, compile_decode=compile_decode, kv_dtype=kv_dtype,
+                        speculative=spec)
 
 
 def serve_command(
@@ -47,6 +55,9 @@ def serve_command(
                                          "start), rules, or a saved guard / HF classifier directory"),
     guard_input: str = typer.Option("block", help="guard policy for attacks: block, redact or flag"),
     guard_output: str = typer.Option("redact", help="guard policy for PII and leaks in replies: block, redact or flag"),
+    kv_dtype: str = typer.Option("auto", help="KV cache storage: auto (the model's dtype) or int8 (~2x the tokens)"),
+    speculative: str = typer.Option("off", help="speculative decoding: off or ngram (prompt lookup)"),
+    num_speculative: int = typer.Option(4, min=1, max=16, help="draft tokens per step with --speculative"),
     model_opt: str = model_alias(),
 ):
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
@@ -61,10 +72,10 @@ def serve_command(
 
     if threads:
         torch.set_num_threads(threads)
+    config = _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len,
+                            prefix_caching, compile_decode, kv_dtype, speculative, num_speculative)
     net, tok, default_name = _load(pick_model(model, model_opt), tokenizer, dtype, device, int8)
     screen = _guard(guard_classifier, guard_config) if guard else None
-    config = _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len,
-                            prefix_caching, compile_decode)
     engine = AsyncEngine(LLMEngine(net, tok, config), max_queue=max_queue)
     app = create_app(engine, tok, name or default_name, api_key, default_max_tokens, guard=screen)
     typer.echo(f"serving {name or default_name} on http://{host}:{sock.getsockname()[1]}  (chat page at /, API at /v1)")
@@ -150,11 +161,12 @@ def int8_report_command(
     tokenizer: str = tokenizer_option(),
     text_file: Path = typer.Option(None, help="held-out UTF-8 text (default: the stdlib validation split)"),
     max_chars: int = typer.Option(30_000, min=100),
+    kv: bool = typer.Option(False, "--kv", help="the int8 KV cache instead of int8 weights (+ greedy agreement)"),
     dtype: str = dtype_option(),
     device: str = device_option(),
     model_opt: str = model_alias(),
 ):
-    """Perplexity before and after INT8 weight-only quantisation, on held-out text."""
+    """Perplexity before and after INT8 weight-only (or, with --kv, KV-cache) quantisation, on held-out text."""
     import json
 
     from lmforge.serve.perplexity import heldout_text, int8_report
@@ -163,7 +175,18 @@ def int8_report_command(
     net, tok, _ = _load(pick_model(model, model_opt), tokenizer, dtype, device, False)
     if len(tok.encode(text)) < 2:
         raise LmforgeError("the held-out text must encode to at least 2 tokens")
+    if kv:
+        from lmforge.serve.kv_report import kv_int8_report
+        prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in KV_AGREEMENT_QUESTIONS]
+        typer.echo(json.dumps(kv_int8_report(net, tok, text, prompts), indent=2))
+        return
     typer.echo(json.dumps(int8_report(net, tok, text), indent=2))
+
+
+KV_AGREEMENT_QUESTIONS = ["What is the capital of France?", "Write a haiku about autumn.", "Explain what a CPU does.",
+                          "Give me three tips for learning to code.", "Why is the sky blue?",
+                          "Describe a cat in two sentences.", "How do airplanes stay in the air?",
+                          "Write a poem about the ocean."]
 
 
 def _read_text(path: Path) -> str:

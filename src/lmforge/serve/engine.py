@@ -5,7 +5,7 @@
     while engine.has_work:
         for out in engine.step(): print(out.text, end="")
 
-`step()` = schedule (scheduler) -> forward over the packed batch (model runner, paged cache) ->
+`step()` = [propose speculative drafts] -> schedule (scheduler) -> forward over the packed batch (model runner, paged cache) ->
 choose tokens (sampler) -> detokenize and check stop conditions -> free finished sequences.
 """
 from __future__ import annotations
@@ -26,6 +26,8 @@ from lmforge.serve.paged_cache import PagedKVCache
 from lmforge.serve.sampler import choose_tokens
 from lmforge.serve.scheduler import Scheduler
 from lmforge.serve.sequence import RequestOutput, SamplingParams, Sequence
+from lmforge.serve.speculative import SpeculativeConfig, SpecState, make_proposer
+from lmforge.serve.speculative.verify import sampling_probs, verify_greedy, verify_sampled
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class EngineConfig:
     prefix_caching: bool = True
     compile_decode: bool = False        # torch.compile the decode step (GPU)
     seed: int = 0                       # for requests without a seed of their own
+    speculative: SpeculativeConfig | None = None   # speculative decoding (serve/speculative)
+    kv_dtype: str = "auto"              # "auto" (the model's dtype) or "int8" (per-head scales, ~2x the tokens)
 
 
 class LLMEngine:
@@ -49,8 +53,9 @@ class LLMEngine:
         param = next(model.parameters())
         self.device, dtype = param.device, model.embed_tokens.weight.dtype
         mcfg = model.cfg
-        num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_mb * 2**20 // PagedKVCache.bytes_per_block(mcfg, cfg.block_size, dtype))
-        self.cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, self.device, dtype)
+        block_bytes = PagedKVCache.bytes_per_block(mcfg, cfg.block_size, dtype, cfg.kv_dtype)
+        num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_mb * 2**20 // block_bytes)
+        self.cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, self.device, dtype, cfg.kv_dtype)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_batched_tokens)
         self.runner = ModelRunner(model, self.cache, cfg.compile_decode)
@@ -62,6 +67,11 @@ class LLMEngine:
         self.detoks: dict[str, Detokenizer] = {}
         self._ids = itertools.count()
         self.num_steps = 0
+        self.proposer = None
+        if cfg.speculative is not None:
+            cfg.speculative.validate(self.vocab_size)
+            self.proposer = make_proposer(cfg.speculative, num_blocks, cfg.block_size, self.device)
+        self.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}
 
     # --- requests ---------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -77,8 +87,13 @@ class LLMEngine:
                 f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
                 f"{total} ({len(prompt_ids)} in the prompt + {params.max_tokens} max_tokens)")
 
-    def add_request(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams) -> str:
+    def add_request(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams,
+                    speculative: bool | None = None) -> str:
+        """speculative: whether this request uses the engine's speculative decoding (None: the
+        engine's default). Requests with penalties, logit bias or logprobs never speculate."""
         self.check_request(prompt_ids, params)
+        if speculative and self.proposer is None:
+            raise LmforgeError("this engine was started without speculative decoding")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.seqs:
             raise LmforgeError(f"duplicate request id {request_id!r}")
@@ -86,6 +101,9 @@ class LLMEngine:
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed % 2**63)
         seq = Sequence(request_id, prompt_ids, params, gen)
+        if self.proposer is not None and can_speculate(params) and \
+                (speculative if speculative is not None else self.config.speculative.default_on):
+            seq.spec = SpecState()
         self.seqs[request_id] = seq
         self.detoks[request_id] = Detokenizer(self.tokenizer, params.stop)
         self.scheduler.add(seq)
@@ -115,29 +133,110 @@ class LLMEngine:
 
     # --- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.proposer is not None:
+            self._plan_drafts()
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        if self.proposer is not None:
+            batch = self._fill_drafts(batch)
         step, logits = self.runner.run(batch)
         for seq, n in batch:
-            seq.num_computed += n
-            self.blocks.register_full_blocks(seq)
+            if seq.spec is None or not seq.spec.draft:  # speculating ones advance after verification
+                seq.num_computed += n
+                self.blocks.register_full_blocks(seq)
         self.num_steps += 1
         if not step.sampled:
             return []
-        tokens, logprobs, errors = choose_tokens(logits, step.sampled, self.generator)
+        starts = [0]
+        for n in step.num_logits:
+            starts.append(starts[-1] + n)
+        plain = [i for i, n in enumerate(step.num_logits) if n == 1]
+        chosen = {}
+        if plain:
+            rows = logits[[starts[i] for i in plain]]
+            for i, *picked in zip(plain, *choose_tokens(rows, [step.sampled[i] for i in plain], self.generator)):
+                chosen[i] = picked
         now = time.monotonic()
         outputs = []
-        for seq, tok, lp, error in zip(step.sampled, tokens, logprobs, errors):
+        for i, seq in enumerate(step.sampled):
+            if i in chosen:
+                tok, lp, error = chosen[i]
+                tokens, lps = [tok], [lp] if lp is not None else []
+            else:
+                tokens, lps, error = self._verify(seq, logits[starts[i]:starts[i + 1]]), [], None
+                if isinstance(tokens, Exception):
+                    tokens, error = None, tokens
             if error is None:
                 try:
-                    outputs.append(self._append(seq, tok, lp, now))
+                    outputs.append(self._append(seq, tokens, lps, now))
                     continue
                 except Exception as e:  # e.g. detokenizing: this request fails, the batch goes on
                     log.exception("request %s failed after sampling", seq.request_id)
                     error = e
             outputs.append(self._fail(seq, error))
         return outputs
+
+    # --- speculative decoding ---------------------------------------------------------------
+    def _plan_drafts(self) -> None:
+        """Before scheduling: how many draft tokens each decoding, speculating sequence wants."""
+        k = self.config.speculative.num_tokens
+        for seq in self.scheduler.running:
+            if seq.spec is None:
+                continue
+            seq.spec.reset()
+            if seq.num_pending != 1:
+                continue
+            # Never draft past max_tokens or the context: a step emits at most draft + 1 tokens.
+            room = min(k, seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
+            if room > 0:
+                seq.spec.want = self.proposer.plan(seq, room)
+
+    def _fill_drafts(self, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """After scheduling: draft as many tokens as the scheduler made room for."""
+        work = []
+        for seq, n in batch:
+            if seq.spec is not None and seq.spec.want:
+                k = n - seq.num_pending
+                if k > 0:
+                    work.append((seq, k))
+                else:
+                    seq.spec.reset()
+        if work:
+            self.proposer.propose(work, self.generator)
+            for seq, k in work:
+                spec = seq.spec
+                spec.draft = spec.draft[:k]
+                if spec.draft_probs is not None:
+                    spec.draft_probs = spec.draft_probs[:k]
+        return [(seq, seq.num_pending + len(seq.spec.draft) if seq.spec is not None and seq.spec.draft else n)
+                for seq, n in batch]
+
+    def _verify(self, seq: Sequence, rows: torch.Tensor) -> list[int] | Exception:
+        """rows [1 + k, V]: the target's logits at the last real token and each draft token ->
+        the tokens to emit; the accepted positions become computed, the rest are rolled back."""
+        spec = seq.spec
+        draft = spec.draft
+        try:
+            if torch.isnan(rows).any():
+                raise FloatingPointError("the model produced NaN logits for this request")
+            probs = sampling_probs(rows, seq.params)
+            if probs is None:
+                tokens = verify_greedy(rows, draft)
+            else:
+                tokens = verify_sampled(probs, draft, spec.draft_probs, seq.generator or self.generator)
+        except Exception as e:
+            log.exception("speculative verification failed for request %s", seq.request_id)
+            return e
+        accepted = len(tokens) - 1
+        # K/V are valid for the last real token and the accepted draft tokens; those of rejected
+        # draft tokens lie beyond num_computed and are overwritten by the next step.
+        seq.num_computed += 1 + accepted
+        self.spec_stats["rounds"] += 1
+        self.spec_stats["drafted"] += len(draft)
+        self.spec_stats["accepted"] += accepted
+        spec.reset()
+        return tokens
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
         """Finish one sequence with an error, freeing its blocks; the others are untouched."""
@@ -149,28 +248,36 @@ class LLMEngine:
                              seq.num_output_tokens, seq.num_cached_prompt,
                              error=f"generation failed for this request ({type(error).__name__}: {error})")
 
-    def _append(self, seq: Sequence, token: int, logprob, now: float) -> RequestOutput:
-        seq.token_ids.append(token)
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list, now: float) -> RequestOutput:
+        """Append one step's tokens (several when speculating), stopping at the first that ends it."""
         seq.first_token_time = seq.first_token_time or now
         seq.last_token_time = now
         detok = self.detoks[seq.request_id]
         p = seq.params
-        if (token in self.stop_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            seq.finish_reason = "stop"
-        else:
-            detok.push(token)
-            if detok.stopped:
+        new = []
+        for token in tokens:
+            seq.token_ids.append(token)
+            new.append(token)
+            if (token in self.stop_ids and not p.ignore_eos) or token in p.stop_token_ids:
                 seq.finish_reason = "stop"
-            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-                seq.finish_reason = "length"
+            else:
+                detok.push(token)
+                if detok.stopped:
+                    seq.finish_reason = "stop"
+                elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                    seq.finish_reason = "length"
+            if seq.finish_reason is not None:
+                break
         finished = seq.finish_reason is not None
         if finished:
             self.scheduler.finish(seq)
             self.seqs.pop(seq.request_id, None)
             self.detoks.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, [token], detok.take(final=finished),
-                             [logprob] if logprob is not None else [], finished, seq.finish_reason,
-                             seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_prompt)
+        elif seq.spec is not None:
+            self.blocks.trim(seq)                   # KV rollback of rejected draft tokens
+            self.blocks.register_full_blocks(seq)   # accepted draft tokens may have filled blocks
+        return RequestOutput(seq.request_id, new, detok.take(final=finished), logprobs[:len(new)], finished,
+                             seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_prompt)
 
     # --- offline use ----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
@@ -205,3 +312,10 @@ def complete(model, tokenizer, prompts: list[str], max_tokens: int, temperature:
     params = [SamplingParams(max_tokens=n, temperature=temperature, seed=None if seed is None else seed + i)
               for i, (_, n) in enumerate(fitted)]
     return [r["text"] for r in engine.generate(prompt_ids, params)]
+
+
+def can_speculate(params: SamplingParams) -> bool:
+    """Penalties depend on every earlier output token and logprobs are reported per sampled
+    token: such requests decode one token per step (correct, only not sped up)."""
+    return not (params.presence_penalty or params.frequency_penalty or params.logit_bias
+                or params.logprobs is not None)

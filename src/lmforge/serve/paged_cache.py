@@ -16,26 +16,80 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.layers import causal_attention
 from lmforge.serve.sequence import Sequence
 
 
+KV_DTYPES = ("auto", "int8")
+
+
 class PagedKVCache:
-    """K and V for every layer as [n_layers, num_blocks * block_size, n_kv_heads, head_dim]."""
+    """K and V for every layer as [n_layers, num_blocks * block_size, n_kv_heads, head_dim].
+
+    kv_dtype "auto" stores them in the model's dtype. "int8" stores each token's K and V per head
+    as int8 codes with one float32 scale (absmax / 127) per (layer, slot, head): head_dim + 4
+    bytes instead of head_dim * itemsize, so the same memory holds ~2x the tokens of a 16-bit
+    cache (~3.8x of fp32 at head_dim 64). Attention always reads the dequantised values, the
+    current step's tokens included, so results do not depend on how a prompt is chunked."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device=None,
-                 dtype=torch.float32):
+                 dtype=torch.float32, kv_dtype: str = "auto"):
+        if kv_dtype not in KV_DTYPES:
+            raise LmforgeError(f"kv dtype must be one of {', '.join(KV_DTYPES)} (got {kv_dtype!r})")
         shape = (cfg.n_layers, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
+        self.dtype, self.quantized = dtype, kv_dtype == "int8"
+        store = torch.int8 if self.quantized else dtype
         # Zeros, not empty: padded gathers read unused slots, and 0 * NaN garbage would be NaN.
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.zeros(shape, device=device, dtype=store)
+        self.v = torch.zeros(shape, device=device, dtype=store)
+        if self.quantized:
+            self.k_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32)
+            self.v_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32)
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
-    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * itemsize
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, kv_dtype: str = "auto") -> int:
+        if kv_dtype == "int8":
+            per_head = cfg.head_dim + 4                     # int8 codes + a float32 scale
+        else:
+            per_head = cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.n_layers * block_size * cfg.n_kv_heads * per_head
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v [T, Hkv, D] at `slots`; -> the k/v attention must use for these tokens (the
+        stored values: dequantised when the cache is int8)."""
+        if not self.quantized:
+            self.k[layer].index_copy_(0, slots, k)
+            self.v[layer].index_copy_(0, slots, v)
+            return k, v
+        out = []
+        for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, scale = quantize_per_head(x)
+            codes[layer].index_copy_(0, slots, q)
+            scales[layer].index_copy_(0, slots, scale)
+            out.append(dequantize_per_head(q, scale, x.dtype))
+        return out[0], out[1]
+
+    def read(self, layer: int, index: torch.Tensor):
+        """K and V [N, Hkv, D] (in the compute dtype) of the given slots."""
+        k, v = self.k[layer].index_select(0, index), self.v[layer].index_select(0, index)
+        if self.quantized:
+            k = dequantize_per_head(k, self.k_scale[layer].index_select(0, index), self.dtype)
+            v = dequantize_per_head(v, self.v_scale[layer].index_select(0, index), self.dtype)
+        return k, v
+
+
+def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> int8 codes [..., D] and scales [...] (symmetric, absmax / 127 per vector)."""
+    scale = (x.float().abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(x.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_per_head(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[..., None]).to(dtype)
 
 
 @dataclass
@@ -47,24 +101,47 @@ class Chunk:
     gather: torch.Tensor | None         # slots of positions 0..cached+n-1 (None when cached == 0)
 
 
+@dataclass
+class StepItem:
+    """One sequence's part of a step: `tokens` at positions start.., logits for the last `num_logits`."""
+    seq: Sequence
+    start: int
+    tokens: list[int]
+    num_logits: int
+
+    @classmethod
+    def scheduled(cls, seq: Sequence, n: int) -> "StepItem":
+        """The scheduler's (seq, n): its next n tokens from num_computed on. Speculative draft
+        tokens (seq.spec.draft) follow the real ones; every position from the last real token on
+        gets logits, so one forward verifies the whole draft."""
+        start = seq.num_computed
+        draft = seq.spec.draft if seq.spec is not None else []
+        tokens = (seq.token_ids + draft)[start:start + n] if draft else seq.token_ids[start:start + n]
+        end = start + n
+        return cls(seq, start, tokens, end - seq.num_tokens + 1 if end >= seq.num_tokens else 0)
+
+
 class StepBatch:
     """One engine step: packed inputs, slot mapping and attention metadata (the cache protocol)."""
 
-    def __init__(self, cache: PagedKVCache, items: list[tuple[Sequence, int]], device=None):
+    def __init__(self, cache: PagedKVCache, items: list[tuple[Sequence, int] | StepItem], device=None):
         self.cache = cache
         bs = cache.block_size
+        items = [it if isinstance(it, StepItem) else StepItem.scheduled(*it) for it in items]
         # Decode-like items first: they share one batched attention call.
-        self.items = sorted(items, key=lambda item: item[1] != 1)
+        self.items = sorted(items, key=lambda it: len(it.tokens) != 1)
         tokens, positions, slots, logits_rows = [], [], [], []
-        self.sampled: list[Sequence] = []   # sequences whose last new token gets logits
-        for seq, n in self.items:
-            start = seq.num_computed
-            tokens += seq.token_ids[start:start + n]
+        self.sampled: list[Sequence] = []   # sequences that get logits, in row order
+        self.num_logits: list[int] = []     # rows of each (1, or 1 + draft length when verifying)
+        for it in self.items:
+            seq, start, n = it.seq, it.start, len(it.tokens)
+            tokens += it.tokens
             positions += range(start, start + n)
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            if start + n == seq.num_tokens:
-                logits_rows.append(len(tokens) - 1)
+            if it.num_logits:
+                logits_rows += range(len(tokens) - it.num_logits, len(tokens))
                 self.sampled.append(seq)
+                self.num_logits.append(it.num_logits)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         self.tokens = as_long(tokens)[None]
         self.positions = as_long(positions)[None]
@@ -72,15 +149,15 @@ class StepBatch:
         self.logits_index = as_long(logits_rows)
         self.length = 0  # protocol attribute; positions are always explicit here
 
-        singles = [seq for seq, n in self.items if n == 1]
+        singles = [it for it in self.items if len(it.tokens) == 1]
         self.n_single = len(singles)
         self.single_gather = self.single_mask = None
         if singles:
-            lengths = [seq.num_computed + 1 for seq in singles]
+            lengths = [it.start + 1 for it in singles]
             width = max(lengths)
             n_blocks = -(-width // bs)
-            tables = as_long([seq.block_table[:n_blocks] + [0] * (n_blocks - len(seq.block_table[:n_blocks]))
-                              for seq in singles])
+            tables = as_long([it.seq.block_table[:n_blocks] + [0] * (n_blocks - len(it.seq.block_table[:n_blocks]))
+                              for it in singles])
             offsets = torch.arange(bs, device=device)
             self.single_gather = (tables[:, :, None] * bs + offsets).reshape(len(singles), -1)[:, :width]
             if min(lengths) != width:  # ragged: mask the padding
@@ -89,11 +166,11 @@ class StepBatch:
 
         self.chunks: list[Chunk] = []
         start = self.n_single
-        for seq, n in self.items[self.n_single:]:
-            cached = seq.num_computed
+        for it in self.items[self.n_single:]:
+            cached, n, table = it.start, len(it.tokens), it.seq.block_table
             gather = None
             if cached:
-                gather = as_long([seq.block_table[p // bs] * bs + p % bs for p in range(cached + n)])
+                gather = as_long([table[p // bs] * bs + p % bs for p in range(cached + n)])
             self.chunks.append(Chunk(start, n, cached, gather))
             start += n
 
@@ -103,17 +180,16 @@ class StepBatch:
 
     # --- the cache protocol --------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_store, v_store = self.cache.k[layer], self.cache.v[layer]
-        k_store.index_copy_(0, self.slots, k[0].transpose(0, 1))
-        v_store.index_copy_(0, self.slots, v[0].transpose(0, 1))
+        kt, vt = self.cache.write(layer, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        k, v = kt.transpose(0, 1)[None], vt.transpose(0, 1)[None]
         outs = []
         gqa = q.shape[1] != k.shape[1]
         if self.n_single:
             b, width = self.single_gather.shape
             qs = q[0, :, :b].transpose(0, 1)[:, :, None]                       # [b, H, 1, D]
-            idx = self.single_gather.reshape(-1)
-            ks = k_store.index_select(0, idx).view(b, width, *k_store.shape[1:]).transpose(1, 2)
-            vs = v_store.index_select(0, idx).view(b, width, *v_store.shape[1:]).transpose(1, 2)
+            ks, vs = self.cache.read(layer, self.single_gather.reshape(-1))
+            ks = ks.view(b, width, *ks.shape[1:]).transpose(1, 2)
+            vs = vs.view(b, width, *vs.shape[1:]).transpose(1, 2)
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.single_mask, enable_gqa=gqa)
             outs.append(out[:, :, 0].transpose(0, 1))                          # [H, b, D]
         for c in self.chunks:
@@ -121,9 +197,8 @@ class StepBatch:
             if c.gather is None:
                 out = causal_attention(qc, k[:, :, c.start:c.start + c.n], v[:, :, c.start:c.start + c.n])
             else:
-                kc = k_store.index_select(0, c.gather).transpose(0, 1)[None]
-                vc = v_store.index_select(0, c.gather).transpose(0, 1)[None]
-                out = causal_attention(qc, kc, vc, q_offset=c.cached)
+                kc, vc = self.cache.read(layer, c.gather)
+                out = causal_attention(qc, kc.transpose(0, 1)[None], vc.transpose(0, 1)[None], q_offset=c.cached)
             outs.append(out[0])
         return torch.cat(outs, dim=1)[None] if len(outs) > 1 else outs[0][None]
 

