@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmforge.errors import LmforgeError
 from lmforge.serve.async_engine import Generation, GenerationFailed
+from lmforge.serve.prompt_logprobs import prompt_logprobs
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from lmforge.serve.sequence import RequestOutput, TokenLogprob
 
@@ -126,6 +127,15 @@ def _chat_logprobs(tok, lps: list[TokenLogprob]) -> dict:
                         for lp in lps]}
 
 
+def _top_dict(tok, top: list[tuple[int, float]]) -> dict[str, float]:
+    """Alternatives keyed by text, most likely first; tokens that decode alike (e.g. halves of a
+    UTF-8 character) keep the likeliest one's value, so the maximum is always the top token's."""
+    out: dict[str, float] = {}
+    for i, v in top:
+        out.setdefault(_token_text(tok, i)[0], v)
+    return out
+
+
 def _completion_logprobs(tok, lps: list[TokenLogprob], offset: int) -> dict:
     tokens, offsets = [], []
     for lp in lps:
@@ -133,7 +143,7 @@ def _completion_logprobs(tok, lps: list[TokenLogprob], offset: int) -> dict:
         offsets.append(offset)
         offset += len(tokens[-1])
     return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{_token_text(tok, i)[0]: v for i, v in lp.top} for lp in lps],
+            "top_logprobs": [_top_dict(tok, lp.top) for lp in lps],
             "text_offset": offsets}
 
 
@@ -187,6 +197,36 @@ async def _chat_events(state, body: ChatCompletionRequest, gen: Generation, base
 
 
 # --- completions -----------------------------------------------------------------------------------
+def _char_offsets(tok, ids: list[int]) -> list[int]:
+    """Character offset where each token's text starts in the decoded sequence (UTF-8 aware: a
+    token that ends inside a character does not move the offset until the character completes)."""
+    if not tok.byte_level:
+        out, n = [], 0
+        for i in ids:
+            out.append(n)
+            n += len(tok.decode([i]))
+        return out
+    table, out, chars = tok.token_bytes_table, [], 0
+    for i in ids:
+        out.append(chars)
+        chars += sum(1 for b in table[i] if b & 0xC0 != 0x80)  # count each character at its lead byte
+    return out
+
+
+def _echo_logprobs(tok, ids: list[int], lps: list) -> dict:
+    """The prompt's part of a completions `logprobs` object: null for the first token."""
+    return {"tokens": [_token_text(tok, i)[0] for i in ids],
+            "token_logprobs": [lp.logprob if lp else None for lp in lps],
+            "top_logprobs": [_top_dict(tok, lp.top) if lp else None for lp in lps],
+            "text_offset": _char_offsets(tok, ids)}
+
+
+def _join_logprobs(first: dict | None, second: dict) -> dict:
+    if first is None:
+        return second
+    return {key: first[key] + second[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
@@ -200,37 +240,58 @@ async def completions(body: CompletionRequest, request: Request):
     vocab = state.engine.engine.vocab_size
     if any(not 0 <= t < vocab for ids in encoded for t in ids):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-    requests, texts = [], []
+    requests, texts, echoed = [], [], []
     for p, ids in zip(prompts, encoded):
-        max_tokens = _max_tokens(state, len(ids), body.max_tokens)
+        if body.max_tokens == 0:  # score the prompt only: nothing for the engine to generate
+            if len(ids) > state.engine.engine.max_model_len:
+                raise APIError(400, f"this model's maximum context length is {state.engine.engine.max_model_len} "
+                                    f"tokens; the prompt has {len(ids)}", param="prompt", code="context_length_exceeded")
+        else:
+            max_tokens = _max_tokens(state, len(ids), body.max_tokens)
+        prompt_lp = None
+        if body.echo and body.logprobs is not None:
+            lps = await asyncio.to_thread(prompt_logprobs, state.engine.engine.model, ids, body.logprobs)
+            prompt_lp = _echo_logprobs(tok, ids, lps)
         for c in range(body.n):
-            requests.append((ids, body.sampling_params(max_tokens, body.logprobs, c)))
+            if body.max_tokens:
+                requests.append((ids, body.sampling_params(max_tokens, body.logprobs, c)))
             texts.append(p if isinstance(p, str) else tok.decode(ids) if body.echo else "")
+            echoed.append(prompt_lp)
     gen = _start(state, requests)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
             "system_fingerprint": None}
     if body.stream:
-        return StreamingResponse(_guarded(_completion_events(state, body, gen, base, texts), gen), media_type="text/event-stream",
+        return StreamingResponse(_guarded(_completion_events(state, body, gen, base, texts, echoed, encoded), gen),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     outs = await _collect(request, gen)
     choices = []
-    for i in range(len(requests)):
+    for i in range(len(texts)):
         parts = outs.get(i, [])
         text = "".join(o.text for o in parts)
         lps = [lp for o in parts for lp in o.logprobs]
-        choices.append({"index": i, "text": (texts[i] if body.echo else "") + text,
-                        "logprobs": _completion_logprobs(tok, lps, 0) if body.logprobs is not None else None,
-                        "finish_reason": parts[-1].finish_reason if parts else "stop"})
-    usage = _totals({i: v[-1] for i, v in outs.items() if v}, body.n)
+        logprobs = None
+        if body.logprobs is not None:
+            start = len(texts[i]) if body.echo else 0
+            logprobs = _join_logprobs(echoed[i], _completion_logprobs(tok, lps, start))
+        choices.append({"index": i, "text": (texts[i] if body.echo else "") + text, "logprobs": logprobs,
+                        "finish_reason": parts[-1].finish_reason if parts else "length"})
+    if body.max_tokens:
+        usage = _totals({i: v[-1] for i, v in outs.items() if v}, body.n)
+    else:
+        usage = _usage(sum(len(ids) for ids in encoded), 0, 0)
     return JSONResponse({**base, "choices": choices, "usage": usage})
 
 
-async def _completion_events(state, body: CompletionRequest, gen: Generation, base: dict, texts: list[str]):
-    offsets = [0] * len(texts)
+async def _completion_events(state, body: CompletionRequest, gen: Generation, base: dict, texts: list[str],
+                             echoed: list, encoded: list[list[int]]):
+    offsets = [len(t) if body.echo else 0 for t in texts]
     if body.echo:
         for i, text in enumerate(texts):
-            yield _sse({**base, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]})
+            done = not body.max_tokens
+            yield _sse({**base, "choices": [{"index": i, "text": text, "logprobs": echoed[i],
+                                             "finish_reason": "length" if done else None}]})
     final: dict[int, RequestOutput] = {}
     async for i, out in gen.stream():
         lp = None
@@ -243,5 +304,6 @@ async def _completion_events(state, body: CompletionRequest, gen: Generation, ba
             yield _sse({**base, "choices": [{"index": i, "text": out.text, "logprobs": lp,
                                              "finish_reason": out.finish_reason if out.finished else None}]})
     if body.stream_options and body.stream_options.include_usage:
-        yield _sse({**base, "choices": [], "usage": _totals(final, body.n)})
+        usage = _totals(final, body.n) if body.max_tokens else _usage(sum(len(ids) for ids in encoded), 0, 0)
+        yield _sse({**base, "choices": [], "usage": usage})
     yield "data: [DONE]\n\n"

@@ -138,7 +138,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)   # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=0)   # OpenAI's default for completions; 0 only with echo
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -152,8 +152,8 @@ class CompletionRequest(_Sampling):
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of must equal n (no server-side reranking)")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 is only allowed with echo (to score the prompt)")
         return self
 
     def prompts(self) -> list[str | list[int]]:
