@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmforge.errors import LmforgeError
 from lmforge.serve.async_engine import Generation, GenerationFailed
+from lmforge.serve.grammar import compile_grammar
 from lmforge.serve.prompt_logprobs import prompt_logprobs
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from lmforge.serve.sequence import RequestOutput, TokenLogprob
@@ -42,6 +43,16 @@ def _max_tokens(state, prompt_len: int, requested: int | None) -> int:
         raise APIError(400, f"this model's maximum context length is {state.engine.engine.max_model_len} tokens; "
                             f"the prompt has {prompt_len}", param="messages", code="context_length_exceeded")
     return requested if requested is not None else min(state.default_max_tokens, room)
+
+
+async def _grammar(state, spec):
+    """The compiled grammar for a response_format (cached), or None; unsupported schemas are a 400."""
+    if spec is None:
+        return None
+    try:
+        return await asyncio.to_thread(compile_grammar, spec, state.tokenizer, state.engine.engine.vocab_size)
+    except LmforgeError as e:
+        raise APIError(400, str(e), param="response_format") from e
 
 
 def _start(state, requests) -> Generation:
@@ -158,7 +169,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     except LmforgeError as e:
         raise APIError(400, str(e), param="messages") from e
     max_tokens = _max_tokens(state, len(prompt_ids), body.requested_max_tokens())
-    gen = _start(state, [(prompt_ids, body.sampling_params(max_tokens, body.logprobs_k(), i)) for i in range(body.n)])
+    grammar = await _grammar(state, body.grammar_spec())
+    gen = _start(state, [(prompt_ids, body.sampling_params(max_tokens, body.logprobs_k(), i, grammar))
+                         for i in range(body.n)])
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
     if body.stream:
@@ -240,6 +253,7 @@ async def completions(body: CompletionRequest, request: Request):
     vocab = state.engine.engine.vocab_size
     if any(not 0 <= t < vocab for ids in encoded for t in ids):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    grammar = await _grammar(state, body.grammar_spec())
     requests, texts, echoed = [], [], []
     for p, ids in zip(prompts, encoded):
         if body.max_tokens == 0:  # score the prompt only: nothing for the engine to generate
@@ -254,7 +268,7 @@ async def completions(body: CompletionRequest, request: Request):
             prompt_lp = _echo_logprobs(tok, ids, lps)
         for c in range(body.n):
             if body.max_tokens:
-                requests.append((ids, body.sampling_params(max_tokens, body.logprobs, c)))
+                requests.append((ids, body.sampling_params(max_tokens, body.logprobs, c, grammar)))
             texts.append(p if isinstance(p, str) else tok.decode(ids) if body.echo else "")
             echoed.append(prompt_lp)
     gen = _start(state, requests)

@@ -82,6 +82,7 @@ class _Sampling(_Strict):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False                                 # extension
     user: str | None = None
+    response_format: dict | None = None                      # text | json_object | json_schema | regex (extension)
 
     @model_validator(mode="after")
     def _check_common(self):
@@ -93,12 +94,34 @@ class _Sampling(_Strict):
                 raise ValueError("logit_bias maps token ids (as strings of digits) to values in [-100, 100]")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        self.grammar_spec()  # a malformed response_format is a 400 here
         return self
+
+    def grammar_spec(self) -> tuple[str, object] | None:
+        """response_format as a grammar spec for lmforge.serve.grammar, or None for free text."""
+        rf = self.response_format
+        if rf is None:
+            return None
+        kind = rf.get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return ("json_object", None)
+        if kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema", {}), (dict, bool)):
+                raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+            return ("json_schema", js.get("schema", {}))
+        if kind == "regex":
+            if not isinstance(rf.get("regex"), str):
+                raise ValueError("response_format regex needs {'type': 'regex', 'regex': PATTERN}")
+            return ("regex", rf["regex"])
+        raise ValueError("response_format type must be one of text, json_object, json_schema, regex")
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int, grammar=None) -> SamplingParams:
         seed = self.seed
         if seed is not None and self.n > 1:
             seed += choice  # n choices from one seed must still differ
@@ -107,7 +130,8 @@ class _Sampling(_Strict):
             top_p=1.0 if self.top_p is None else self.top_p, top_k=max(0, self.top_k or 0), seed=seed,
             stop=self.stop_list(), ignore_eos=self.ignore_eos, logprobs=logprobs,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None)
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            grammar=grammar)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -117,7 +141,6 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
-    response_format: dict | None = None
 
     @model_validator(mode="after")
     def _check_chat(self):
@@ -125,8 +148,6 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.tools:
             raise ValueError("tools / function calling are not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
         return self
 
     def requested_max_tokens(self) -> int | None:
