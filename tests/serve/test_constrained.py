@@ -10,7 +10,6 @@ import re
 import httpx
 import jsonschema
 import pytest
-import torch
 
 from lmforge.serve import EngineConfig, LLMEngine, SamplingParams
 from lmforge.serve.grammar import SchemaError, compile_dfa, compile_grammar

@@ -21,6 +21,10 @@ from lmforge.serve.grammar import compile_grammar
 from lmforge.serve.prompt_logprobs import prompt_logprobs
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from lmforge.serve.sequence import RequestOutput, TokenLogprob
+from lmforge.serve.tools import ToolCallParser
+from lmforge.serve.tools import grammar_spec as tool_grammar_spec
+from lmforge.serve.tools import parse_all as parse_tool_calls
+from lmforge.tokenizer.chat import tool_chat_messages
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -45,14 +49,14 @@ def _max_tokens(state, prompt_len: int, requested: int | None) -> int:
     return requested if requested is not None else min(state.default_max_tokens, room)
 
 
-async def _grammar(state, spec):
+async def _grammar(state, spec, param: str = "response_format"):
     """The compiled grammar for a response_format (cached), or None; unsupported schemas are a 400."""
     if spec is None:
         return None
     try:
         return await asyncio.to_thread(compile_grammar, spec, state.tokenizer, state.engine.engine.vocab_size)
     except LmforgeError as e:
-        raise APIError(400, str(e), param="response_format") from e
+        raise APIError(400, str(e), param=param) from e
 
 
 def _start(state, requests) -> Generation:
@@ -163,47 +167,84 @@ def _completion_logprobs(tok, lps: list[TokenLogprob], offset: int) -> dict:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     _check_model(state, body.model)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    choice = body.tool_choice_value()
+    tools = body.tool_dicts() if choice != "none" else []
+    messages = [m.for_template() for m in body.messages]
     try:  # only the template inserts special tokens; what users typed stays text
+        if tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+            messages = tool_chat_messages(messages, tools, state.tokenizer.chat_template or "")
         prompt_ids = state.tokenizer.encode_chat(messages)
     except LmforgeError as e:
         raise APIError(400, str(e), param="messages") from e
     max_tokens = _max_tokens(state, len(prompt_ids), body.requested_max_tokens())
-    grammar = await _grammar(state, body.grammar_spec())
+    grammar = await _grammar(state, tool_grammar_spec(tools, choice, body.parallel_tool_calls) or body.grammar_spec(),
+                             "tools" if tools else "response_format")
     gen = _start(state, [(prompt_ids, body.sampling_params(max_tokens, body.logprobs_k(), i, grammar))
                          for i in range(body.n)])
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
     if body.stream:
-        return StreamingResponse(_guarded(_chat_events(state, body, gen, base), gen), media_type="text/event-stream",
+        return StreamingResponse(_guarded(_chat_events(state, body, gen, base, bool(tools)), gen),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     outs = await _collect(request, gen)
     choices = []
     for i in range(body.n):
         parts = outs.get(i, [])
         lps = [lp for o in parts for lp in o.logprobs]
-        choices.append({"index": i, "message": {"role": "assistant", "content": "".join(o.text for o in parts)},
+        text = "".join(o.text for o in parts)
+        message = {"role": "assistant", "content": text}
+        finish = parts[-1].finish_reason if parts else "stop"
+        if tools:
+            content, calls = parse_tool_calls(text)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in calls]}
+                finish = "tool_calls" if finish == "stop" else finish
+        choices.append({"index": i, "message": message,
                         "logprobs": _chat_logprobs(state.tokenizer, lps) if body.logprobs else None,
-                        "finish_reason": parts[-1].finish_reason if parts else "stop"})
+                        "finish_reason": finish})
     usage = _totals({i: v[-1] for i, v in outs.items() if v}, body.n)
     return JSONResponse({**base, "object": "chat.completion", "choices": choices, "usage": usage})
 
 
-async def _chat_events(state, body: ChatCompletionRequest, gen: Generation, base: dict):
+def _tool_deltas(events: list[tuple]) -> tuple[str, list[dict]]:
+    """Parser events -> (content text, tool_calls delta entries)."""
+    content, calls = "", []
+    for e in events:
+        if e[0] == "content":
+            content += e[1]
+        elif e[0] == "call":
+            calls.append({"index": e[1], "id": e[2], "type": "function", "function": {"name": e[3], "arguments": ""}})
+        else:
+            calls.append({"index": e[1], "function": {"arguments": e[2]}})
+    return content, calls
+
+
+async def _chat_events(state, body: ChatCompletionRequest, gen: Generation, base: dict, tools: bool = False):
     chunk = {**base, "object": "chat.completion.chunk"}
     for i in range(body.n):
         yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}]})
     final: dict[int, RequestOutput] = {}
+    parsers = {i: ToolCallParser() for i in range(body.n)} if tools else {}
     async for i, out in gen.stream():
-        if out.text or out.logprobs:
-            lp = _chat_logprobs(state.tokenizer, out.logprobs) if body.logprobs else None
+        lp = _chat_logprobs(state.tokenizer, out.logprobs) if body.logprobs and out.logprobs else None
+        if tools:
+            content, calls = _tool_deltas(parsers[i].feed(out.text, final=out.finished))
+            delta = ({"content": content} if content else {}) | ({"tool_calls": calls} if calls else {})
+            if delta or lp:
+                yield _sse({**chunk, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}]})
+        elif out.text or out.logprobs:
             yield _sse({**chunk, "choices": [{"index": i, "delta": {"content": out.text}, "logprobs": lp,
                                               "finish_reason": None}]})
         if out.finished:
             final[i] = out
-            yield _sse({**chunk, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                              "finish_reason": out.finish_reason}]})
+            reason = out.finish_reason
+            if tools and parsers[i].called and reason == "stop":
+                reason = "tool_calls"
+            yield _sse({**chunk, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}]})
     if body.stream_options and body.stream_options.include_usage:
         yield _sse({**chunk, "choices": [], "usage": _totals(final, body.n)})
     yield "data: [DONE]\n\n"

@@ -50,10 +50,31 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCallItem(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallItem] | None = None        # an assistant's earlier calls
+    tool_call_id: str | None = None                     # which call a `tool` message answers
+
+    def for_template(self) -> dict:
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -134,21 +155,66 @@ class _Sampling(_Strict):
             grammar=grammar)
 
 
+class FunctionDef(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _check_chat(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.tools:
-            raise ValueError("tools / function calling are not supported by this server")
+        names = [t.function.name for t in self.tools or []]
+        if any(not TOOL_NAME.fullmatch(n) for n in names) or len(set(names)) != len(names):
+            raise ValueError("tool names must be distinct and match [A-Za-z0-9_-]{1,64}")
+        for t in self.tools or []:
+            if (t.function.parameters or {}).get("type", "object") != "object":
+                raise ValueError(f"tool {t.function.name!r}: parameters must be a JSON Schema of type object")
+        choice = self.tool_choice_value()
+        if isinstance(choice, dict) and choice["function"]["name"] not in names:
+            raise ValueError(f"tool_choice names {choice['function']['name']!r}, which is not in tools")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice requires tools")
+        if names and choice != "none" and self.grammar_spec() is not None:
+            raise ValueError("response_format together with tools is only supported with tool_choice 'none'")
         return self
+
+    def tool_choice_value(self):
+        """'none' | 'auto' | 'required' | {'type': 'function', 'function': {'name': ...}} (validated)."""
+        c = self.tool_choice
+        if c is None:
+            return "auto" if self.tools else "none"
+        if isinstance(c, str):
+            if c not in ("none", "auto", "required"):
+                raise ValueError("tool_choice must be 'none', 'auto', 'required' or a named function")
+            return c
+        fn = c.get("function")
+        if c.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError("a named tool_choice is {'type': 'function', 'function': {'name': NAME}}")
+        return c
+
+    def tool_dicts(self) -> list[dict]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

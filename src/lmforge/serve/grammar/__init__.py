@@ -16,9 +16,18 @@ from collections import OrderedDict
 from lmforge.serve.grammar.json_schema import SchemaError, any_json, schema_to_ast
 from lmforge.serve.grammar.regex import DFA, RegexError, compile_ast, parse
 from lmforge.serve.grammar.token_mask import Matcher, TokenGrammar, TokenTable
+from lmforge.serve.grammar.tool_calls import tool_calls_ast
 
-__all__ = ["SchemaError", "RegexError", "DFA", "TokenGrammar", "TokenTable", "Matcher", "compile_grammar",
-           "compile_dfa"]
+__all__ = [
+    "DFA",
+    "Matcher",
+    "RegexError",
+    "SchemaError",
+    "TokenGrammar",
+    "TokenTable",
+    "compile_dfa",
+    "compile_grammar",
+]
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 64
@@ -26,7 +35,8 @@ _lock = threading.Lock()
 
 
 def compile_dfa(spec: tuple[str, object]) -> DFA:
-    """("json_schema", schema) | ("json_object", None) | ("regex", pattern) | ("ast", node) -> DFA."""
+    """("json_schema", schema) | ("json_object", None) | ("regex", pattern) | ("tool_calls", spec)
+    (see grammar.tool_calls) | ("ast", node) -> DFA."""
     kind, value = spec
     if kind == "json_schema":
         return compile_ast(schema_to_ast(value))
@@ -36,6 +46,8 @@ def compile_dfa(spec: tuple[str, object]) -> DFA:
         if not isinstance(value, str):
             raise RegexError("regex must be a string")
         return compile_ast(parse(value))
+    if kind == "tool_calls":
+        return compile_ast(tool_calls_ast(value))
     if kind == "ast":
         return compile_ast(value)
     raise ValueError(f"unknown grammar kind {kind!r}")

@@ -14,7 +14,17 @@ from __future__ import annotations
 import json
 
 from lmforge.errors import LmforgeError
-from lmforge.serve.grammar.regex import EMPTY, Alt, Cat, Chars, Repeat, RegexError, literal, negate, parse
+from lmforge.serve.grammar.regex import (
+    EMPTY,
+    Alt,
+    Cat,
+    Chars,
+    RegexError,
+    Repeat,
+    literal,
+    negate,
+    parse,
+)
 
 MAX_DEPTH = 3
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",

@@ -40,7 +40,7 @@ class TokenTable:
         self.num_text = int((self.sorted_lengths > 0).sum())
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, vocab_size: int | None = None) -> "TokenTable":
+    def from_tokenizer(cls, tokenizer, vocab_size: int | None = None) -> TokenTable:
         cached = getattr(tokenizer, "_lmforge_token_table", None)
         vocab_size = vocab_size or tokenizer.vocab_size
         if cached is not None and cached.vocab_size == vocab_size:
@@ -88,7 +88,7 @@ class TokenGrammar:
             self._masks.move_to_end(state)
         return m
 
-    def matcher(self) -> "Matcher":
+    def matcher(self) -> Matcher:
         return Matcher(self)
 
 
