@@ -47,7 +47,7 @@ def _valid(call, names=SCHEMAS):
 
 def test_required_calls_are_schema_valid_with_distinct_ids(server):
     r = client(server).chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required",
-                                               n=6, seed=4, temperature=1.0, max_tokens=300)
+                                               n=4, seed=4, temperature=1.0, max_tokens=200)
     counts = []
     for choice in r.choices:
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -58,7 +58,7 @@ def test_required_calls_are_schema_valid_with_distinct_ids(server):
         counts.append(len(ids))
     assert max(counts) >= 2                     # parallel calls happen (random model, fixed seed)
     single = client(server).chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required",
-                                                    n=4, seed=4, max_tokens=300, parallel_tool_calls=False)
+                                                    n=2, seed=4, max_tokens=200, parallel_tool_calls=False)
     assert all(len(c.message.tool_calls) == 1 for c in single.choices)
 
 
@@ -74,7 +74,7 @@ def test_named_call_is_that_tool_and_schema_valid(server):
 
 def test_streamed_deltas_reassemble_to_the_non_streamed_answer(server):
     c = client(server)
-    kwargs = dict(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required", n=3, seed=7, max_tokens=300)
+    kwargs = dict(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required", n=2, seed=7, max_tokens=200)
     full = c.chat.completions.create(**kwargs)
     calls: dict[tuple[int, int], dict] = {}
     finish = {}
@@ -96,8 +96,8 @@ def test_streamed_deltas_reassemble_to_the_non_streamed_answer(server):
 
 
 def test_auto_answers_in_text_or_in_valid_calls(server):
-    r = client(server).chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, n=8, seed=3,
-                                               max_tokens=120)
+    r = client(server).chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, n=6, seed=3,
+                                               max_tokens=30)
     for choice in r.choices:
         if choice.message.tool_calls:
             for call in choice.message.tool_calls:

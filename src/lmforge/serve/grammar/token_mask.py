@@ -1,6 +1,6 @@
 """Per-step token masks: which tokens keep a DFA over bytes alive, walked over every token's bytes.
 
-The vocabulary's byte strings are held as one padded matrix, sorted longest first, so the mask of
+The vocabulary's byte strings are held column by column, sorted longest first, so the mask of
 a DFA state is computed for all tokens at once: step j advances the tokens longer than j (a prefix
 of the sorted rows) by one byte through the transition table. Masks are cached per state, so a
 state seen again (the common case: string bodies, digits, separators) costs one dictionary look-up.
@@ -29,12 +29,12 @@ class TokenTable:
         self.order = np.argsort(-lengths, kind="stable")
         self.sorted_lengths = lengths[self.order]
         width = int(lengths.max(initial=1))
-        mat = np.zeros((len(token_bytes), width), dtype=np.int64)
+        # column-major: byte j of every token (longest first) is one contiguous row
+        cols = np.zeros((width, len(token_bytes)), dtype=np.int64)
         for row, i in enumerate(self.order):
-            b = token_bytes[i]
             if lengths[i]:
-                mat[row, :len(b)] = np.frombuffer(b, dtype=np.uint8)
-        self.matrix = mat
+                cols[:len(token_bytes[i]), row] = np.frombuffer(token_bytes[i], dtype=np.uint8)
+        self.columns = cols
         # how many tokens are longer than j, for each byte position j
         self.active = [int((self.sorted_lengths > j).sum()) for j in range(width)]
         self.num_text = int((self.sorted_lengths > 0).sum())
@@ -60,19 +60,29 @@ class TokenGrammar:
         self.dfa, self.table = dfa, table
         self._dead = dfa.num_states                     # an absorbing dead row, so walks need no branches
         trans = np.where(dfa.transitions >= 0, dfa.transitions, self._dead)
-        self._trans = np.vstack([trans, np.full((1, 256), self._dead, dtype=trans.dtype)])
+        self._flat = np.vstack([trans, np.full((1, 256), self._dead, dtype=trans.dtype)]).astype(np.int64).ravel()
         self._live = np.append(np.ones(dfa.num_states, dtype=bool), False)
         self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     def _compute(self, state: int) -> torch.Tensor:
-        t = self.table
+        """Walk every token's bytes from `state` at once, dropping tokens as soon as they die
+        (in most JSON states nearly all die on their first byte)."""
+        t, dead = self.table, self._dead
+        idx = np.arange(t.num_text)                    # rows of the sorted table still walking
         cur = np.full(t.num_text, state, dtype=np.int64)
+        final = np.full(t.num_text, dead, dtype=np.int64)
         for j, n in enumerate(t.active):
-            if n == 0:
+            k = int(np.searchsorted(idx, n))           # rows >= n have no byte j: their walk is over
+            final[idx[k:]] = cur[k:]
+            idx, cur = idx[:k], cur[:k]
+            if not k:
                 break
-            cur[:n] = self._trans[cur[:n], t.matrix[:n, j]]
+            cur = self._flat[cur * 256 + t.columns[j, idx]]
+            alive = cur != dead
+            idx, cur = idx[alive], cur[alive]
+        final[idx] = cur
         allowed = np.zeros(t.vocab_size, dtype=bool)
-        allowed[t.order[:t.num_text]] = self._live[cur]
+        allowed[t.order[:t.num_text]] = self._live[final]
         if self.dfa.accepting[state]:
             allowed[t.stop_ids] = True
         return torch.from_numpy(allowed)
