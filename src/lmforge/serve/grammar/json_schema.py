@@ -90,10 +90,13 @@ class _Compiler:
         self.root = root
         self.resolving: list[str] = []
 
-    def resolve(self, ref: str) -> dict:
+    def resolve(self, ref) -> dict:
+        if not isinstance(ref, str):
+            raise SchemaError("$ref must be a string")
         for prefix in ("#/$defs/", "#/definitions/"):
             if ref.startswith(prefix):
-                table = self.root.get(prefix[2:-1]) or {}
+                table = self.root.get(prefix[2:-1])
+                table = table if isinstance(table, dict) else {}
                 name = ref[len(prefix):]
                 if name in table:
                     return table[name]
@@ -113,6 +116,8 @@ class _Compiler:
             raise SchemaError(f"{where}: unsupported JSON Schema keyword(s) {', '.join(map(repr, unknown))}")
         if "$ref" in schema:
             ref = schema["$ref"]
+            if not isinstance(ref, str):
+                raise SchemaError(f"{where}: $ref must be a string")
             if ref in self.resolving:
                 raise SchemaError(f"{where}: recursive $ref {ref!r} is not supported")
             self.resolving.append(ref)
@@ -167,7 +172,10 @@ class _Compiler:
             return any_json(object_only=True)
         if not isinstance(props, dict):
             raise SchemaError(f"{where}: properties must be an object")
-        required = set(schema.get("required") or [])
+        required = schema.get("required") or []
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise SchemaError(f"{where}: required must be a list of property names")
+        required = set(required)
         missing = required - set(props)
         if missing:
             raise SchemaError(f"{where}: required {sorted(missing)} not in properties")
@@ -233,3 +241,5 @@ def schema_to_ast(schema):
         return _Compiler(schema if isinstance(schema, dict) else {}).value(schema, "schema")
     except RecursionError as e:
         raise SchemaError("schema: nested too deeply") from e
+    except (TypeError, AttributeError, ValueError) as e:  # a keyword holding the wrong kind of value
+        raise SchemaError(f"schema: malformed ({e})") from e
