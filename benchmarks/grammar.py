@@ -145,7 +145,7 @@ def replay(grammar, tokens: list[int]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 2))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -187,8 +187,8 @@ def main() -> None:
     decode(True)                                           # warm up; fixes the sequences and counts
     for n, ids in sequences.items():
         text = tok.decode(ids, skip_special=True)
-        json.loads(text)
-        print(f"{n:14s} {len(ids):4d} tokens  {text[:90]}")
+        done = ids[-1] in tok.stop_ids()       # else cut by --max-tokens (greedy can loop): still a valid prefix
+        print(f"{n:14s} {len(ids):4d} tokens {'' if done else '(cut) '} {text[:90]}")
     decode_times, _ = interleave({"free": lambda: decode(False), "grammar": lambda: decode(True)}, args.repeat)
 
     # 2. replay through every backend
