@@ -315,7 +315,8 @@ def complete(model, tokenizer, prompts: list[str], max_tokens: int, temperature:
 
 
 def can_speculate(params: SamplingParams) -> bool:
-    """Penalties depend on every earlier output token and logprobs are reported per sampled
-    token: such requests decode one token per step (correct, only not sped up)."""
+    """Penalties depend on every earlier output token, logprobs are reported per sampled token and a
+    grammar masks each step by the state the previous token left: such requests decode one token per
+    step (correct, only not sped up)."""
     return not (params.presence_penalty or params.frequency_penalty or params.logit_bias
-                or params.logprobs is not None)
+                or params.logprobs is not None or params.grammar is not None)

@@ -50,10 +50,31 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCallItem(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallItem] | None = None        # an assistant's earlier calls
+    tool_call_id: str | None = None                     # which call a `tool` message answers
+
+    def for_template(self) -> dict:
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -82,6 +103,7 @@ class _Sampling(_Strict):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False                                 # extension
     user: str | None = None
+    response_format: dict | None = None                      # text | json_object | json_schema | regex (extension)
 
     @model_validator(mode="after")
     def _check_common(self):
@@ -93,12 +115,34 @@ class _Sampling(_Strict):
                 raise ValueError("logit_bias maps token ids (as strings of digits) to values in [-100, 100]")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        self.grammar_spec()  # a malformed response_format is a 400 here
         return self
+
+    def grammar_spec(self) -> tuple[str, object] | None:
+        """response_format as a grammar spec for lmforge.serve.grammar, or None for free text."""
+        rf = self.response_format
+        if rf is None:
+            return None
+        kind = rf.get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return ("json_object", None)
+        if kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema", {}), (dict, bool)):
+                raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+            return ("json_schema", js.get("schema", {}))
+        if kind == "regex":
+            if not isinstance(rf.get("regex"), str):
+                raise ValueError("response_format regex needs {'type': 'regex', 'regex': PATTERN}")
+            return ("regex", rf["regex"])
+        raise ValueError("response_format type must be one of text, json_object, json_schema, regex")
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int, grammar=None) -> SamplingParams:
         seed = self.seed
         if seed is not None and self.n > 1:
             seed += choice  # n choices from one seed must still differ
@@ -107,7 +151,23 @@ class _Sampling(_Strict):
             top_p=1.0 if self.top_p is None else self.top_p, top_k=max(0, self.top_k or 0), seed=seed,
             stop=self.stop_list(), ignore_eos=self.ignore_eos, logprobs=logprobs,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None)
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            grammar=grammar)
+
+
+class FunctionDef(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class ChatCompletionRequest(_Sampling):
@@ -116,18 +176,45 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list | None = None
-    response_format: dict | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _check_chat(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.tools:
-            raise ValueError("tools / function calling are not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
+        names = [t.function.name for t in self.tools or []]
+        if any(not TOOL_NAME.fullmatch(n) for n in names) or len(set(names)) != len(names):
+            raise ValueError("tool names must be distinct and match [A-Za-z0-9_-]{1,64}")
+        for t in self.tools or []:
+            if (t.function.parameters or {}).get("type", "object") != "object":
+                raise ValueError(f"tool {t.function.name!r}: parameters must be a JSON Schema of type object")
+        choice = self.tool_choice_value()
+        if isinstance(choice, dict) and choice["function"]["name"] not in names:
+            raise ValueError(f"tool_choice names {choice['function']['name']!r}, which is not in tools")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice requires tools")
+        if names and choice != "none" and self.grammar_spec() is not None:
+            raise ValueError("response_format together with tools is only supported with tool_choice 'none'")
         return self
+
+    def tool_choice_value(self):
+        """'none' | 'auto' | 'required' | {'type': 'function', 'function': {'name': ...}} (validated)."""
+        c = self.tool_choice
+        if c is None:
+            return "auto" if self.tools else "none"
+        if isinstance(c, str):
+            if c not in ("none", "auto", "required"):
+                raise ValueError("tool_choice must be 'none', 'auto', 'required' or a named function")
+            return c
+        fn = c.get("function")
+        if c.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError("a named tool_choice is {'type': 'function', 'function': {'name': NAME}}")
+        return c
+
+    def tool_dicts(self) -> list[dict]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -138,7 +225,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)   # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=0)   # OpenAI's default for completions; 0 only with echo
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -152,8 +239,8 @@ class CompletionRequest(_Sampling):
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of must equal n (no server-side reranking)")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 is only allowed with echo (to score the prompt)")
         return self
 
     def prompts(self) -> list[str | list[int]]:

@@ -68,7 +68,7 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence],
     per-row errors (a row that failed has token None and its exception; the others are unaffected).
 
     Logprobs are those of the model's distribution after penalties and bias, before temperature
-    and truncation (what OpenAI reports)."""
+    and truncation (what OpenAI reports); with a grammar, of the distribution over allowed tokens."""
     tokens: list[int | None] = [None] * len(seqs)
     logprobs: list[TokenLogprob | None] = [None] * len(seqs)
     errors: list[Exception | None] = [None] * len(seqs)
@@ -81,8 +81,13 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence],
         if tokens[i] is not None:
             continue
         try:
-            row = _adjusted(logits[i], seq)
+            row = logits[i]
+            if seq.matcher is not None:  # constrained decoding: tokens the grammar forbids get -inf
+                row = row.masked_fill(~seq.matcher.mask().to(row.device), float("-inf"))
+            row = _adjusted(row, seq)
             tokens[i] = _pick(row, seq, seq.generator or default_generator)
+            if seq.matcher is not None:
+                seq.matcher.advance(tokens[i])
             if seq.params.logprobs is not None:
                 logprobs[i] = _logprob(row, tokens[i], seq.params.logprobs)
         except Exception as e:  # this request fails alone; the rest of the batch goes on

@@ -25,6 +25,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
+    grammar: object | None = None       # a grammar.TokenGrammar: each sequence gets its own matcher
 
     def validate(self, vocab_size: int) -> None:
         problems = []
@@ -64,7 +65,7 @@ class SamplingParams:
     def greedy_only(self) -> bool:
         """Plain argmax: no sampling, penalties, biases or logprobs to compute."""
         return (self.greedy and not self.presence_penalty and not self.frequency_penalty
-                and not self.logit_bias and self.logprobs is None)
+                and not self.logit_bias and self.logprobs is None and self.grammar is None)
 
 
 class Status(enum.Enum):
@@ -105,6 +106,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
         self.generator = generator
+        self.matcher = params.grammar.matcher() if params.grammar is not None else None
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.num_computed = 0           # tokens whose K/V are in the cache

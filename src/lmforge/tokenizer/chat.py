@@ -1,6 +1,7 @@
 """Chat templates are Jinja strings, as in Hugging Face tokenizer configs and GGUF metadata."""
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from functools import lru_cache
@@ -95,3 +96,54 @@ def _map_strings(value, fn):
     if isinstance(value, (list, tuple)):
         return [_map_strings(v, fn) for v in value]
     return value
+
+
+# --- tools ---------------------------------------------------------------------------------------------
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def tools_system_text(tools: list[dict]) -> str:
+    """How the model is told about tools (the Hermes convention many open models are tuned on)."""
+    listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return ("You may call one or more functions to help with the user's request. The functions are listed "
+            f"in <tools></tools> tags:\n<tools>\n{listed}\n</tools>\n\nTo call functions, reply only with one "
+            f"{TOOL_CALL_OPEN}{TOOL_CALL_CLOSE} block per call, each holding a JSON object with the function "
+            f"name and its arguments:\n{TOOL_CALL_OPEN}\n{{\"name\": <function-name>, \"arguments\": "
+            f"<args-json-object>}}\n{TOOL_CALL_CLOSE}")
+
+
+def tool_chat_messages(messages: list[dict], tools: list[dict] | None, template: str) -> list[dict]:
+    """Messages with tool use spelled out for any chat template: the tool list joins the system
+    message; an assistant's earlier calls become their <tool_call> blocks; a `tool` message becomes
+    a <tool_response> turn (role `tool` where the template knows it, else `user`)."""
+    out = [dict(m) for m in messages]
+    if tools:
+        text = tools_system_text(tools)
+        if out and out[0].get("role") == "system":
+            out[0]["content"] = f"{out[0].get('content') or ''}\n\n{text}".lstrip()
+        else:
+            out.insert(0, {"role": "system", "content": text})
+    tool_role = "tool" if "tool" in template else "user"
+    for m in out:
+        calls = m.pop("tool_calls", None)
+        if m.get("role") == "assistant" and calls:
+            blocks = [f"{TOOL_CALL_OPEN}\n" + json.dumps({"name": c["function"]["name"],
+                                                         "arguments": _arguments(c["function"].get("arguments"))},
+                                                        ensure_ascii=False) + f"\n{TOOL_CALL_CLOSE}" for c in calls]
+            m["content"] = "\n".join(filter(None, [m.get("content") or "", *blocks]))
+        if m.get("role") == "tool":
+            m.pop("tool_call_id", None)
+            m["role"] = tool_role
+            m["content"] = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
+        m["content"] = m.get("content") or ""
+    return out
+
+
+def _arguments(raw):
+    """A call's arguments as sent back by the client: usually a JSON string; kept as text if not JSON."""
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw
+    return raw if raw is not None else {}
