@@ -126,8 +126,8 @@ def test_unreachable_endpoint_is_a_clear_error():
 
 def test_evaluates_lmforge_serve(tiny_backend):
     """Our own OpenAI-compatible server, end to end: generation tasks run through it and match the
-    in-process backend (same weights, greedy); log-likelihood works if the server returns prompt
-    logprobs and otherwise fails with a clear message, never a wrong number."""
+    in-process backend (same weights, greedy), and so does log-likelihood from the prompt log-probs
+    that `echo` returns."""
     from lmforge.serve.async_engine import AsyncEngine
     from lmforge.serve.engine import EngineConfig, LLMEngine
     from lmforge.serve.server import create_app
@@ -141,12 +141,9 @@ def test_evaluates_lmforge_serve(tiny_backend):
             requests = [GenerationRequest(it["problem"]["prompt"], 24) for it in task.items()]
             assert remote.generate(requests) == tiny_backend.generate(requests)
             assert served["n"] == 4 and sum(served["details"]["statuses"].values()) == 4
-            try:
-                got = remote.loglikelihood(PAIRS)
-            except LmforgeError as e:
-                assert "logprobs" in str(e)
-            else:
-                for (lp, _), (ref, _) in zip(got, tiny_backend.loglikelihood(PAIRS)):
-                    assert lp == pytest.approx(ref, abs=1e-3)
+            # the server returns prompt logprobs (echo): log-likelihood equals in-process scoring
+            got = remote.loglikelihood(PAIRS)
+            for (lp, greedy), (ref, ref_greedy) in zip(got, tiny_backend.loglikelihood(PAIRS)):
+                assert lp == pytest.approx(ref, abs=1e-3) and greedy == ref_greedy
     finally:
         engine.shutdown()
