@@ -37,7 +37,8 @@ from lmforge.align.data import stdlib_chats
 from lmforge.align.finetune_config import LoraSettings
 from lmforge.align.lora import apply_lora
 from lmforge.align.preference_data import stdlib_pairs
-from lmforge.align.sft import SFTObjective, build_examples, collate
+from lmforge.align.sft import SFTObjective, build_examples
+from lmforge.train.examples import collate
 from lmforge.align.tasks import arithmetic_tasks
 from lmforge.gguf_file import bundled_smollm2
 from lmforge.model import ModelConfig, Transformer, save, save_hf

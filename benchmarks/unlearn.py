@@ -19,7 +19,8 @@ import torch
 from scipy.stats import ks_2samp
 
 from lmforge.model import ModelConfig, Transformer
-from lmforge.safety.unlearn import UnlearnObjective, collate
+from lmforge.safety.unlearn import UnlearnObjective
+from lmforge.train.examples import collate
 from lmforge.tokenizer import train_tokenizer
 
 SYLLABLES = ["ka", "ro", "mi", "ten", "sha", "vel", "or", "lu", "zan", "pe", "qui", "dor", "ba", "nix", "ul"]

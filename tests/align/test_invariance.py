@@ -29,7 +29,8 @@ from lmforge.align.grpo import (
 from lmforge.align.preference import dpo_loss
 from lmforge.align.preference_data import PairExample, collate_pairs
 from lmforge.align.rl import group_advantages, grpo_loss, mask_truncated
-from lmforge.align.sft import SFTObjective, build_examples, collate, collate_packed
+from lmforge.align.sft import SFTObjective, build_examples, collate_packed
+from lmforge.train.examples import collate
 from lmforge.align.tasks import arithmetic_tasks
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import train_tokenizer

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from lmforge.align.cli import RECIPES
 from lmforge.align.data import stdlib_chats, tokenize_chat
-from lmforge.align.sft import IGNORE, SFTObjective, SFTRecipe, build_examples, collate, finetune_sft
+from lmforge.align.sft import SFTObjective, SFTRecipe, build_examples, finetune_sft
+from lmforge.train.examples import IGNORE, collate
 from lmforge.config import load_recipe
 from lmforge.gguf_file import bundled_smollm2
 from lmforge.model import ModelConfig, Transformer, load, save

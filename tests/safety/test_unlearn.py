@@ -7,7 +7,8 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
-from lmforge.safety.unlearn import UnlearnObjective, collate
+from lmforge.safety.unlearn import UnlearnObjective
+from lmforge.train.examples import collate
 
 CFG = ModelConfig(vocab_size=30, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)
 

@@ -21,8 +21,7 @@ from lmforge.corpus.stdlib import stdlib_documents
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.epoch_loader import EpochLoader, jsonl_rows
-
-IGNORE = -100
+from lmforge.train.examples import IGNORE
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,9 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.tokenizer import PAD
 from lmforge.train.config import TrainConfig
 from lmforge.train.epoch_loader import EpochLoader
+from lmforge.train.examples import IGNORE, Example, collate
 from lmforge.train.starting_point import starting_point
 from lmforge.train.trainer import TRAIN_FILES, fit
-
-IGNORE = -100  # the fused cross-entropy's ignore_index
-
-Example = tuple[list[int], list[bool]]  # token ids, trained flag per token
 
 
 @dataclass
@@ -58,20 +55,6 @@ def build_examples(tok: Tokenizer, chats, max_len: int, limit: int) -> tuple[lis
         if len(kept) >= limit:
             break
     return kept, too_long
-
-
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded inputs [B, T] and shifted labels [B, T]; a label is kept where the token it
-    predicts is trained. Padding is masked by position (past each chat's length), never by token
-    id, so an end-of-turn or EOS token that equals the pad token is still trained."""
-    width = max(len(ids) for ids, _ in examples) - 1
-    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    for row, (ids, trained) in enumerate(examples):
-        n = len(ids) - 1
-        tokens[row, :n] = torch.tensor(ids[:-1])
-        labels[row, :n] = torch.tensor([t if keep else IGNORE for t, keep in zip(ids[1:], trained[1:])])
-    return {"tokens": tokens, "labels": labels}
 
 
 def collate_packed(examples: list[Example], pad_id: int, width: int) -> dict[str, torch.Tensor]:

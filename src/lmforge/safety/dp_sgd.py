@@ -18,8 +18,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from lmforge.errors import LmforgeError
 from lmforge.safety.accountant import epsilon, noise_for_epsilon
 from lmforge.train.config import DPConfig, TrainConfig
-
-IGNORE = -100
+from lmforge.train.examples import IGNORE
 
 
 class PlainLossForward:

@@ -19,23 +19,9 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 from lmforge.train.epoch_loader import EpochLoader
+from lmforge.train.examples import IGNORE, Example, collate
 
-IGNORE = -100
 METHODS = ("ga", "graddiff", "npo")
-
-Example = tuple[list[int], list[bool]]
-
-
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded inputs [B, T] and shifted labels (IGNORE where the predicted token is not trained)."""
-    width = max(len(ids) for ids, _ in examples) - 1
-    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    for row, (ids, trained) in enumerate(examples):
-        n = len(ids) - 1
-        tokens[row, :n] = torch.tensor(ids[:-1])
-        labels[row, :n] = torch.tensor([t if keep else IGNORE for t, keep in zip(ids[1:], trained[1:])])
-    return {"tokens": tokens, "labels": labels}
 
 
 def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
