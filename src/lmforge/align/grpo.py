@@ -32,7 +32,7 @@ from lmforge.align.rl import (
     grpo_loss,
     mask_truncated,
 )
-from lmforge.align.rollouts import completion_logprobs, sample_groups
+from lmforge.align.rollouts import completion_logprobs, greedy_rollouts, sample_groups
 from lmforge.align.sft import pad_token_id
 from lmforge.align.tasks import (
     Task,
@@ -233,12 +233,8 @@ class GRPOObjective:
         """Held-out reward (exact match, or unit tests passed) of greedy completions through the engine."""
         if not self.val:
             return {}
-        was_training = model.training
-        model.eval()
-        with autocast():
-            r = sample_groups(model, self.tok, self.val_ids, 1, max_tokens=self.cfg.max_tokens, temperature=0.0,
-                              seed=0, pad_id=self.pad_id, tasks=self.val, reward_fn=self.eval_reward_fn)
-        model.train(was_training)
+        r = greedy_rollouts(model, self.tok, self.val_ids, self.val, max_tokens=self.cfg.max_tokens,
+                            pad_id=self.pad_id, reward_fn=self.eval_reward_fn, autocast=autocast)
         name = "val_exact_match" if self.cfg.task == "arithmetic" else "val_pass_at_1"
         return {name: float(r.rewards.mean())}
 

@@ -44,6 +44,7 @@ from lmforge.align.rl import (
 from lmforge.align.rollouts import (
     completion_logprobs,
     completion_positions,
+    greedy_rollouts,
     sample_groups,
 )
 from lmforge.align.sft import pad_token_id
@@ -309,12 +310,9 @@ class PPOObjective(LoraHooks):
         """Held-out score of greedy completions (exact match, or the reward model's mean score)."""
         if not self.val:
             return {}
-        was_training = model.training
-        model.eval()
-        with autocast():
-            r = sample_groups(model, self.tok, [self.encode(t.prompt) for t in self.val], 1, max_tokens=self.cfg.max_tokens, temperature=0.0,
-                              seed=0, pad_id=self.pad_id, tasks=self.val, reward_fn=self.reward_fn)
-        model.train(was_training)
+        r = greedy_rollouts(model, self.tok, [self.encode(t.prompt) for t in self.val], self.val,
+                            max_tokens=self.cfg.max_tokens, pad_id=self.pad_id, reward_fn=self.reward_fn,
+                            autocast=autocast)
         name = "val_exact_match" if self.reward_fn is exact_match_reward else "val_reward"
         return {name: float(self.scores(r, self.val).mean())}
 

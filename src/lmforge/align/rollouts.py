@@ -134,3 +134,17 @@ def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, *
         ref = completion_logprobs(ref_model, t, pl, m) if ref_model is not None else None
     return RolloutBatch(tokens, prompt_lens, completion_ids, mask, truncated, rewards, old.cpu(), sample_lp,
                         ref.cpu() if ref is not None else None, engine.blocks.prefix_hits, rollout_seconds)
+
+
+def greedy_rollouts(model, tokenizer, prompts: list[list[int]], tasks: list[Task], *, max_tokens: int, pad_id: int,
+                    reward_fn: Callable[[str, Task], float] | None, autocast) -> RolloutBatch:
+    """One greedy completion per held-out prompt, scored by reward_fn; the model's train/eval mode
+    is restored afterwards (the held-out evaluation of GRPO and PPO)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast():
+            return sample_groups(model, tokenizer, prompts, 1, max_tokens=max_tokens, temperature=0.0, seed=0,
+                                 pad_id=pad_id, tasks=tasks, reward_fn=reward_fn)
+    finally:
+        model.train(was_training)
