@@ -70,8 +70,14 @@ def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optim.pt")
     _pause_for_tests()
     (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+    return publish_checkpoint(tmp, root, step, keep_last)
+
+
+def publish_checkpoint(tmp: Path, root: Path, step: int, keep_last: int) -> Path:
+    """fsync tmp's files and tmp, rename it to root/step_N, fsync root, keep the last keep_last."""
     for f in tmp.iterdir():
-        _fsync(f)
+        if f.is_file():
+            _fsync(f)
     _fsync(tmp)
     final = root / f"step_{step:06d}"
     if final.exists():

@@ -10,7 +10,6 @@ moment leaves either no step_N or a complete one (train/checkpoint.py has the sa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from lmforge.errors import LmforgeError
-from lmforge.train.checkpoint import CONFIG_FILE, _fsync, _pause_for_tests, list_checkpoints
+from lmforge.train.checkpoint import CONFIG_FILE, _pause_for_tests, publish_checkpoint
 
 DCP_DIR = "dcp"
 
@@ -56,16 +55,7 @@ def save_dcp_checkpoint(root: Path, step: int, model, optimizer, trainer_state: 
         # Every rank was seeded alike and drew alike, so rank 0's RNG stands for all of them.
         torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        for f in tmp.iterdir():
-            if f.is_file():
-                _fsync(f)
-        _fsync(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(root)
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(tmp, root, step, keep_last)
     _barrier()
     return final
 
