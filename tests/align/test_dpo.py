@@ -33,8 +33,10 @@ from lmforge.align.preference_data import (
 )
 from lmforge.config import load_recipe
 from lmforge.errors import LmforgeError
-from lmforge.model import ModelConfig, Transformer, load, save
+from lmforge.model import load, save
 from lmforge.tokenizer import train_tokenizer
+
+from tests.align.helpers import tiny
 
 KEYS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "ember"]
 VALUES = ["north", "south", "east", "west", "red", "blue", "green", "gold"]
@@ -61,12 +63,6 @@ def kv_tokenizer():
 @pytest.fixture(scope="module")
 def tok():
     return kv_tokenizer()
-
-
-def tiny(tok, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=48, n_layers=2, n_heads=4, n_kv_heads=2,
-                                   hidden_dim=96, max_seq_len=64)).to(dtype)
 
 
 def full_logits_logps(model, ex) -> tuple[float, float]:

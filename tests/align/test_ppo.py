@@ -29,20 +29,14 @@ from lmforge.align.rl import (
 from lmforge.align.tasks import Task, arithmetic_tasks
 from lmforge.config import load_recipe
 from lmforge.errors import LmforgeError
-from lmforge.model import ModelConfig, Transformer, save
-from lmforge.tokenizer.train import train_tokenizer
+from lmforge.model import save
+
+from tests.align.helpers import arithmetic_tokenizer, tiny
 
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [f"{t.prompt} {t.answer}" for t in arithmetic_tasks(400, 0)]
-    return train_tokenizer(texts, vocab_size=300, min_frequency=1)
-
-
-def tiny(tok, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=48, n_layers=2, n_heads=4, n_kv_heads=2,
-                                   hidden_dim=96, max_seq_len=64)).to(dtype)
+    return arithmetic_tokenizer()
 
 
 def digit_share(text: str, task: Task) -> float:
