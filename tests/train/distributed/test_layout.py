@@ -33,6 +33,7 @@ def test_dp_shard_fills_the_world_and_mesh_names_its_dimensions():
     (2, {"pp": 2, "microbatches": 3}, "do not split into parallel.microbatches=3 equal"),
     (2, {"pp": 2, "pp_schedule": "interleaved_1f1b"}, "must divide the model's n_layers=2 into 4 equal stages"),
     (4, {"pp": 2, "microbatches": 2, "dp_shard": 2}, "not combined with dp_shard, tp or cp"),
+    (2, {"microbatches": 4}, "it needs parallel.pp > 1"),
     (3, {"cp": 3}, "seq_len=16 must be a multiple of 2*parallel.cp=6"),
     (2, {"cp": 2}, "cp=2 is not available in the training loop yet"),
     (1, {"dp_shard": 2}, "must equal the world size 1"),

@@ -55,6 +55,7 @@ def test_interleaved_pipeline_trains_like_one_process_and_its_checkpoint_resumes
         ref, got = metric(one, key), metric(pp, key)
         assert sorted(got) == sorted(ref) and max(abs(ref[s] - got[s]) for s in ref) < TRAIN_TOL, key
     assert max_param_diff(one / "model", pp / "model") < TRAIN_TOL
+    assert len(list((pp / "ckpt" / "step_000003" / "dcp").glob("*.distcp"))) == 2
     shutil.copytree(pp, resumed)
     shutil.rmtree(resumed / "ckpt" / "step_000006")
     train(load_recipe(TrainRecipe, None, [*common, f"train.out={resumed}"]), resume=True)

@@ -46,6 +46,8 @@ def resolve_layout(pc: ParallelConfig, world: int, tc: TrainConfig, cfg: ModelCo
                            f"n_kv_heads={cfg.n_kv_heads}")
     if pc.pp > 1:
         _check_pipeline(pc, dp, tc, cfg)
+    elif pc.microbatches:
+        raise LmforgeError(f"parallel.microbatches={pc.microbatches} splits a pipeline's step: it needs parallel.pp > 1")
     if tc.seq_len % pc.tp:
         raise LmforgeError(f"train.seq_len={tc.seq_len} must be a multiple of parallel.tp={pc.tp} "
                            "(sequence parallel splits it)")

@@ -112,14 +112,9 @@ class Pipeline:
                                f"parallel.microbatches={self.n_microbatches} equal pipeline micro-batches")
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         losses: list[torch.Tensor] = []
-        if self.last:
-            self.schedule.step(target=targets, losses=losses)
-            return torch.stack(losses).mean().detach()
-        if self.part.embed_tokens is not None:
-            self.schedule.step(inputs)
-        else:
-            self.schedule.step()
-        return None
+        args = (inputs,) if self.part.embed_tokens is not None else ()  # the first stage reads tokens
+        self.schedule.step(*args, **({"target": targets, "losses": losses} if self.last else {}))
+        return torch.stack(losses).mean().detach() if self.last else None
 
 
 def apply_pp(model, pp_rank: int, pp: int, schedule: str, n_microbatches: int, device: torch.device,
