@@ -127,6 +127,7 @@ def depth_dial_defaults(values: dict) -> dict:
 
 
 PARALLEL_DTYPES = ("auto", "float32", "bfloat16")  # auto: the weights' own dtype
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")  # lmforge.train.distributed.pipeline.SCHEDULES
 
 
 @dataclass
@@ -135,7 +136,9 @@ class ParallelConfig:
     process (no torchrun) ignores the section as long as every degree is 1 (or dp_shard=-1)."""
     dp_shard: int = -1                # FSDP2 degree; -1: the world size left after tp * pp * cp
     tp: int = 1                       # tensor parallel degree
-    pp: int = 1                       # pipeline stages
+    pp: int = 1                       # pipeline parallel degree (ranks along the pipeline)
+    pp_schedule: str = "1f1b"         # gpipe, 1f1b or interleaved_1f1b (2 stages per rank)
+    microbatches: int = 0             # pipeline micro-batches per step; 0: train.grad_accum
     cp: int = 1                       # context parallel (ring attention) degree
     reshard_after_forward: bool = True  # true: ZeRO-3 (free gathered weights after forward); false: keep
                                         # them until backward (ZeRO-2-like, more memory, less traffic)
@@ -147,6 +150,8 @@ class ParallelConfig:
         require(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard", ">= 1 or -1 (the rest)",
                 self.dp_shard)
         check_positive(self, "parallel", "tp", "pp", "cp")
+        check_non_negative(self, "parallel", "microbatches")
+        check_choice(self, "parallel", "pp_schedule", PP_SCHEDULES)
         check_choice(self, "parallel", "param_dtype", PARALLEL_DTYPES)
         check_choice(self, "parallel", "reduce_dtype", PARALLEL_DTYPES)
         check_choice(self, "parallel", "backend", ("auto", "gloo", "nccl"))

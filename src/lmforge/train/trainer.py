@@ -142,6 +142,8 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
     folder tc.out is a `kind` output; resume continues bit for bit from the latest checkpoint.
     Under torchrun, `parallel` lays it over the processes: the `rt.` calls below are the only
     places that differ from one process (lmforge.train.distributed)."""
+    if parallel is not None and parallel.pp > 1 and not isinstance(objective, PretrainObjective):
+        raise LmforgeError("parallel.pp runs pretraining (`lmforge train`) only so far")
     rt = start_runtime(parallel, tc, cfg, console or Console())
     try:
         return _fit(rt, objective, tc, recipe, cfg, kind, out_files, resume)
@@ -229,10 +231,13 @@ def _fit(rt, objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConf
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micros = [loader.next_batch() for _ in range(tc.grad_accum)]
-            if step_gradients is None:
+            if rt.pipeline is not None:  # the schedule runs the micro-batches through the stages
+                loss_sum, extra_sums, counts, g2_small = rt.pipeline_gradients(objective, micros, autocast)
+                grad_norm = rt.clip_grad_norm(trainable, tc.grad_clip)
+            elif step_gradients is None:
                 loss_sum, extra_sums, counts, g2_small = accumulate_gradients(
                     objective, model, forward, micros, device, autocast, first_grad_sq=noise is not None)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+                grad_norm = rt.clip_grad_norm(trainable, tc.grad_clip)
             else:  # sets .grad, clipped and noised by the objective's own rule
                 loss_sum, extra_sums, counts, grad_norm = step_gradients(model, micros, step, device, autocast)
             n_step = sum(counts)
@@ -260,7 +265,8 @@ def _fit(rt, objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConf
                 if logger:
                     logger.log(done, metrics)
             if done % tc.eval_every == 0 or done == tc.max_steps:
-                held_out = objective.evaluate(model, autocast)
+                eval_model = rt.eval_model(model)  # collective; None on ranks that do not evaluate
+                held_out = objective.evaluate(eval_model, autocast) if eval_model is not None else {}
                 if held_out and logger:
                     val_loss = held_out.get("val_loss", val_loss)
                     logger.log(done, held_out)

@@ -2,8 +2,8 @@
 for both), not a test itself; each rank writes the largest differences from the unsplit reference:
 - ring attention over the whole world (cp=4) and over two pairs (cp=2), zigzag and contiguous,
   causal and not, in fp64, against full attention on the unsplit sequence;
-- tensor + sequence parallel (apply_tp) on the tp dimension of a 2x2 mesh, against the same plain
-  model: loss and every parameter's gradient, fp64.
+- tensor + sequence parallel (apply_tp) on the tp dimension of a 2x2 mesh, and FSDP x TP on the
+  whole 2x2 mesh, against the same plain model: loss and every parameter's gradient, fp64.
 
 usage: parallel_worker.py OUT_DIR
 """
@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.attention import naive_attention
 from lmforge.model.ring_attention import ring_attention, shard_positions, shard_sequence
+from lmforge.train.distributed.fsdp import apply_fsdp
 from lmforge.train.distributed.tp import apply_tp
 
 dist.init_process_group("gloo")
@@ -51,12 +52,16 @@ for cp, group in ((4, dist.group.WORLD), (2, pairs[rank // 2])):
                 "dv": diff(local[2].grad, full[2].grad)}
 
 
+CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)
+MESH = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+
+
 def tensor_parallel_diffs() -> dict:
-    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)
+    cfg = CFG
     torch.manual_seed(0)
     plain = Transformer(cfg).double()
     torch.manual_seed(0)
-    sharded = apply_tp(Transformer(cfg).double(), init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))["tp"])
+    sharded = apply_tp(Transformer(cfg).double(), MESH["tp"])
     seen = {}  # local sequence length each norm runs on: T/2 under sequence parallel
     def record(module, args, out):  # (returns None: the output is left alone)
         seen["norm_rows"] = args[0].to_local().shape[1]
@@ -76,6 +81,28 @@ def tensor_parallel_diffs() -> dict:
             "norm_rows": seen["norm_rows"], "q_rows_local": q.to_local().shape[0], "q_rows": q.shape[0]}
 
 
+def fsdp_tp_diffs() -> dict:
+    """FSDP over dp x TP over tp on the 2x2 mesh, each dp rank on its half of a 4-row batch: the
+    dp-mean loss and the (dp-averaged) gradients equal the plain model's on all 4 rows."""
+    torch.manual_seed(0)
+    plain = Transformer(CFG).double()
+    torch.manual_seed(0)
+    model = apply_fsdp(apply_tp(Transformer(CFG).double(), MESH["tp"]), MESH["dp"])
+    tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(2))
+    ref = plain(tokens[:, :-1], targets=tokens[:, 1:])
+    ref.backward()
+    half = tokens.chunk(2)[MESH["dp"].get_local_rank()]
+    loss = model(half[:, :-1], targets=half[:, 1:])
+    loss.backward()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean, group=MESH["dp"].get_group())
+    diffs = [float((p.grad - s.grad.full_tensor()).abs().max())
+             for (_, p), (_, s) in zip(plain.named_parameters(), model.named_parameters())]
+    return {"loss": abs(float(mean) / 2 - float(ref)), "grad": max(diffs), "n_grads": len(diffs),
+            "n_2d": sum(s.device_mesh.ndim == 2 for s in model.parameters())}
+
+
 results["tp2"] = tensor_parallel_diffs()
+results["fsdp2xtp2"] = fsdp_tp_diffs()
 Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(results))
 dist.destroy_process_group()

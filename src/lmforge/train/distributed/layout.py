@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.train.config import ParallelConfig, TrainConfig
+from lmforge.train.distributed.pipeline import stages_per_rank
 
 # Degrees the training loop can run today; the others are refused up front, not half-applied.
-TRAINER_SUPPORTS = ("dp_shard",)
+TRAINER_SUPPORTS = ("dp_shard", "tp", "pp")
 
 
 @dataclass(frozen=True)
@@ -43,18 +44,22 @@ def resolve_layout(pc: ParallelConfig, world: int, tc: TrainConfig, cfg: ModelCo
     if cfg is not None and (cfg.n_heads % pc.tp or cfg.n_kv_heads % pc.tp):
         raise LmforgeError(f"parallel.tp={pc.tp} must divide the model's n_heads={cfg.n_heads} and "
                            f"n_kv_heads={cfg.n_kv_heads}")
-    if cfg is not None and cfg.n_layers % pc.pp:
-        raise LmforgeError(f"parallel.pp={pc.pp} must divide the model's n_layers={cfg.n_layers}")
-    if pc.pp > 1 and tc.grad_accum < pc.pp:
-        raise LmforgeError(f"parallel.pp={pc.pp} stages need at least as many micro-batches per step; "
-                           f"train.grad_accum is {tc.grad_accum} (raise train.global_batch_tokens)")
+    if pc.pp > 1:
+        _check_pipeline(pc, dp, tc, cfg)
+    elif pc.microbatches:
+        raise LmforgeError(f"parallel.microbatches={pc.microbatches} splits a pipeline's step: it needs parallel.pp > 1")
+    if tc.seq_len % pc.tp:
+        raise LmforgeError(f"train.seq_len={tc.seq_len} must be a multiple of parallel.tp={pc.tp} "
+                           "(sequence parallel splits it)")
+    if pc.tp > 1 and cfg is not None and cfg.n_experts:
+        raise LmforgeError("parallel.tp needs a dense model (no MoE experts) so far")
     if tc.seq_len % (2 * pc.cp) and pc.cp > 1:
         raise LmforgeError(f"train.seq_len={tc.seq_len} must be a multiple of 2*parallel.cp={2 * pc.cp} "
                            "(zigzag load balancing gives each rank two equal chunks)")
     unsupported = [f"{name}={getattr(pc, name)}" for name in ("tp", "pp", "cp")
                    if getattr(pc, name) > 1 and name not in TRAINER_SUPPORTS]
     if unsupported:
-        raise LmforgeError(f"`lmforge train` runs FSDP (parallel.dp_shard) only so far; {', '.join(unsupported)} "
+        raise LmforgeError(f"`lmforge train` runs parallel.dp_shard, tp and pp so far; {', '.join(unsupported)} "
                            "is not available in the training loop yet")
     if tc.noise_scale and world > 1:
         raise LmforgeError("train.noise_scale is single-process only")
@@ -63,3 +68,31 @@ def resolve_layout(pc: ParallelConfig, world: int, tc: TrainConfig, cfg: ModelCo
     if tc.optimizer == "muon" and world > 1:  # Newton–Schulz needs whole matrices, FSDP holds row shards
         raise LmforgeError("train.optimizer=muon is single-process only so far; use adamw under torchrun")
     return Layout(world, dp, pc.tp, pc.pp, pc.cp)
+
+
+def pipeline_microbatches(pc: ParallelConfig, tc: TrainConfig) -> int:
+    return pc.microbatches or tc.grad_accum
+
+
+def _check_pipeline(pc: ParallelConfig, dp: int, tc: TrainConfig, cfg: ModelConfig | None) -> None:
+    v = stages_per_rank(pc.pp_schedule)
+    n_micro = pipeline_microbatches(pc, tc)
+    if n_micro < pc.pp:
+        raise LmforgeError(f"parallel.microbatches={n_micro} is fewer than the parallel.pp={pc.pp} pipeline stages "
+                           "(every stage would idle); raise parallel.microbatches or train.global_batch_tokens")
+    if pc.pp_schedule == "interleaved_1f1b" and n_micro % pc.pp:
+        raise LmforgeError(f"interleaved_1f1b needs parallel.microbatches={n_micro} to be a multiple of "
+                           f"parallel.pp={pc.pp}")
+    rows = tc.micro_batch * tc.grad_accum
+    if rows % n_micro:
+        raise LmforgeError(f"the step's {rows} sequences (train.micro_batch x grad_accum) do not split into "
+                           f"parallel.microbatches={n_micro} equal pipeline micro-batches")
+    if cfg is not None and cfg.n_layers % (pc.pp * v):
+        raise LmforgeError(f"parallel.pp={pc.pp} with {pc.pp_schedule} ({v} stage(s) per rank) must divide the "
+                           f"model's n_layers={cfg.n_layers} into {pc.pp * v} equal stages")
+    if cfg is not None and (cfg.tie_embeddings or cfg.n_experts):
+        raise LmforgeError("parallel.pp needs untied embeddings and a dense model (no MoE) so far")
+    if dp > 1 or pc.tp > 1 or pc.cp > 1:
+        raise LmforgeError("parallel.pp is not combined with dp_shard, tp or cp in the training loop yet")
+    if tc.compile:
+        raise LmforgeError("train.compile is not supported with parallel.pp yet")

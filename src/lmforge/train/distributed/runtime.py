@@ -1,5 +1,6 @@
 """What the training loop asks of its process layout: one process (the default, every hook an
-identity or the plain-file checkpoint) or a torchrun world on a device mesh (FSDP2)."""
+identity or the plain-file checkpoint) or a torchrun world on a device mesh (FSDP2 over dp_shard,
+tensor + sequence parallel over tp, both on a 2-D mesh, or a pipeline over pp)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from rich.console import Console
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
@@ -18,7 +20,9 @@ from lmforge.train import checkpoint as plain_ckpt
 from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.distributed.checkpoint import is_dcp_checkpoint, load_dcp_checkpoint, save_dcp_checkpoint
 from lmforge.train.distributed.fsdp import apply_fsdp
-from lmforge.train.distributed.layout import Layout, resolve_layout
+from lmforge.train.distributed.layout import Layout, pipeline_microbatches, resolve_layout
+from lmforge.train.distributed.pipeline import apply_pp
+from lmforge.train.distributed.tp import apply_tp
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,7 +39,7 @@ def load_any_checkpoint(path: Path, model, optimizer) -> dict:
 
 
 class SingleProcess:
-    main, dp = True, 1
+    main, dp, pipeline = True, 1, None
 
     def __init__(self, tc: TrainConfig, console: Console):
         self.device, self.console = resolve_device(tc.device), console
@@ -48,6 +52,12 @@ class SingleProcess:
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def eval_model(self, model):
+        return model
 
     def save_checkpoint(self, root, step, model, optimizer, trainer_state, keep_last, trainable_only=False):
         return plain_ckpt.save_checkpoint(root, step, model, optimizer, trainer_state, keep_last, trainable_only)
@@ -66,7 +76,8 @@ class SingleProcess:
 
 
 class Distributed:
-    """One rank of a torchrun world: FSDP2 over the dp_shard mesh dimension."""
+    """One rank of a torchrun world: FSDP2 over the dp_shard mesh dimension, tensor parallel over
+    tp (within each FSDP shard group), or a pipeline over pp."""
 
     def __init__(self, layout: Layout, pc: ParallelConfig, tc: TrainConfig, console: Console):
         self.layout, self.pc = layout, pc
@@ -84,12 +95,34 @@ class Distributed:
         self.dp_rank = self.mesh["dp_shard"].get_local_rank() if "dp_shard" in names else 0
         self.main = self.rank == 0
         self.console = console if self.main else Console(quiet=True)
+        self.pipeline = None
+        self.n_microbatches = pipeline_microbatches(pc, tc)
 
     def parallelize(self, model):
         if not all(p.requires_grad for p in model.parameters()):
             raise LmforgeError("parallel training supports full-model training only (no frozen weights)")
-        return apply_fsdp(model, self.mesh["dp_shard"] if self.dp > 1 else self.mesh, self.pc.reshard_after_forward,
-                          self.pc.param_dtype, self.pc.reduce_dtype)
+        if self.layout.pp > 1:
+            pp_mesh = self.mesh["pp"]
+            model, self.pipeline = apply_pp(model, pp_mesh.get_local_rank(), self.layout.pp, self.pc.pp_schedule,
+                                            self.n_microbatches, self.device, pp_mesh.get_group())
+            return model
+        if self.layout.tp > 1:
+            model = apply_tp(model, self.mesh["tp"])
+        if self.dp > 1:  # FSDP over TP: each block's tp shards are sharded again over dp_shard (2-D DTensors)
+            model = apply_fsdp(model, self.mesh["dp_shard"], self.pc.reshard_after_forward, self.pc.param_dtype,
+                               self.pc.reduce_dtype)
+        return model
+
+    def pipeline_gradients(self, objective, micros: list, autocast):
+        """The step's micro-batches as one batch through the pipeline schedule (pretraining rows of
+        tokens): -> what accumulate_gradients returns; the loss sum is 0 off the last stage."""
+        counts = [objective.loss_tokens(batch) for batch in micros]
+        with autocast():
+            loss = self.pipeline.step(torch.cat(micros).to(self.device))
+        dtype = torch.promote_types(next(self.pipeline.part.parameters()).dtype, torch.float32)
+        loss_sum = loss.to(dtype) * len(micros) if loss is not None else torch.zeros((), dtype=dtype,
+                                                                                      device=self.device)
+        return loss_sum, {}, counts, None
 
     def shard(self, loader):
         if not hasattr(loader, "shard"):
@@ -97,9 +130,35 @@ class Distributed:
         return loader.shard(self.dp_rank, self.dp)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean over data-parallel ranks of a per-rank value (tp peers hold equal copies; off the
+        last pipeline stage the value is 0, so pp divides out)."""
         x = x.detach().clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        return x / self.layout.world
+        return x / (self.layout.world // self.layout.pp)
+
+    def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
+        """torch's clip_grad_norm_ rule over gradients that may be DTensors on different meshes (FSDP
+        over dp_shard, TP blocks on dp_shard x tp) or plain tensors (replicated over tp, or one
+        pipeline stage's own): each DTensor norm is reduced over its mesh, plain ones are counted
+        once, and pipeline stages add up their parts."""
+        grads = [p.grad for p in params if p.grad is not None]
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for g in grads:
+            norm = torch.linalg.vector_norm(g)
+            sq += (norm.full_tensor() if isinstance(norm, DTensor) else norm).double() ** 2
+        if self.layout.pp > 1:
+            dist.all_reduce(sq, group=self.mesh["pp"].get_group())
+        total = sq.sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.item())
+        return total
+
+    def eval_model(self, model):
+        """Collective: the model to evaluate, None on ranks that do not. FSDP evaluates sharded; a
+        pipeline or tensor parallel run evaluates the gathered whole model on rank 0 (held-out
+        windows may be ragged, which sequence parallel cannot split)."""
+        return self.full_model(model) if self.pipeline is not None or self.layout.tp > 1 else model
 
     def save_checkpoint(self, root, step, model, optimizer, trainer_state, keep_last, trainable_only=False):
         return save_dcp_checkpoint(root, step, model, optimizer, trainer_state, keep_last)
@@ -109,7 +168,12 @@ class Distributed:
 
     def full_model(self, model):
         """Collective: the whole model as a plain Transformer on rank 0 (None elsewhere)."""
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.pipeline is not None:  # each stage's weights are plain tensors: gather them whole
+            parts = [None] * self.layout.world if self.main else None
+            dist.gather_object({k: v.detach().cpu() for k, v in model.state_dict().items()}, parts, dst=0)
+            state = {k: v for part in parts for k, v in part.items()} if self.main else None
+        else:
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.main:
             return None
         plain = Transformer(model.cfg).to(state["embed_tokens.weight"].dtype)  # built at the trained dtype
