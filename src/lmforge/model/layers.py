@@ -77,6 +77,12 @@ def causal_attention(q, k, v, q_offset: int = 0) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+# Context-parallel dispatch: lmforge.train.distributed.context_parallel sets this, while a sharded
+# forward runs, to a function (q, k, v) -> out that replaces the plain causal call below (ring
+# attention over the cp ranks); None (always, outside that forward) is the plain path.
+causal_attention_override = None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -98,7 +104,7 @@ class Attention(nn.Module):
         elif mask is not None:  # packed documents or padding: a [B, 1, T, T] boolean mask
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
         else:
-            out = causal_attention(q, k, v)
+            out = (causal_attention_override or causal_attention)(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -49,8 +49,9 @@ class _Ring:
 
     def start(self, tensors: list[torch.Tensor]):
         """Post the transfer of `tensors` to the next rank; -> (handles, buffers being received)."""
+        tensors = [t.contiguous() for t in tensors]  # (k, v may be transposed views of the projections)
         incoming = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, b, self.prev, self.group) for b in incoming]
         return dist.batch_isend_irecv(ops), incoming
 

@@ -142,8 +142,9 @@ def fit(objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConfig | 
     folder tc.out is a `kind` output; resume continues bit for bit from the latest checkpoint.
     Under torchrun, `parallel` lays it over the processes: the `rt.` calls below are the only
     places that differ from one process (lmforge.train.distributed)."""
-    if parallel is not None and parallel.pp > 1 and not isinstance(objective, PretrainObjective):
-        raise LmforgeError("parallel.pp runs pretraining (`lmforge train`) only so far")
+    for degree in ("pp", "cp"):
+        if parallel is not None and getattr(parallel, degree) > 1 and not isinstance(objective, PretrainObjective):
+            raise LmforgeError(f"parallel.{degree} runs pretraining (`lmforge train`) only so far")
     rt = start_runtime(parallel, tc, cfg, console or Console())
     try:
         return _fit(rt, objective, tc, recipe, cfg, kind, out_files, resume)
@@ -205,7 +206,7 @@ def _fit(rt, objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConf
     if rt.main:
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
 
-    forward = torch.compile(model) if tc.compile else model
+    forward = rt.wrap_forward(torch.compile(model) if tc.compile else model)
     flops_per_token = cfg.flops_per_token(tc.seq_len)
     peak = tc.peak_flops or device_peak_flops(device)
     logger = MetricsLogger(out, tc.tensorboard, console) if rt.main else None

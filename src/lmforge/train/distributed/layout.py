@@ -10,7 +10,7 @@ from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.distributed.pipeline import stages_per_rank
 
 # Degrees the training loop can run today; the others are refused up front, not half-applied.
-TRAINER_SUPPORTS = ("dp_shard", "tp", "pp")
+TRAINER_SUPPORTS = ("dp_shard", "tp", "pp", "cp")
 
 
 @dataclass(frozen=True)
@@ -53,13 +53,12 @@ def resolve_layout(pc: ParallelConfig, world: int, tc: TrainConfig, cfg: ModelCo
                            "(sequence parallel splits it)")
     if pc.tp > 1 and cfg is not None and cfg.n_experts:
         raise LmforgeError("parallel.tp needs a dense model (no MoE experts) so far")
-    if tc.seq_len % (2 * pc.cp) and pc.cp > 1:
-        raise LmforgeError(f"train.seq_len={tc.seq_len} must be a multiple of 2*parallel.cp={2 * pc.cp} "
-                           "(zigzag load balancing gives each rank two equal chunks)")
+    if pc.cp > 1:
+        _check_context_parallel(pc, tc, cfg)
     unsupported = [f"{name}={getattr(pc, name)}" for name in ("tp", "pp", "cp")
                    if getattr(pc, name) > 1 and name not in TRAINER_SUPPORTS]
     if unsupported:
-        raise LmforgeError(f"`lmforge train` runs parallel.dp_shard, tp and pp so far; {', '.join(unsupported)} "
+        raise LmforgeError(f"`lmforge train` runs parallel.dp_shard, tp, pp and cp so far; {', '.join(unsupported)} "
                            "is not available in the training loop yet")
     if tc.noise_scale and world > 1:
         raise LmforgeError("train.noise_scale is single-process only")
@@ -96,3 +95,17 @@ def _check_pipeline(pc: ParallelConfig, dp: int, tc: TrainConfig, cfg: ModelConf
         raise LmforgeError("parallel.pp is not combined with dp_shard, tp or cp in the training loop yet")
     if tc.compile:
         raise LmforgeError("train.compile is not supported with parallel.pp yet")
+
+
+def _check_context_parallel(pc: ParallelConfig, tc: TrainConfig, cfg: ModelConfig | None) -> None:
+    if tc.seq_len % (2 * pc.cp):
+        raise LmforgeError(f"train.seq_len={tc.seq_len} must be a multiple of 2*parallel.cp={2 * pc.cp} "
+                           "(zigzag load balancing gives each rank two equal chunks)")
+    if pc.tp > 1:
+        raise LmforgeError("parallel.cp is not combined with parallel.tp in the training loop yet")
+    if tc.activation_checkpointing:  # the recompute runs in the backward, outside the ring's forward
+        raise LmforgeError("train.activation_checkpointing is not supported with parallel.cp yet")
+    if tc.compile:
+        raise LmforgeError("train.compile is not supported with parallel.cp yet")
+    if cfg is not None and cfg.n_experts:  # the load-balancing loss would be each rank's own, not the sequence's
+        raise LmforgeError("parallel.cp needs a dense model (no MoE experts) so far")

@@ -1,6 +1,7 @@
 """What the training loop asks of its process layout: one process (the default, every hook an
 identity or the plain-file checkpoint) or a torchrun world on a device mesh (FSDP2 over dp_shard,
-tensor + sequence parallel over tp, both on a 2-D mesh, or a pipeline over pp)."""
+tensor + sequence parallel over tp, both on a 2-D mesh, a pipeline over pp, or context parallel
+over cp: ring attention on zigzag sequence chunks, FSDP over dp_shard x cp)."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,7 @@ from lmforge.model import Transformer
 from lmforge.train import checkpoint as plain_ckpt
 from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.distributed.checkpoint import is_dcp_checkpoint, load_dcp_checkpoint, save_dcp_checkpoint
+from lmforge.train.distributed.context_parallel import ContextParallelForward
 from lmforge.train.distributed.fsdp import apply_fsdp
 from lmforge.train.distributed.layout import Layout, pipeline_microbatches, resolve_layout
 from lmforge.train.distributed.pipeline import apply_pp
@@ -46,6 +48,9 @@ class SingleProcess:
 
     def parallelize(self, model):
         return model
+
+    def wrap_forward(self, forward):
+        return forward
 
     def shard(self, loader):
         return loader
@@ -77,7 +82,8 @@ class SingleProcess:
 
 class Distributed:
     """One rank of a torchrun world: FSDP2 over the dp_shard mesh dimension, tensor parallel over
-    tp (within each FSDP shard group), or a pipeline over pp."""
+    tp (within each FSDP shard group), a pipeline over pp, or context parallel over cp (FSDP then
+    shards over dp_shard x cp, which also averages the gradients over the cp ranks)."""
 
     def __init__(self, layout: Layout, pc: ParallelConfig, tc: TrainConfig, console: Console):
         self.layout, self.pc = layout, pc
@@ -108,10 +114,19 @@ class Distributed:
             return model
         if self.layout.tp > 1:
             model = apply_tp(model, self.mesh["tp"])
-        if self.dp > 1:  # FSDP over TP: each block's tp shards are sharded again over dp_shard (2-D DTensors)
-            model = apply_fsdp(model, self.mesh["dp_shard"], self.pc.reshard_after_forward, self.pc.param_dtype,
+        if self.dp > 1 or self.layout.cp > 1:  # FSDP over TP: each block's tp shards sharded again (2-D DTensors)
+            model = apply_fsdp(model, self._fsdp_mesh(), self.pc.reshard_after_forward, self.pc.param_dtype,
                                self.pc.reduce_dtype)
         return model
+
+    def _fsdp_mesh(self):
+        """dp_shard, cp, or both flattened into one dimension (cp ranks hold the same weights)."""
+        dims = tuple(d for d in ("dp_shard", "cp") if d in self.mesh.mesh_dim_names)
+        return self.mesh[dims[0]] if len(dims) == 1 else self.mesh[dims]._flatten("dp_shard_cp")
+
+    def wrap_forward(self, forward):
+        """What the objective calls as the model: under cp, this rank's share of each sequence."""
+        return ContextParallelForward(forward, self.mesh["cp"].get_group()) if self.layout.cp > 1 else forward
 
     def pipeline_gradients(self, objective, micros: list, autocast):
         """The step's micro-batches as one batch through the pipeline schedule (pretraining rows of
@@ -130,8 +145,9 @@ class Distributed:
         return loader.shard(self.dp_rank, self.dp)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
-        """The mean over data-parallel ranks of a per-rank value (tp peers hold equal copies; off the
-        last pipeline stage the value is 0, so pp divides out)."""
+        """The mean over data-parallel ranks of a per-rank value (tp peers hold equal copies, cp peers
+        the means over equal shares of the same rows; off the last pipeline stage the value is 0,
+        so pp divides out)."""
         x = x.detach().clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x / (self.layout.world // self.layout.pp)
