@@ -35,7 +35,6 @@ def test_dp_shard_fills_the_world_and_mesh_names_its_dimensions():
     (4, {"pp": 2, "microbatches": 2, "dp_shard": 2}, "not combined with dp_shard, tp or cp"),
     (2, {"microbatches": 4}, "it needs parallel.pp > 1"),
     (3, {"cp": 3}, "seq_len=16 must be a multiple of 2*parallel.cp=6"),
-    (2, {"cp": 2}, "cp=2 is not available in the training loop yet"),
     (1, {"dp_shard": 2}, "must equal the world size 1"),
 ])
 def test_bad_layouts_are_clear_errors(world, degrees, message):
