@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from lmforge.errors import LmforgeError
 from lmforge.model import layers
 from lmforge.model.ring_attention import ring_attention, shard_positions
 
@@ -50,3 +51,22 @@ class ContextParallelForward:
         pos = shard_positions(T, self.rank, self.cp).to(tokens.device)
         with ring_attention_dispatch(pos, self.group, self.block):
             return self.model(tokens[:, pos], positions=pos.expand(B, -1), targets=targets[:, pos])
+
+
+def prefill_logits(model, tokens: torch.Tensor, group, block: int = 128) -> torch.Tensor:
+    """One forward of whole rows tokens [B, T] split over the ranks of `group`: each rank runs its
+    zigzag share with ring attention, and every rank gets the logits back in sequence order
+    [B, T, vocab]. T must be a multiple of 2 * the group's size."""
+    B, T = tokens.shape
+    rank, cp = dist.get_rank(group), dist.get_world_size(group)
+    if T % (2 * cp):
+        raise LmforgeError(f"context-parallel prefill needs the length {T} to be a multiple of 2*cp={2 * cp}")
+    pos = shard_positions(T, rank, cp).to(tokens.device)
+    with ring_attention_dispatch(pos, group, block):
+        local = model(tokens[:, pos], positions=pos.expand(B, -1)).contiguous()
+    parts = [torch.empty_like(local) for _ in range(cp)]
+    dist.all_gather(parts, local, group=group)
+    out = local.new_empty(B, T, local.shape[-1])
+    for r, part in enumerate(parts):
+        out[:, shard_positions(T, r, cp).to(out.device)] = part
+    return out
