@@ -9,9 +9,6 @@ from lmforge.model.config import ModelConfig
 from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.distributed.pipeline import stages_per_rank
 
-# Degrees the training loop can run today; the others are refused up front, not half-applied.
-TRAINER_SUPPORTS = ("dp_shard", "tp", "pp", "cp")
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -55,11 +52,6 @@ def resolve_layout(pc: ParallelConfig, world: int, tc: TrainConfig, cfg: ModelCo
         raise LmforgeError("parallel.tp needs a dense model (no MoE experts) so far")
     if pc.cp > 1:
         _check_context_parallel(pc, tc, cfg)
-    unsupported = [f"{name}={getattr(pc, name)}" for name in ("tp", "pp", "cp")
-                   if getattr(pc, name) > 1 and name not in TRAINER_SUPPORTS]
-    if unsupported:
-        raise LmforgeError(f"`lmforge train` runs parallel.dp_shard, tp, pp and cp so far; {', '.join(unsupported)} "
-                           "is not available in the training loop yet")
     if tc.noise_scale and world > 1:
         raise LmforgeError("train.noise_scale is single-process only")
     if tc.dp.enabled and world > 1:  # per-example gradients and the accountant assume one process
