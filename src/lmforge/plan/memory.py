@@ -11,6 +11,13 @@ weight copies saved for backward and an fp32 residual stream, so it needs more t
 it is not modelled separately. Activations come from `activations.py`. Pipeline stages hold
 their slice of the layers; under the 1F1B schedule the first stage keeps min(pp, micro-batches)
 micro-batches in flight.
+
+ZeRO-3 is modelled as lmforge's FSDP2 layout (train/distributed/fsdp.py): each block is one
+`fully_shard` unit and the root unit (embeddings, final norm, head) stays gathered from its forward
+to its backward. With reshard_after_forward (the default) a block's gathered weights live only while
+it runs, plus the next block's prefetched all-gather; without it (`--no-reshard`, about ZeRO-2's
+memory with ZeRO-3's sharded storage) every block stays gathered from its forward until its backward.
+`comm_bytes_per_step` gives the matching collective volume per rank and step.
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ class TrainingPlan:
     flash: bool = False           # attention without s x s matrices
     micro_batches: int = 0        # micro-batches per step per pipeline (0: as many as pp)
     fused_loss: bool = True       # loss fused with the LM head in chunks, as lmforge trains (no full logits)
+    reshard_after_forward: bool = True  # ZeRO-3/FSDP2: free each block's gathered weights after its forward
 
     @property
     def gpus(self) -> int:
@@ -112,6 +120,8 @@ def check_plan(cfg: ModelConfig, plan: TrainingPlan) -> None:
         problems.append(f"recompute must be one of {', '.join(RECOMPUTE)} (got {plan.recompute!r})")
     if plan.micro_batches < 0:
         problems.append("micro_batches must be 0 (auto) or positive")
+    if not plan.reshard_after_forward and plan.zero != 3:
+        problems.append("reshard_after_forward=False is an FSDP (ZeRO-3) setting: it needs zero=3")
     if problems:
         raise LmforgeError("impossible plan: " + "; ".join(problems))
 
@@ -156,10 +166,30 @@ def training_memory(cfg: ModelConfig, plan: TrainingPlan) -> MemoryEstimate:
         temp = fused_loss_chunk_bytes(cfg.vocab_size, t) if has_head and plan.fused_loss else 0.0
         if plan.recompute == "full":  # the one layer being recomputed holds its full activations
             temp += layer_bytes(shape, s, b, t, plan.sp, "none", plan.flash, act_bytes)
-        if plan.zero == 3:  # the layer in use and the prefetched next one, gathered in 16/32-bit
-            temp += 2 * block / t * PRECISIONS[plan.precision][0]
+        if plan.zero == 3:  # gathered weights: the root unit and the blocks held (see the module doc)
+            gathered_blocks = 2 if plan.reshard_after_forward else layers + 1  # + the in-flight all-gather
+            temp += (params - layers * block + gathered_blocks * block) / t * PRECISIONS[plan.precision][0]
         parts["temporary buffers"] = temp
         estimate = MemoryEstimate(plan, name, shard, parts, states["cpu"])
         if best is None or estimate.total > best.total:
             best = estimate
     return best
+
+
+def comm_bytes_per_step(cfg: ModelConfig, plan: TrainingPlan, grad_accum: int = 1) -> dict[str, float]:
+    """Bytes per rank and optimizer step through each data-parallel collective, counted as the
+    full (gathered, or pre-reduction) buffer each call is given; a ring moves (dp-1)/dp of an
+    all-gather or reduce-scatter buffer and 2(dp-1)/dp of an all-reduce buffer over each link.
+    ZeRO-3 (FSDP2, lmforge's layout): per micro-batch every unit is gathered for the forward and
+    the blocks again for the backward when resharded (the root unit is never resharded), and the
+    gradients are reduce-scattered. ZeRO 0-2 (DDP): one all-reduce of the gradients per step."""
+    check_plan(cfg, plan)
+    if plan.dp == 1:
+        return {"all_gather": 0.0, "reduce_scatter": 0.0, "all_reduce": 0.0}
+    w, g, _ = PRECISIONS[plan.precision]
+    params = cfg.num_params() / (plan.tp * plan.pp)
+    if plan.zero < 3:
+        return {"all_gather": 0.0, "reduce_scatter": 0.0, "all_reduce": g * params}
+    blocks = math.ceil(cfg.n_layers / plan.pp) * per_layer_params(cfg) / plan.tp
+    gathered = params + (blocks if plan.reshard_after_forward else 0)
+    return {"all_gather": grad_accum * w * gathered, "reduce_scatter": grad_accum * g * params, "all_reduce": 0.0}
