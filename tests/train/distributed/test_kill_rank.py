@@ -22,15 +22,15 @@ KILL_AT = CKPT_EVERY + 2  # rank 0 has logged this step: both ranks are two step
 
 
 def worker_pid(torchrun_pid: int, rank: int) -> int | None:
-    """The pid of torchrun's worker with RANK=rank (its direct child), read from /proc."""
-    children = Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split()
-    for pid in children:
+    """The pid of torchrun's worker with RANK=rank (its child), read from /proc."""
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0") if parent == torchrun_pid else []
+        except (OSError, ValueError, IndexError):  # a process that ended meanwhile
             continue
         if f"RANK={rank}".encode() in env:
-            return int(pid)
+            return int(proc.name)
     return None
 
 
