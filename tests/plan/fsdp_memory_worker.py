@@ -3,7 +3,9 @@ tiny fp32 Llama for two AdamW steps under FSDP2 (reshard after forward on, then 
 what this rank holds and sends:
 - the bytes of its local parameter, gradient and optimizer-state shards (read from the tensors);
 - peak tracked bytes by PyTorch's own FSDPMemTracker (every tensor allocation, by category);
-- the bytes through all_gather / reduce_scatter / all_reduce in one step (the calls wrapped).
+- the bytes through all_gather / reduce_scatter / all_reduce in one step (the calls wrapped);
+then under tensor parallelism (apply_tp over the same ranks) the bytes of its local parameter,
+gradient and optimizer-state shards.
 
 usage: fsdp_memory_worker.py OUT_DIR BATCH SEQ_LEN
 """
@@ -19,6 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.distributed.fsdp import apply_fsdp
+from lmforge.train.distributed.tp import apply_tp
 
 CFG = ModelConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=352, max_seq_len=128)
 out, batch, seq_len = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -74,5 +77,14 @@ for reshard in (True, False):
         "weights": nbytes(model.parameters()), "gradients": grads,
         "optimizer": nbytes(v for s in optimizer.state.values() for v in s.values() if v.dim() > 0),
         "peak": peak, "comm": dict(sent)}
+
+# Tensor parallel (apply_tp, the whole world as the tp dimension): the bytes each rank holds.
+torch.manual_seed(0)
+model = apply_tp(Transformer(CFG), init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)))
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+optimizer.step()
+results["tp"] = {"weights": nbytes(model.parameters()), "gradients": nbytes(p.grad for p in model.parameters()),
+                 "optimizer": nbytes(v for s in optimizer.state.values() for v in s.values() if v.dim() > 0)}
 (out / f"rank{rank}.json").write_text(json.dumps(results))
 dist.destroy_process_group()

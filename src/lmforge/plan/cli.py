@@ -58,6 +58,8 @@ def memory_command(
     tp: int = typer.Option(1, min=1, help="tensor-parallel degree"),
     pp: int = typer.Option(1, min=1, help="pipeline-parallel degree"),
     sp: bool = typer.Option(False, "--sp", help="sequence parallelism (with tp > 1)"),
+    tp_layout: str = typer.Option("megatron", help="what tp splits: megatron (every weight, vocab-parallel "
+                                  "embeddings) or lmforge (block matrices; embeddings, head, norms whole)"),
     zero: int = typer.Option(0, min=0, max=3, help="ZeRO stage 0-3 over the data-parallel ranks "
                              "(3: lmforge's FSDP2 layout, as `lmforge train` under torchrun)"),
     reshard: bool = typer.Option(True, "--reshard/--no-reshard",
@@ -86,7 +88,7 @@ def memory_command(
         raise LmforgeError("headroom is a fraction in [0, 1)")
     plan = TrainingPlan(micro_batch=micro_batch, seq_len=seq_len, dp=total // (tp * pp), tp=tp, pp=pp, sp=sp,
                         zero=zero, recompute=recompute, offload=offload, precision=precision, flash=flash,
-                        fused_loss=fused_loss, reshard_after_forward=reshard)
+                        fused_loss=fused_loss, reshard_after_forward=reshard, tp_layout=tp_layout)
     verdict = check_fit(resolve_model(model), plan, get_gpu(gpu), headroom)
     console = Console()
     console.print(describe_plan(plan), highlight=False)

@@ -46,7 +46,8 @@ def params_table(name: str, s: ModelSummary) -> Table:
 
 
 def describe_plan(p) -> str:
-    return (f"{p.gpus} GPUs: dp={p.dp} tp={p.tp} pp={p.pp}{' +sp' if p.sp else ''}, ZeRO-{p.zero}"
+    return (f"{p.gpus} GPUs: dp={p.dp} tp={p.tp}{' (lmforge layout)' if p.tp_layout == 'lmforge' else ''} "
+            f"pp={p.pp}{' +sp' if p.sp else ''}, ZeRO-{p.zero}"
             f"{'' if p.reshard_after_forward else ' (FSDP, no reshard after forward)'}, "
             f"{p.precision} precision, micro-batch {p.micro_batch} x {p.seq_len} tokens, "
             f"recompute {p.recompute}{', flash attention' if p.flash else ''}"

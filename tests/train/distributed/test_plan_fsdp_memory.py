@@ -4,7 +4,9 @@ reshard-after-forward on and off (tests/plan/fsdp_memory_worker.py measures; fp3
 - the gathered weights alive at the peak (PyTorch's FSDPMemTracker: unsharded params + the
   all-gather buffer in flight): the planner's ZeRO-3 gathered weights exactly;
 - the tracked peak of all tensors (activations included) within 15 % of the planner's total;
-- the bytes through all_gather / reduce_scatter in one step: `comm_bytes_per_step` exactly."""
+- the bytes through all_gather / reduce_scatter in one step: `comm_bytes_per_step` exactly;
+and under tensor parallelism (apply_tp at 2 ranks) each rank's parameter, gradient and
+optimizer-state bytes: the planner's with tp_layout="lmforge" exactly."""
 import json
 from pathlib import Path
 
@@ -45,3 +47,16 @@ def test_fsdp_memory_and_traffic_per_rank_match_the_planner(measured, reshard):
         assert got["comm"]["all_gather"] == comm["all_gather"]
         assert got["comm"]["reduce_scatter"] == comm["reduce_scatter"]
         assert got["comm"].get("all_reduce", 0) == comm["all_reduce"] == 0
+
+
+@pytest.mark.slow
+def test_tensor_parallel_model_states_per_rank_match_the_planner(measured):
+    cfg = ModelConfig.from_dict(measured[0]["config"])
+    est = training_memory(cfg, TrainingPlan(micro_batch=BATCH, seq_len=SEQ_LEN, tp=RANKS, sp=True, precision="fp32",
+                                            flash=True, tp_layout="lmforge"))
+    megatron = training_memory(cfg, TrainingPlan(micro_batch=BATCH, seq_len=SEQ_LEN, tp=RANKS, sp=True,
+                                                 precision="fp32", flash=True))
+    for rank in measured:
+        for part in ("weights", "gradients", "optimizer"):
+            assert rank["tp"][part] == est.parts[part], part
+            assert rank["tp"][part] > megatron.parts[part]  # lmforge keeps embeddings and head whole
