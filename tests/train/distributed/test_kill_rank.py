@@ -17,7 +17,7 @@ from lmforge.train.config import TrainRecipe
 from lmforge.train.trainer import train
 from test_fsdp_training import TINY, TOL, losses, max_param_diff
 
-STEPS, CKPT_EVERY = 16, 6
+STEPS, CKPT_EVERY = 20, 6
 KILL_AT = CKPT_EVERY + 2  # rank 0 has logged this step: both ranks are two steps past the checkpoint
 
 
@@ -61,13 +61,16 @@ def test_kill9_of_one_rank_then_resume_reproduces_uninterrupted_losses(toy_shard
     rc = None
     try:
         deadline = time.time() + LAUNCH_TIMEOUT_S
-        while not any(s >= KILL_AT for s in logged_steps(cut)):
-            assert proc.poll() is None, f"the run ended before the kill:\n{log.read_text()[-4000:]}"
-            assert time.time() < deadline, f"step {KILL_AT} never came:\n{log.read_text()[-4000:]}"
-            time.sleep(0.002)
-        victim = worker_pid(proc.pid, rank=1)
-        assert victim is not None, "rank 1's process not found under torchrun"
-        os.kill(victim, signal.SIGKILL)
+
+        def wait(what, condition):
+            while not condition():
+                assert proc.poll() is None, f"the run ended before {what}:\n{log.read_text()[-4000:]}"
+                assert time.time() < deadline, f"no {what}:\n{log.read_text()[-4000:]}"
+                time.sleep(0.002)
+        victim = []  # found first, so the kill follows the step with no /proc scan in between
+        wait("rank 1's process", lambda: victim.append(worker_pid(proc.pid, rank=1)) or victim[-1])
+        wait(f"step {KILL_AT}", lambda: any(s >= KILL_AT for s in logged_steps(cut)))
+        os.kill(victim[-1], signal.SIGKILL)
         rc = proc.wait(timeout=120)  # torchrun notices the dead worker and stops the other one
     finally:
         if rc is None:  # anything left of this launch goes, whatever failed above
