@@ -27,6 +27,8 @@ class ModelConfig:
     moe_aux_loss_coef: float = 0.01
     init_std: float = 0.02
     head_dim_override: int | None = field(default=None, repr=False)  # for HF configs with explicit head_dim
+    attention: str = "sdpa"             # causal attention without a cache/mask: sdpa | blockwise (attention.py)
+    attention_block: int = 128          # blockwise: query and key block size
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -61,6 +63,10 @@ class ModelConfig:
             problems.append(f"moe_aux_loss_coef must be >= 0 (got {self.moe_aux_loss_coef})")
         if self.head_dim_override is not None and self.head_dim_override <= 0:
             problems.append(f"head_dim_override must be positive (got {self.head_dim_override})")
+        if self.attention not in ATTENTIONS:
+            problems.append(f"attention must be one of {', '.join(ATTENTIONS)} (got {self.attention!r})")
+        if not self.attention_block > 0:
+            problems.append(f"attention_block must be positive (got {self.attention_block})")
         problems += rope_scaling_problems(self.rope_scaling)
         if problems:
             raise LmforgeError("invalid model config: " + "; ".join(problems))
@@ -110,6 +116,7 @@ class ModelConfig:
 
 
 ROPE_SCALING_TYPES = ("default", "linear", "llama3")  # what layers.rope_inv_freq implements
+ATTENTIONS = ("sdpa", "blockwise")
 
 
 def rope_scaling_problems(scaling: dict | None) -> list[str]:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model.attention import blockwise_attention
 from lmforge.model.config import ModelConfig
 
 
@@ -85,6 +86,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.block = cfg.attention_block if cfg.attention == "blockwise" else 0
 
     def forward(self, x, cos, sin, cache=None, layer: int = 0, mask=None):
         B, T, _ = x.shape
@@ -98,7 +100,7 @@ class Attention(nn.Module):
         elif mask is not None:  # packed documents or padding: a [B, 1, T, T] boolean mask
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
         else:
-            out = causal_attention(q, k, v)
+            out = blockwise_attention(q, k, v, True, self.block, self.block) if self.block else causal_attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
