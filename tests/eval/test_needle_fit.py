@@ -3,21 +3,24 @@ memory formula written out here by hand for the tiny Llama of conftest (dim 64, 
 2 KV heads of 16, hidden 160, fp32, engine prefill chunks of 512 tokens), then the needle sweep at
 that length on the tiny model."""
 import pytest
+import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.eval.context_fit import generation_memory
 from lmforge.eval.runner import evaluate
 from lmforge.eval.tasks import make_task
+from lmforge.serve.paged_cache import PagedKVCache
 
 GIB = 2.0 ** 30
 
 
-def by_hand(backend, n: int) -> float:
+def by_hand(backend, n: int, pool: float = 0) -> float:
     """Bytes to generate from an n-token prompt: weights, K and V of 2 layers x 2 heads x 16 dims in
     fp32 per token, one layer's activations over a prefill chunk (x, k, v, q, gate/up/act), that
     layer's K/V gathered from the cache, the chunk's fp32 scores over 4 heads, the last logits."""
     weights = sum(p.numel() * 4 for p in backend.model.parameters())
     c = min(512, n)
-    kv_cache = 2 * 2 * 2 * 16 * 4 * n
+    kv_cache = max(2 * 2 * 2 * 16 * 4 * n, pool)  # a KV pool allocated whole (GPU) counts whole
     activations = c * (64 + 2 * 2 * 16 + 4 * 16 + 3 * 160) * 4
     gathered = 2 * 2 * 16 * 4 * n
     scores = c * n * 4 * 4
@@ -47,6 +50,16 @@ def test_auto_length_is_the_longest_within_the_budget(tiny_backend):
     assert derived.budget_source.endswith("MemAvailable + the loaded weights") and derived.length == 512
     with pytest.raises(LmforgeError, match="'auto' or unset"):
         make_task("needle", {"max_length": "400"})
+
+
+def test_estimate_terms_match_the_engine(tiny_backend):
+    engine = tiny_backend.engine()
+    assert engine.config.max_batched_tokens == 512  # the prefill chunk by_hand assumes (CPU)
+    assert PagedKVCache.bytes_per_block(tiny_backend.model.cfg, 16, torch.float32) == 16 * 2 * 2 * 2 * 16 * 4
+    weights = sum(p.numel() * 4 for p in tiny_backend.model.parameters())
+    for pool in (0, 2**20, 2**30):
+        got = generation_memory(tiny_backend.model.cfg, 400, weights, 4, 512, pool)
+        assert got == by_hand(tiny_backend, 400, pool)
 
 
 def test_needle_sweep_runs_at_the_auto_length(tiny_backend, tmp_path):

@@ -11,12 +11,13 @@ tokens per step), in the model's own element size e:
                + c * L * heads * 4                 (the chunk's fp32 attention scores over the context)
                + vocab * 4                         (the last position's fp32 logits)
 
-It grows with L, so the longest fitting length is found by bisection, then capped by the model's
-positions (max_seq_len, which a RoPE-scaled model raises) and the engine's KV pool.
+On a GPU the engine's KV pool (kv_cache_mb) is allocated whole up front, so the KV cache term is
+at least the pool's size there; on CPU the pool's zeroed pages become resident only as tokens are
+stored. The estimate grows with L, so the longest fitting length is found by bisection, then
+capped by the model's positions (max_seq_len, which a RoPE-scaled model raises) and the pool.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -37,9 +38,8 @@ class ContextFit:
     max_position: int
 
     def reason(self) -> str:
-        gib = 2.0 ** 30
         return (f"context {self.length} tokens, limited by the {self.limited_by}: estimated "
-                f"{self.estimate_bytes / gib:.3f} GiB of a {self.budget_bytes / gib:.3f} GiB budget "
+                f"{size(self.estimate_bytes)} of a {size(self.budget_bytes)} budget "
                 f"({self.budget_source}); the model has {self.max_position} positions")
 
     def as_dict(self) -> dict:
@@ -48,18 +48,23 @@ class ContextFit:
                 "max_position": self.max_position, "reason": self.reason()}
 
 
-def generation_memory(cfg, length: int, weight_bytes: float, elem: int, chunk: int) -> float:
-    """Bytes to prefill and decode one prompt of `length` tokens (the module docstring's formula)."""
+def size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def generation_memory(cfg, length: int, weight_bytes: float, elem: int, chunk: int, pool_bytes: float = 0) -> float:
+    """Bytes to prefill and decode one prompt of `length` tokens (the module docstring's formula);
+    pool_bytes: a KV pool allocated whole, whatever the length."""
     c = min(chunk, length)
     kv_layer = 2 * cfg.n_kv_heads * cfg.head_dim * elem
     act = c * (cfg.dim + 2 * cfg.n_kv_heads * cfg.head_dim + cfg.n_heads * cfg.head_dim + 3 * cfg.hidden_dim) * elem
     workspace = act + kv_layer * length + c * length * cfg.n_heads * 4 + cfg.vocab_size * 4
-    return weight_bytes + kv_cache_bytes_per_token(cfg, elem) * length + workspace
+    return weight_bytes + max(kv_cache_bytes_per_token(cfg, elem) * length, pool_bytes) + workspace
 
 
-def available_memory(device: torch.device, weight_bytes: float) -> tuple[float, str]:
-    """Free memory now (GPU: the driver's free bytes; CPU: MemAvailable) plus the already loaded
-    weights, which the estimate counts; MARGIN of it."""
+def available_memory(device: torch.device, held_bytes: float) -> tuple[float, str]:
+    """Free memory now (GPU: the driver's free bytes; CPU: MemAvailable) plus what the estimate
+    counts that is already allocated (the weights; on a GPU the KV pool); MARGIN of it."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         where = f"free memory on {device}"
@@ -70,7 +75,8 @@ def available_memory(device: torch.device, weight_bytes: float) -> tuple[float, 
         except (OSError, StopIteration):
             raise LmforgeError("cannot read the available memory here: give needle.memory_gb") from None
         free, where = int(line.split()[1]) * 1024, "MemAvailable"
-    return MARGIN * (free + weight_bytes), f"{MARGIN:.0%} of {where} + the loaded weights"
+    held = "the loaded weights and KV pool" if device.type == "cuda" else "the loaded weights"
+    return MARGIN * (free + held_bytes), f"{MARGIN:.0%} of {where} + {held}"
 
 
 def fit_context(backend, memory_gb: float = 0.0, minimum: int = 1) -> ContextFit:
@@ -84,21 +90,25 @@ def fit_context(backend, memory_gb: float = 0.0, minimum: int = 1) -> ContextFit
         raise LmforgeError(f"needle.memory_gb must be positive (0: from the available memory), got {memory_gb}")
     cfg, param = model.cfg, next(model.parameters())
     weight_bytes = float(sum(p.numel() * p.element_size() for p in model.parameters()))
+    engine = backend.engine() if hasattr(backend, "engine") else None  # what generation will run on
+    chunk = engine.config.max_batched_tokens if engine is not None else cfg.max_seq_len
+    pool = engine.max_model_len if engine is not None else cfg.max_seq_len  # min(positions, KV pool)
+    resident = 0.0
+    if engine is not None and param.device.type == "cuda":
+        resident = float(sum(t.numel() * t.element_size() for t in vars(engine.cache).values()
+                             if isinstance(t, torch.Tensor)))
     if memory_gb:
         budget, source = memory_gb * 2.0 ** 30, "needle.memory_gb"
     else:
-        budget, source = available_memory(param.device, weight_bytes)
-    engine = backend.engine() if hasattr(backend, "engine") else None
-    chunk = engine.config.max_batched_tokens if engine is not None else cfg.max_seq_len
-    pool = engine.max_model_len if engine is not None else cfg.max_seq_len  # min(positions, KV pool)
+        budget, source = available_memory(param.device, weight_bytes + resident)
 
     def estimate(n: int) -> float:
-        return generation_memory(cfg, n, weight_bytes, param.element_size(), chunk)
+        return generation_memory(cfg, n, weight_bytes, param.element_size(), chunk, resident)
 
     ceiling = min(cfg.max_seq_len, pool)
     if estimate(minimum) > budget:
-        raise LmforgeError(f"even {minimum} tokens need an estimated {estimate(minimum) / 2**30:.3f} GiB, over the "
-                           f"{budget / 2**30:.3f} GiB budget ({source})")
+        raise LmforgeError(f"even {minimum} tokens need an estimated {size(estimate(minimum))}, over the "
+                           f"{size(budget)} budget ({source})")
     if estimate(ceiling) <= budget:
         length = ceiling
         limited_by = "max position" if ceiling == cfg.max_seq_len else "engine KV cache"
