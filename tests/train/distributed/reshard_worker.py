@@ -6,6 +6,7 @@ One launch serves both layouts: the process group is kept open between them.
 
 usage: reshard_worker.py CKPT_STEP_DIR WORK_ROOT override...
 """
+import json
 import sys
 from pathlib import Path
 
@@ -31,6 +32,10 @@ for name, layout in LAYOUTS.items():
     rt = start_runtime(recipe.parallel, tc, cfg, Console())
     model = rt.parallelize(initial_model(tc, cfg, vocab, rt.device))
     optimizer = build_optimizer(model, tc, rt.device)
+    q = model.layers[0].self_attn.q_proj.weight  # a DTensor in both layouts: record which mesh and split
+    if rt.main:
+        (work_root / f"layout_{name}.json").write_text(json.dumps(
+            {"mesh": q.device_mesh.mesh_dim_names, "placements": [repr(p) for p in q.placements]}))
     state = rt.load_checkpoint(step_dir, model, optimizer)
     save_dcp_checkpoint(work_root / f"resaved_{name}", state.pop("step"), model, optimizer, state, keep_last=1)
     train(recipe, resume=True)

@@ -2,6 +2,7 @@
 tensor parallel at 2 ranks and in one plain process with parameters and optimizer state bit for bit
 equal, and the next 10 losses equal an uninterrupted one-process run's; `lmforge convert` reads the
 DCP checkpoint."""
+import json
 import shutil
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def test_save_at_4_ranks_resume_at_fsdp2_tp2_and_1_exactly(toy_shards, tmp_path)
     run_torchrun(2, [str(WORKER), str(saved), str(tmp_path), *common, "train.max_steps=20"], tmp_path / "two.log")
     train(load_recipe(TrainRecipe, None, [*common, "train.max_steps=20", f"train.out={one}"]), resume=True)
 
+    layouts = {n: json.loads((tmp_path / f"layout_{n}.json").read_text()) for n in ("two", "tp")}
+    assert layouts == {"two": {"mesh": ["dp_shard"], "placements": ["Shard(dim=0)"]},  # FSDP: rows over 2 ranks
+                       "tp": {"mesh": ["tp"], "placements": ["Shard(dim=0)"]}}  # TP: q_proj's heads (columns)
     # what FSDP 2 and TP 2 loaded (written back out) and what one process loads are the saved state, bit for bit
     at_one = load_plain(saved, common)
     for name in ("two", "tp"):
