@@ -216,7 +216,7 @@ def main() -> None:
         with GrammarClock() as clock:
             start = time.perf_counter()
             r = engine.generate([prompts[n]], SamplingParams(max_tokens=args.max_tokens, temperature=0,
-                                                             grammar=grammars[n]))
+                                                             grammar=grammars[n]))[0]
             in_engine["decode_s"] += time.perf_counter() - start
         in_engine["grammar_s"] += clock.seconds
         in_engine["steps"] += clock.calls
@@ -240,7 +240,8 @@ def main() -> None:
 
     def free() -> float:
         start = time.perf_counter()
-        r = engine.generate([free_prompt], SamplingParams(max_tokens=args.free_tokens, temperature=0, ignore_eos=True))
+        r = engine.generate([free_prompt], SamplingParams(max_tokens=args.free_tokens, temperature=0,
+                                                          ignore_eos=True))[0]
         return (time.perf_counter() - start) / len(r["token_ids"])
 
     def backend_side(b):
@@ -252,13 +253,19 @@ def main() -> None:
         return run
 
     results = {"free": [], **{b.name: {"cold": [], "warm": []} for b in backends}}
-    sides = {"free": free} | {b.name: backend_side(b) for b in backends}
-    for _ in range(args.repeat):
-        _, last = interleave(sides, 1)
-        results["free"].append(last["free"])
-        for b in backends:
-            results[b.name]["cold"].append(last[b.name][0])
-            results[b.name]["warm"].append(last[b.name][1])
+
+    def record_free():
+        results["free"].append(free())
+
+    def record(b):
+        run = backend_side(b)
+
+        def side():
+            cold, warm = run()
+            results[b.name]["cold"].append(cold)
+            results[b.name]["warm"].append(warm)
+        return side
+    interleave({"free": record_free} | {b.name: record(b) for b in backends}, args.repeat)
 
     free_s = spread(results["free"])
     step = free_s["median"]
