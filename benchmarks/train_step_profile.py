@@ -29,8 +29,7 @@ NORMS = ("rms_norm", "aten::rsqrt", "aten::pow")  # pow/rsqrt: transformers' han
 BUCKETS = ("GEMM", "attention", "norms", "elementwise+copies", "optimizer", "python+framework")
 
 
-def bucket(event, in_optimizer: bool) -> str:
-    name = event.name
+def bucket(name: str, in_optimizer: bool) -> str:
     if in_optimizer:
         return "optimizer"
     if name.startswith("autograd::") or name.endswith(("Backward0", "Backward1")):
@@ -52,8 +51,9 @@ def under_optimizer(event) -> bool:
     return False
 
 
-def profile_steps(step, steps: int) -> dict[str, float]:
-    """Seconds per step in each bucket, from the self CPU time of every operator."""
+def profile_steps(step, steps: int, top: int = 0) -> dict[str, float]:
+    """Seconds per step in each bucket, from the self CPU time of every operator; `top` > 0 also
+    prints the operators with the most self time outside GEMM and attention."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
@@ -61,8 +61,12 @@ def profile_steps(step, steps: int) -> dict[str, float]:
         wall = time.perf_counter() - start
     shares = dict.fromkeys(BUCKETS, 0.0)
     for ev in prof.events():  # self times partition the profiled time between the events
-        shares[bucket(ev, under_optimizer(ev))] += ev.self_cpu_time_total / 1e6
+        shares[bucket(ev.name, under_optimizer(ev))] += ev.self_cpu_time_total / 1e6
     shares["python+framework"] += max(wall - sum(shares.values()), 0.0)  # outside any event: Python
+    if top:
+        rows = [r for r in prof.key_averages() if bucket(r.key, False) in ("elementwise+copies", "norms")]
+        for r in sorted(rows, key=lambda r: -r.self_cpu_time_total)[:top]:
+            print(f"    {r.key:<45} {r.self_cpu_time_total / 1e3 / steps:8.1f} ms/step  x{r.count // steps}")
     return {k: v / steps for k, v in shares.items()} | {"wall": wall / steps}
 
 
@@ -73,6 +77,7 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--top", type=int, default=0, help="list the N busiest elementwise/norm operators")
     ap.add_argument("--json", help="also write the table here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,7 +105,9 @@ def main():
         step = stepper(name)
         for _ in range(2):  # warm-up: oneDNN primitives, optimizer state
             step()
-        table[name] = profile_steps(step, args.steps)
+        if args.top:
+            print(f"{name}: busiest elementwise/norm operators")
+        table[name] = profile_steps(step, args.steps, args.top)
     print(f"preset {args.preset}, batch {args.batch}x{args.seq}, threads {torch.get_num_threads()}, "
           f"{args.steps} profiled steps each (ms per step, share of the profiled wall time)")
     print(f"{'bucket':<20}" + "".join(f"{n:>26}" for n in table))

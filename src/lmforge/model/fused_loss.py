@@ -49,14 +49,19 @@ class LinearCrossEntropy(torch.autograd.Function):
             cap_deriv = softcap_(logits, cap)
             valid = t != ignore_index
             safe_t = torch.where(valid, t, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            row_loss = lse - logits.gather(1, safe_t[:, None]).squeeze(1)
+            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+            # log-sum-exp and softmax from one exp pass, in place: no [rows, vocab] temporary
+            row_max = logits.amax(dim=-1, keepdim=True)
+            grad = logits.sub_(row_max).exp_()
+            denom = grad.sum(dim=-1)
+            lse = row_max.squeeze(1) + denom.log()
+            row_loss = lse - target_logit
+            scale = 1.0 / denom                                          # softmax = exp / denom
             if z_loss:
                 row_loss = row_loss + z_loss * lse.square()
+                scale = scale * (1.0 + 2.0 * z_loss * lse)
             total += (row_loss * valid).sum()
-            grad = logits.sub_(lse[:, None]).exp_()                      # softmax, in place
-            if z_loss:
-                grad.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+            grad.mul_(scale[:, None])
             grad[torch.arange(len(t), device=t.device), safe_t] -= 1.0   # minus one-hot
             if cap_deriv is not None:
                 grad.mul_(cap_deriv)
