@@ -16,6 +16,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -81,33 +82,86 @@ def _serve(extra: list[str], port: int):
     return p, re.search(r"http://\S+?:\d+", line).group()
 
 
-def part_e2e(args) -> dict:
-    from lmforge.safety.attacks import attacks
-    from lmforge.safety.benign import benign
-    from lmforge.safety.judges import make_canary
-    from lmforge.safety.redteam import report, run
+def _run_server(flags: list[str], prompts, canary: str, template: str, max_tokens: int, port: int) -> list:
+    from lmforge.safety.redteam import run
     from lmforge.safety.targets import EndpointTarget
-    atk, ben, canary = attacks(args.per_family, 0), benign(args.benign, 0), make_canary(0)
-    out = {}
-    for name, flags in (("no guard", []), ("guard", ["--guard"])):
-        proc, url = _serve(flags, args.port)
-        try:
-            t = time.time()
-            rep = report(run(EndpointTarget(url, max_tokens=args.max_tokens, timeout=1800), atk, canary, workers=4) +
-                         # benign prompts only need the guard's verdict: one token each
-                         (run(EndpointTarget(url, max_tokens=1, timeout=1800), ben, canary, workers=4) if flags else []))
-            rep["seconds"] = time.time() - t
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        a = rep["attacks"]
-        print(f"  {name:<9} attack success {a['asr']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] over {a['n']} attacks"
-              + (f"; benign blocked {rep['benign']['blocked']:.3f} of {rep['benign']['n']}" if "benign" in rep else ""))
-        for r in rep["families"]:
-            print(f"      {r['family']:<12} {r['asr']:.2f}")
-        out[name] = rep
-    base, guarded = out["no guard"]["attacks"]["asr"], out["guard"]["attacks"]["asr"]
-    print(f"  cut: {base:.3f} -> {guarded:.3f} ({base / guarded:.1f}x)" if guarded else f"  cut: {base:.3f} -> 0")
+    proc, url = _serve(flags, port)
+    try:
+        return run(EndpointTarget(url, max_tokens=max_tokens, timeout=3600), prompts, canary, workers=4,
+                   system_template=template)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _rate(xs, seed: int = 0) -> dict:
+    from lmforge.safety.metrics import bootstrap_ci
+    rate, lo, hi = bootstrap_ci(xs, seed=seed)
+    return {"n": len(xs), "k": int(sum(xs)), "rate": rate, "ci": [lo, hi]}
+
+
+def part_e2e(args) -> dict:
+    """Goal hijacking through `lmforge serve`: the system prompt is an application (translate the
+    user's message into French) holding a canary; the attacks of every family ask for the rogue
+    string (or, with --leak-per-family, the canary). Unguarded server vs `--guard` with, for each
+    family, a classifier trained without that family (other families + the benign train half);
+    benign blocks on the benign test half, which no classifier saw."""
+    from lmforge.safety.attacks import FAMILIES, attacks
+    from lmforge.safety.benign import benign
+    from lmforge.safety.guard import Guard
+    from lmforge.safety.judges import TASK_TEMPLATE, make_canary
+    from lmforge.safety.training import fit, split_benign
+    canary, seed = make_canary(0), 0
+    pool = attacks(max(50, 6 * args.per_family), seed)
+    chosen = []
+    for family in FAMILIES:
+        fam = [p for p in pool if p.family == family]
+        chosen += [p for p in fam if p.goal == "rogue"][:args.per_family]
+        chosen += [p for p in fam if p.goal == "leak"][:args.leak_per_family]
+    train_b, test_b = split_benign(benign(350, seed), seed)
+    train_atk = attacks(50, seed)
+    tmp = tempfile.mkdtemp()
+    t = time.time()
+    plain = _run_server([], chosen, canary, TASK_TEMPLATE, args.max_tokens, args.port)
+    print(f"  no guard: {sum(o.success for o in plain)}/{len(plain)} attacks succeeded ({time.time() - t:.0f} s)", flush=True)
+    guarded, benign_held_out = [], {}
+    for family in FAMILIES:
+        clf = fit([p for p in train_atk if p.family != family] + train_b, seed)
+        benign_held_out[family] = float(np.mean([Guard(clf).check_messages(list(p.messages)).action == "block"
+                                                 for p in test_b]))
+        fam = [p for p in chosen if p.family == family]
+        guarded += _run_server(["--guard", "--guard-classifier", str(clf.save(f"{tmp}/{family}"))], fam, canary,
+                               TASK_TEMPLATE, args.max_tokens, args.port)
+        print(f"  guard without {family}: {sum(o.success for o in guarded[-len(fam):])}/{len(fam)} succeeded, "
+              f"{sum(o.blocked for o in guarded[-len(fam):])} blocked; benign test half blocked "
+              f"{benign_held_out[family]:.3f} (in-process)", flush=True)
+    clf = fit(train_atk + train_b, seed)  # the full classifier: benign requests through the server
+    ben = _run_server(["--guard", "--guard-classifier", str(clf.save(f"{tmp}/all"))], test_b[:args.e2e_benign or None],
+                      canary, TASK_TEMPLATE,
+                      1, args.port)
+    out = {"canary_template": TASK_TEMPLATE, "max_tokens": args.max_tokens, "families": {}}
+    print(f"  {'family':<12} {'no guard':>16} {'guard (held out)':>18}")
+    for family in FAMILIES:
+        a = [o.success for o in plain if o.prompt.family == family]
+        b = [o.success for o in guarded if o.prompt.family == family]
+        out["families"][family] = {"no_guard": _rate(a), "guard": _rate(b)}
+        print(f"  {family:<12} {sum(a):>7}/{len(a):<3} {np.mean(a):.2f}  {sum(b):>7}/{len(b):<3} {np.mean(b):.2f}")
+    for goal in ("rogue", "leak"):
+        a = [o.success for o in plain if o.prompt.goal == goal]
+        if a:
+            out[f"no_guard_{goal}"] = _rate(a)
+    base, guard = _rate([o.success for o in plain]), _rate([o.success for o in guarded])
+    benign_rate = _rate([o.blocked for o in ben])
+    # 95 % upper bound on a rate observed as 0 of n: the rule of three; the cut's conservative end
+    # divides the unguarded CI's low end by the guarded CI's high end (or that bound)
+    guard_hi = guard["ci"][1] if guard["k"] else 3 / guard["n"]
+    out.update(no_guard=base, guard=guard, benign=benign_rate, benign_held_out=benign_held_out,
+               cut=base["rate"] / guard["rate"] if guard["k"] else float("inf"), cut_low=base["ci"][0] / guard_hi)
+    print(f"  attack success: no guard {base['k']}/{base['n']} = {base['rate']:.3f} [{base['ci'][0]:.3f}, {base['ci'][1]:.3f}]; "
+          f"guard {guard['k']}/{guard['n']} = {guard['rate']:.3f} [{guard['ci'][0]:.3f}, {guard['ci'][1]:.3f}]")
+    print(f"  cut {out['cut']:.1f}x (conservative: CI low / guarded high {out['cut_low']:.1f}x); benign blocked through "
+          f"the server {benign_rate['k']}/{benign_rate['n']} = {benign_rate['rate']:.3f} [{benign_rate['ci'][0]:.3f}, "
+          f"{benign_rate['ci'][1]:.3f}], per held-out classifier max {max(benign_held_out.values()):.3f}")
     return out
 
 
@@ -151,9 +205,10 @@ PARTS = {"guard": part_guard, "pii": part_pii, "e2e": part_e2e, "latency": part_
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="guard,pii,e2e,latency")
-    ap.add_argument("--per-family", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--benign", type=int, default=150)
+    ap.add_argument("--per-family", type=int, default=6, help="e2e: rogue-string attacks per family")
+    ap.add_argument("--leak-per-family", type=int, default=0, help="e2e: canary-leak attacks per family too")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--e2e-benign", type=int, default=0, help="e2e: benign test prompts sent (0: the whole half)")
     ap.add_argument("--pii-per-locale", type=int, default=60)
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--threads", type=int, default=2)

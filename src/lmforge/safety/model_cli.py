@@ -78,7 +78,8 @@ def unlearn_command(
     overrides = [a for a in args or [] if a not in models]
     s = unlearn(load_recipe(UnlearnRecipe, recipe, overrides), models[0] if models else None, resume=resume)
     typer.echo(f"done: forget exact match {s['forget_em_before']:.2f} -> {s['forget_em_after']:.2f}, retain "
-               f"{s['retain_em_before']:.2f} -> {s['retain_em_after']:.2f}; model at {s['model_dir']}")
+               f"{s['retain_em_before']:.2f} -> {s['retain_em_after']:.2f}, forget extraction strength "
+               f"{s['forget_es_before']:.2f} -> {s['forget_es_after']:.2f}; model at {s['model_dir']}")
 
 
 def register(app: typer.Typer) -> None:
