@@ -122,7 +122,16 @@ def part_e2e(args) -> dict:
     train_atk = attacks(50, seed)
     tmp = tempfile.mkdtemp()
     t = time.time()
-    plain = _run_server([], chosen, canary, TASK_TEMPLATE, args.max_tokens, args.port)
+    if args.e2e_cache and os.path.exists(args.e2e_cache):  # the unguarded replies of an interrupted run
+        from lmforge.safety.judges import succeeded
+        from lmforge.safety.redteam import Outcome
+        saved = json.load(open(args.e2e_cache))
+        plain = [Outcome(p, r, False, succeeded(p.goal, r, canary), 0.0) for p, r in zip(chosen, saved, strict=True)]
+    else:
+        plain = _run_server([], chosen, canary, TASK_TEMPLATE, args.max_tokens, args.port)
+        if args.e2e_cache:
+            with open(args.e2e_cache, "w") as f:
+                json.dump([o.reply for o in plain], f)
     print(f"  no guard: {sum(o.success for o in plain)}/{len(plain)} attacks succeeded ({time.time() - t:.0f} s)", flush=True)
     guarded, benign_held_out = [], {}
     for family in FAMILIES:
@@ -208,6 +217,7 @@ if __name__ == "__main__":
     ap.add_argument("--per-family", type=int, default=6, help="e2e: rogue-string attacks per family")
     ap.add_argument("--leak-per-family", type=int, default=0, help="e2e: canary-leak attacks per family too")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--e2e-cache", default=None, help="e2e: keep (and reuse) the unguarded replies in this JSON file")
     ap.add_argument("--e2e-benign", type=int, default=0, help="e2e: benign test prompts sent (0: the whole half)")
     ap.add_argument("--pii-per-locale", type=int, default=60)
     ap.add_argument("--port", type=int, default=8765)
