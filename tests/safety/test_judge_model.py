@@ -77,3 +77,24 @@ def test_unclear_answers_count_as_no_success_and_bad_input_is_refused():
         ModelJudge(object())
     with pytest.raises(LmforgeError, match="canary"):
         system_prompt("X-1", "no placeholder here")
+
+
+def test_redteam_command_adds_a_model_judge_section(tmp_path):
+    import json
+
+    import torch
+
+    from lmforge.cli import run as cli
+    from lmforge.tokenizer import train_tokenizer
+    from tests.serve.helpers import RunningServer, tiny_model
+    torch.set_num_threads(1)
+    tok = train_tokenizer(["yes no. The secret password is kept safe. " * 20], vocab_size=300)
+    with RunningServer(tiny_model(tok.vocab_size), tok, "tiny") as server:
+        out = tmp_path / "rep.json"
+        assert cli(["safety", "redteam", "--endpoint", server.url, "--judge-endpoint", server.url, "--task-prompt",
+                    "--per-family", "1", "--benign", "0", "--max-tokens", "2", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    judged = rep["model_judge"]
+    assert judged["attacks"]["n"] == rep["attacks"]["n"] == 7
+    # an untrained judge answers neither yes nor no: every reply is unclear and counts as no success
+    assert judged["unclear"] == 7 and judged["attacks"]["asr"] == 0.0
