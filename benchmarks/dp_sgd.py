@@ -12,7 +12,7 @@
 Timings on a shared, busy CPU are noisy: compare the sides, not the absolute figures.
 
     PYTHONPATH=src python benchmarks/dp_sgd.py [--steps 200] [--epsilon 8] [--json out.json]
-    PYTHONPATH=src python benchmarks/dp_sgd.py --parts tiny --tiny-steps 60 --tiny-epsilon 1
+    PYTHONPATH=src python benchmarks/dp_sgd.py --parts tiny --tiny-steps 30 --tiny-batch-tokens 2048 --tiny-epsilon 1
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def step_time(batch: int, repeat: int) -> dict:
             "ratio_opacus_over_ours": ratios(times["opacus"], times["ours"])}
 
 
-def tiny_bpb(steps: int, target_eps: float, documents: int, root: str) -> dict:
+def tiny_bpb(steps: int, target_eps: float, documents: int, root: str, batch_tokens: int) -> dict:
     """Held-out bpb of the tiny preset after `steps` steps, non-private vs DP-SGD at `target_eps`."""
     from rich.console import Console
 
@@ -104,10 +104,10 @@ def tiny_bpb(steps: int, target_eps: float, documents: int, root: str) -> dict:
     data = Path(run_stages(run, console, STAGES[:4]).dir) / "data"
     tok = load_tokenizer(data.parent / "tokenizer")
     val = TokenShards(data, "val")
-    common = ["model.preset=tiny", f"train.data={data}", "train.seq_len=256", "train.micro_batch=32",
-              "train.global_batch_tokens=8192", f"train.max_steps={steps}", "train.lr=0.003", "train.optimizer=adamw",
+    common = ["model.preset=tiny", f"train.data={data}", "train.seq_len=256", f"train.micro_batch={batch_tokens // 256}",
+              f"train.global_batch_tokens={batch_tokens}", f"train.max_steps={steps}", "train.lr=0.003", "train.optimizer=adamw",
               f"train.eval_every={steps}", f"train.ckpt_every={steps}", "train.log_every=10", "train.tensorboard=false"]
-    out = {"steps": steps, "documents": documents, "train_tokens": len(TokenShards(data, "train")),
+    out = {"steps": steps, "batch_tokens": batch_tokens, "documents": documents, "train_tokens": len(TokenShards(data, "train")),
            "val_tokens": min(len(val), 65536)}
     for name in ("plain", "dp"):
         t = time.perf_counter()
@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--tiny-steps", type=int, default=60)
     ap.add_argument("--tiny-epsilon", type=float, default=1.0)
     ap.add_argument("--tiny-documents", type=int, default=2000)
+    ap.add_argument("--tiny-batch-tokens", type=int, default=8192, help="tokens per step (the speedrun's 8192)")
     ap.add_argument("--tiny-root", default=None, help="folder for the tiny runs (default: a temporary one)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -151,7 +152,8 @@ def main() -> None:
     if "tiny" in parts:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
-            results["tiny"] = tiny_bpb(args.tiny_steps, args.tiny_epsilon, args.tiny_documents, args.tiny_root or tmp)
+            results["tiny"] = tiny_bpb(args.tiny_steps, args.tiny_epsilon, args.tiny_documents, args.tiny_root or tmp,
+                                     args.tiny_batch_tokens)
     if "timing" not in parts:
         write_json(args.json, "dp_sgd", vars(args), {}, results)
         return
