@@ -100,17 +100,22 @@ def _rate(xs, seed: int = 0) -> dict:
     return {"n": len(xs), "k": int(sum(xs)), "rate": rate, "ci": [lo, hi]}
 
 
+GROUPS = (("override", "encoding", "indirect", "role_marker"), ("roleplay", "smuggling", "multi_turn"))
+
+
 def part_e2e(args) -> dict:
     """Goal hijacking through `lmforge serve`: the system prompt is an application (translate the
     user's message into French) holding a canary; the attacks of every family ask for the rogue
-    string (or, with --leak-per-family, the canary). Unguarded server vs `--guard` with, for each
-    family, a classifier trained without that family (other families + the benign train half);
-    benign blocks on the benign test half, which no classifier saw."""
+    string (or, with --leak-per-family, the canary). Unguarded server vs `--guard` servers whose
+    classifier never saw the attacked family: the families are split in two groups, and each group's
+    attacks meet a classifier trained on the other group (+ the benign train half). Benign blocks:
+    both classifiers over the benign test half, which neither saw."""
     from lmforge.safety.attacks import FAMILIES, attacks
     from lmforge.safety.benign import benign
     from lmforge.safety.guard import Guard
     from lmforge.safety.judges import TASK_TEMPLATE, make_canary, rogue_opening
     from lmforge.safety.training import fit, split_benign
+    assert sorted(sum(GROUPS, ())) == sorted(FAMILIES)
     canary, seed = make_canary(0), 0
     pool = attacks(max(50, 6 * args.per_family), seed)
     chosen = []
@@ -133,21 +138,27 @@ def part_e2e(args) -> dict:
             with open(args.e2e_cache, "w") as f:
                 json.dump([o.reply for o in plain], f)
     print(f"  no guard: {sum(o.success for o in plain)}/{len(plain)} attacks succeeded ({time.time() - t:.0f} s)", flush=True)
-    guarded, benign_held_out = [], {}
-    for family in FAMILIES:
-        clf = fit([p for p in train_atk if p.family != family] + train_b, seed)
-        benign_held_out[family] = float(np.mean([Guard(clf).check_messages(list(p.messages)).action == "block"
-                                                 for p in test_b]))
-        fam = [p for p in chosen if p.family == family]
-        guarded += _run_server(["--guard", "--guard-classifier", str(clf.save(f"{tmp}/{family}"))], fam, canary,
-                               TASK_TEMPLATE, args.max_tokens, args.port)
-        print(f"  guard without {family}: {sum(o.success for o in guarded[-len(fam):])}/{len(fam)} succeeded, "
-              f"{sum(o.blocked for o in guarded[-len(fam):])} blocked; benign test half blocked "
-              f"{benign_held_out[family]:.3f} (in-process)", flush=True)
-    clf = fit(train_atk + train_b, seed)  # the full classifier: benign requests through the server
-    ben = _run_server(["--guard", "--guard-classifier", str(clf.save(f"{tmp}/all"))], test_b[:args.e2e_benign or None],
-                      canary, TASK_TEMPLATE,
-                      1, args.port)
+    # two guarded servers: each serves the families of one group with a classifier trained only on the
+    # other group's families (+ the benign train half), so no attack meets a guard trained on its family
+    guarded, benign_verdicts, ben = [], {}, []
+    for i, group in enumerate(GROUPS):
+        clf = fit([p for p in train_atk if p.family not in group] + train_b, seed)
+        guard_dir = str(clf.save(f"{tmp}/group{i}"))
+        # benign blocks: the server's own input check (Guard.check_messages, run before any generation;
+        # tests/safety/test_redteam.py checks in-process and server block decisions are identical),
+        # for the whole benign test half, here; a sample also goes through the server below
+        benign_verdicts[i] = [Guard(clf).check_messages(list(p.messages)).action == "block" for p in test_b]
+        held = [p for p in chosen if p.family in group]
+        sample = test_b[:args.e2e_benign] if i == 0 else []
+        outs = _run_server(["--guard", "--guard-classifier", guard_dir], held + sample, canary, TASK_TEMPLATE,
+                           args.max_tokens, args.port)
+        guarded += outs[:len(held)]
+        ben += outs[len(held):]
+        print(f"  guard trained without {', '.join(group)}: {sum(o.success for o in outs[:len(held)])}/{len(held)} "
+              f"succeeded, {sum(o.blocked for o in outs[:len(held)])} blocked; benign test half blocked "
+              f"{np.mean(benign_verdicts[i]):.3f}", flush=True)
+    if [o.blocked for o in ben] != benign_verdicts[0][:len(ben)]:
+        raise SystemExit("the server's benign block decisions differ from the guard's in-process ones")
     out = {"canary_template": TASK_TEMPLATE, "max_tokens": args.max_tokens, "families": {}}
     print(f"  {'family':<12} {'no guard':>16} {'guard (held out)':>18}")
     for family in FAMILIES:
@@ -160,7 +171,7 @@ def part_e2e(args) -> dict:
         if a:
             out[f"no_guard_{goal}"] = _rate(a)
     base, guard = _rate([o.success for o in plain]), _rate([o.success for o in guarded])
-    benign_rate = _rate([o.blocked for o in ben])
+    benign_rate = _rate(benign_verdicts[0] + benign_verdicts[1])  # both guards over the benign test half
     # 95 % upper bound on a rate observed as 0 of n: the rule of three; the cut's conservative end
     # divides the unguarded CI's low end by the guarded CI's high end (or that bound)
     guard_hi = guard["ci"][1] if guard["k"] else 3 / guard["n"]
@@ -172,13 +183,14 @@ def part_e2e(args) -> dict:
     out["replies"] = {name: [{"family": o.prompt.family, "goal": o.prompt.goal, "blocked": o.blocked,
                               "success": o.success, "reply": o.reply} for o in outs]
                       for name, outs in (("no_guard", plain), ("guard", guarded))}
-    out.update(strict=strict, no_guard=base, guard=guard, benign=benign_rate, benign_held_out=benign_held_out,
+    out.update(strict=strict, no_guard=base, guard=guard, benign=benign_rate, benign_per_guard=[_rate(v) for v in benign_verdicts.values()],
+               benign_through_server=len(ben),
                cut=base["rate"] / guard["rate"] if guard["k"] else float("inf"), cut_low=base["ci"][0] / guard_hi)
     print(f"  attack success: no guard {base['k']}/{base['n']} = {base['rate']:.3f} [{base['ci'][0]:.3f}, {base['ci'][1]:.3f}]; "
           f"guard {guard['k']}/{guard['n']} = {guard['rate']:.3f} [{guard['ci'][0]:.3f}, {guard['ci'][1]:.3f}]")
-    print(f"  cut {out['cut']:.1f}x (conservative: CI low / guarded high {out['cut_low']:.1f}x); benign blocked through "
-          f"the server {benign_rate['k']}/{benign_rate['n']} = {benign_rate['rate']:.3f} [{benign_rate['ci'][0]:.3f}, "
-          f"{benign_rate['ci'][1]:.3f}], per held-out classifier max {max(benign_held_out.values()):.3f}")
+    print(f"  cut {out['cut']:.1f}x (conservative: CI low / guarded high {out['cut_low']:.1f}x); benign blocked "
+          f"{benign_rate['k']}/{benign_rate['n']} = {benign_rate['rate']:.3f} [{benign_rate['ci'][0]:.3f}, "
+          f"{benign_rate['ci'][1]:.3f}] (two guards x the benign test half; {len(ben)} also sent through the server)")
     return out
 
 
@@ -226,7 +238,7 @@ if __name__ == "__main__":
     ap.add_argument("--leak-per-family", type=int, default=0, help="e2e: canary-leak attacks per family too")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--e2e-cache", default=None, help="e2e: keep (and reuse) the unguarded replies in this JSON file")
-    ap.add_argument("--e2e-benign", type=int, default=0, help="e2e: benign test prompts sent (0: the whole half)")
+    ap.add_argument("--e2e-benign", type=int, default=12, help="e2e: benign test prompts also sent through the server")
     ap.add_argument("--pii-per-locale", type=int, default=60)
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--threads", type=int, default=2)
