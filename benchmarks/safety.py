@@ -1,8 +1,9 @@
 """Safety figures for the README: the guard per held-out family, streaming PII recall and Presidio
-agreement, attack success through `lmforge serve` (SmolLM2-135M-Instruct, canary system prompt)
-with and without `--guard`, and the guard's latency against a 64-token generation.
+agreement, attack success through `lmforge serve` (SmolLM2-135M-Instruct, a translation-app system
+prompt holding a canary) with and without `--guard` (classifiers that never saw the attacked family),
+and the guard's latency against a 64-token generation.
 
-    PYTHONPATH=src python benchmarks/safety.py [--parts guard,pii,e2e,latency] [--per-family 15]
+    PYTHONPATH=src python benchmarks/safety.py [--parts guard,pii,e2e,latency] [--per-family 6]
 
 CPU timings on a shared machine are noisy; the attack rates are deterministic (greedy decoding).
 """
