@@ -16,7 +16,8 @@ recipe does the latter: no reference pass, no cache, no second copy.
   reference log-probs are cached with the rest), averaged over each micro-batch, without gradient.
 
 Every held-out evaluation also logs `val_win_rate`: the policy against the starting model on the
-first dpo.win_rate_prompts held-out prompts, both completing greedily, judged by closeness to the
+first dpo.win_rate_prompts held-out prompts (of those with room for dpo.win_rate_tokens more tokens
+within train.seq_len), both completing greedily, judged by closeness to the
 chosen completion (lmforge.align.win_rate). The start's completions are made once, from the
 starting weights (or, with LoRA, the adapters switched off).
 """
@@ -198,7 +199,9 @@ class DPOObjective(LoraHooks):
         self.pad_id, self.ref_train, self.ref_val = pad_id, ref_train, ref_val
         self.vocab_size = vocab_size if vocab_size is not None else tok.vocab_size
         self.kl_train, self.kl_val = mismatched(train, max_len), mismatched(val, max_len)
-        self.win_examples = val[:cfg.win_rate_prompts] if tok is not None else []
+        # the first held-out prompts that leave room for the completion within the sequence length
+        room = [e for e in val if max_len is None or len(e.prompt) + cfg.win_rate_tokens < max_len]
+        self.win_examples = room[:cfg.win_rate_prompts] if tok is not None else []
         self.start_texts: list[str] | None = None  # the starting model's completions (`start_completions`)
 
     def start_completions(self, start_model, autocast) -> list[str]:
@@ -297,6 +300,7 @@ class DPOObjective(LoraHooks):
         out = {f"val_{k}": v / len(self.val) for k, v in sums.items()}
         if self.win_examples:
             out["val_win_rate"] = self.win_rate(model, autocast)
+            out["val_win_rate_prompts"] = len(self.win_examples)
         return out
 
     def tokenizer(self) -> Tokenizer | None:
