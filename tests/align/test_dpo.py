@@ -218,6 +218,9 @@ def test_dpo_learns_prompt_dependent_preferences_and_shuffled_control_does_not(t
           f"win-rate vs the start: real {win['real']:.3f}, shuffled {win['shuffled']:.3f}")
     assert acc["real"] > 0.9
     assert abs(acc["shuffled"] - 0.5) < 0.2
+    # what the model writes: closer to the chosen value than the start's completion (measured 0.81),
+    # clearly more than for the shuffled control (0.62: it learns to write some value word)
+    assert win["real"] >= 0.75 and win["real"] > win["shuffled"] + 0.1
 
 
 def test_dpo_resume_reuses_the_cached_reference_and_matches_an_uninterrupted_run(tok, tmp_path, capsys):
