@@ -7,8 +7,9 @@ held-out bits-per-byte -> HumanEval pass@1 -> completions through the serving en
 Each stage reads the previous stage's files and writes its own under runs/NAME/. The stages that
 cost time (clean, tokenizer, shards, pretrain) are reused, or resumed when interrupted, only when
 their fingerprint matches: a hash of the recipe fields that shape the stage, the fingerprint of
-the stage before it (so a change flows downstream) and the lmforge version (SFT and DPO count as
-costly too); the corpus stage fingerprints the documents themselves. Fingerprints live in runs/NAME/fingerprints.json. When one
+the stage before it (so a change flows downstream) and the lmforge version; SFT and DPO count as
+costly too (DPO's fingerprint holds SFT's, which holds the settings they share). The corpus stage
+fingerprints the documents themselves. Fingerprints live in runs/NAME/fingerprints.json. When one
 differs, the console says so and the stage reruns, and with it every later stage.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from lmforge.data.config import PipelineConfig
 from lmforge.model.config import ModelSpec
 from lmforge.outputs import atomic_write_json, claim_output_dir, remove_entries
 from lmforge.speedrun_page import write_report_page
-from lmforge.speedrun_post import ALIGN_DATA, AlignStageConfig, RedTeamStageConfig
+from lmforge.speedrun_post import ALIGN_DATA, AlignStageConfig, RedTeamStageConfig, post_rows
 from lmforge.train.config import TrainConfig, TrainRecipe, depth_dial_defaults
 
 
@@ -226,8 +227,7 @@ class Stages:
         from lmforge.align.dpo import DPO_FILES
         from lmforge.speedrun_post import run_dpo
         a, out = self.recipe.align, self.dir / "dpo"
-        fp = fingerprint("dpo", self.fp["sft"], {k: v for k, v in to_dict(a).items() if k not in SFT_FIELDS},
-                         a.val_examples, a.micro_batch, a.seed)
+        fp = fingerprint("dpo", self.fp["sft"], {k: v for k, v in to_dict(a).items() if k not in SFT_FIELDS})
         if not self.fresh("dpo", fp, any((out / name).exists() for name in DPO_FILES)):
             remove_entries(out, DPO_FILES)
         result = run_dpo(self.sft_dir, self.align_files, out, self.recipe.train, a, self.console)
@@ -278,36 +278,6 @@ def card_rows(report: dict) -> list[tuple[str, str, str]]:
          str(s["samples"]["seconds"])),
         *post_rows(s),
     ]
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{x:.0%}"
-
-
-def post_rows(s: dict) -> list[tuple[str, str, str]]:
-    """The SFT, DPO, red-team and card rows (those stages that ran)."""
-    rows = []
-    if "sft" in s:
-        f = s["sft"]
-        rows.append(("sft", f"{f['steps']} steps; held-out loss per assistant token {f['val_loss_before']:.3f} -> "
-                            f"{f['val_loss_after']:.3f}", str(f["seconds"])))
-    if "dpo" in s:
-        d = s["dpo"]
-        p = d["prefers_real_body"]
-        rows.append(("dpo", f"{d['steps']} steps; held out ({d['val_pairs']} pairs): implicit-reward accuracy "
-                            f"{_pct(d['val_reward_accuracy'])}, real body preferred {_pct(p['sft'])} -> {_pct(p['dpo'])}; "
-                            f"win-rate vs SFT {_pct(d['val_win_rate'])} on {d['win_rate_prompts']} prompts",
-                     str(d["seconds"])))
-    if "redteam" in s:
-        r = s["redteam"]
-        u, g = r["unguarded"], r["guarded"]
-        benign = f"; benign blocked {_pct(g['benign']['blocked'])} of {g['benign']['n']}" if "benign" in g else ""
-        rows.append(("redteam", f"attack success {_pct(u['attacks']['asr'])} -> {_pct(g['attacks']['asr'])} with the "
-                                f"guard ({r['classifier']}; {u['attacks']['n']} attacks, {len(u['families'])} "
-                                f"families){benign}", str(r["seconds"])))
-    if "card" in s:
-        rows.append(("card", "model_card.md and model_card.json", str(s["card"]["seconds"])))
-    return rows
 
 
 def report_card(report: dict, console: Console, run_dir: Path) -> None:

@@ -178,3 +178,35 @@ def run_redteam(model_dir: Path, cfg: RedTeamStageConfig) -> dict:
     for name, guard in (("unguarded", None), ("guarded", Guard(load_classifier(cfg.classifier)))):
         out[name] = report(run(ModelTarget(model, tok, cfg.max_tokens, guard), prompts, canary), cfg.seed)
     return out
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def post_rows(s: dict) -> list[tuple[str, str, str]]:
+    """The SFT, DPO, red-team and card rows (those stages that ran)."""
+    rows = []
+    if "sft" in s:
+        f = s["sft"]
+        rows.append(("sft", f"{f['steps']} steps; held-out loss per assistant token {f['val_loss_before']:.3f} -> "
+                            f"{f['val_loss_after']:.3f}", str(f["seconds"])))
+    if "dpo" in s:
+        d = s["dpo"]
+        p = d["prefers_real_body"]
+        rows.append(("dpo", f"{d['steps']} steps; held out ({d['val_pairs']} pairs): implicit-reward accuracy "
+                            f"{_pct(d['val_reward_accuracy'])}, real body preferred {_pct(p['sft'])} -> {_pct(p['dpo'])}; "
+                            f"win-rate vs SFT {_pct(d['val_win_rate'])} on {d['win_rate_prompts']} prompts",
+                     str(d["seconds"])))
+    if "redteam" in s:
+        r = s["redteam"]
+        u, g = r["unguarded"], r["guarded"]
+        benign = f"; benign blocked {_pct(g['benign']['blocked'])} of {g['benign']['n']}" if "benign" in g else ""
+        cut = f"; {r['attacks_cut_to_fit']} attack prompts cut to fit the context" if r["attacks_cut_to_fit"] else ""
+        rows.append(("redteam", f"attack success {_pct(u['attacks']['asr'])} -> {_pct(g['attacks']['asr'])} with the "
+                                f"guard ({r['classifier']}; {u['attacks']['n']} attacks, {len(u['families'])} "
+                                f"families, {_pct(g['attacks']['blocked'])} blocked){benign}{cut}",
+                     str(r["seconds"])))
+    if "card" in s:
+        rows.append(("card", "model_card.md and model_card.json", str(s["card"]["seconds"])))
+    return rows
