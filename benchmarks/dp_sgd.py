@@ -6,14 +6,19 @@
    target ε at δ=1e-5), same steps and expected batch.
 2. Step time: per-example gradients + clipping of one batch, ours (torch.func vmap) vs opacus'
    GradSampleModule hooks, on the same model and batch (interleaved rounds; medians).
+3. Utility cost (`--parts tiny`): the speedrun's tiny preset (its recipe, AdamW) pretrained on the
+   stdlib shards for the same steps without DP and with DP-SGD at ε = 1 (δ = 1e-5, through
+   `lmforge.safety.dp_sgd.dp_train`, as `lmforge safety dp-train` runs it); held-out bits per byte of each.
 Timings on a shared, busy CPU are noisy: compare the sides, not the absolute figures.
 
     PYTHONPATH=src python benchmarks/dp_sgd.py [--steps 200] [--epsilon 8] [--json out.json]
+    PYTHONPATH=src python benchmarks/dp_sgd.py --parts tiny --tiny-steps 30 --tiny-batch-tokens 2048 --tiny-epsilon 1
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -79,6 +84,51 @@ def step_time(batch: int, repeat: int) -> dict:
             "ratio_opacus_over_ours": ratios(times["opacus"], times["ours"])}
 
 
+def tiny_bpb(steps: int, target_eps: float, documents: int, root: str, batch_tokens: int) -> dict:
+    """Held-out bpb of the tiny preset after `steps` steps, non-private vs DP-SGD at `target_eps`."""
+    from rich.console import Console
+
+    from lmforge.config import load_recipe
+    from lmforge.data.shards import TokenShards
+    from lmforge.eval.bpb import bits_per_byte
+    from lmforge.model import load
+    from lmforge.safety.dp_sgd import dp_train
+    from lmforge.speedrun import STAGES, SpeedrunRecipe, run_stages
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train.config import TrainRecipe
+    from lmforge.train.trainer import train
+
+    console = Console(quiet=True)
+    run = load_recipe(SpeedrunRecipe, Path(__file__).resolve().parents[1] / "src/lmforge/recipes/cpu-tiny.yaml",
+                      [f"run.root={root}", f"run.max_documents={documents}"])
+    data = Path(run_stages(run, console, STAGES[:4]).dir) / "data"
+    tok = load_tokenizer(data.parent / "tokenizer")
+    val = TokenShards(data, "val")
+    common = ["model.preset=tiny", f"train.data={data}", "train.seq_len=256", f"train.micro_batch={batch_tokens // 256}",
+              f"train.global_batch_tokens={batch_tokens}", f"train.max_steps={steps}", "train.lr=0.003", "train.optimizer=adamw",
+              f"train.eval_every={steps}", f"train.ckpt_every={steps}", "train.log_every=10", "train.tensorboard=false"]
+    out = {"steps": steps, "batch_tokens": batch_tokens, "documents": documents, "train_tokens": len(TokenShards(data, "train")),
+           "val_tokens": min(len(val), 65536)}
+    for name in ("plain", "dp"):
+        t = time.perf_counter()
+        if name == "plain":
+            summary = train(load_recipe(TrainRecipe, None, common + [f"train.out={root}/plain"]), console=console)
+        else:
+            summary = dp_train(load_recipe(TrainRecipe, None, common + [
+                f"train.out={root}/dp", "train.dp.enabled=true", f"train.dp.target_epsilon={target_eps}",
+                "train.dp.max_grad_norm=1.0"]), console=console)
+            out.update({k: summary[k] for k in ("dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_sample_rate")})
+        model = load(summary["model_dir"])
+        bpb = bits_per_byte(model, val.slice(0, out["val_tokens"]), tok.token_byte_lengths(), seq_len=256, batch_size=16)
+        out[name] = {"bpb": bpb["bpb"], "seconds": time.perf_counter() - t, "final_loss": summary["final_loss"]}
+        print(f"{name}: held-out bpb {bpb['bpb']:.4f} after {steps} steps ({out[name]['seconds']:.0f} s)", flush=True)
+    out["bpb_cost"] = out["dp"]["bpb"] - out["plain"]["bpb"]
+    print(f"tiny preset, {steps} steps: plain {out['plain']['bpb']:.4f} bpb, DP-SGD eps={out['dp_epsilon']:.3f} "
+          f"(sigma {out['dp_noise_multiplier']:.3f}, q {out['dp_sample_rate']:.4g}) {out['dp']['bpb']:.4f} bpb; "
+          f"cost +{out['bpb_cost']:.4f} bpb")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
@@ -87,19 +137,35 @@ def main() -> None:
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--skip-canary", action="store_true")
+    ap.add_argument("--parts", default="timing,canary", help="comma-separated: timing, canary, tiny")
+    ap.add_argument("--tiny-steps", type=int, default=60)
+    ap.add_argument("--tiny-epsilon", type=float, default=1.0)
+    ap.add_argument("--tiny-documents", type=int, default=2000)
+    ap.add_argument("--tiny-batch-tokens", type=int, default=8192, help="tokens per step (the speedrun's 8192)")
+    ap.add_argument("--tiny-root", default=None, help="folder for the tiny runs (default: a temporary one)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    parts = args.parts.split(",")
+    results = {}
+    if "tiny" in parts:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            results["tiny"] = tiny_bpb(args.tiny_steps, args.tiny_epsilon, args.tiny_documents, args.tiny_root or tmp,
+                                     args.tiny_batch_tokens)
+    if "timing" not in parts:
+        write_json(args.json, "dp_sgd", vars(args), {}, results)
+        return
     timing = step_time(args.batch, args.repeat)
     print(f"step (per-example grads + clip, batch {args.batch}): ours {fmt(timing['ours_s'], 1e3, 1, ' ms')}, "
           f"opacus {fmt(timing['opacus_s'], 1e3, 1, ' ms')}; opacus/ours {fmt(timing['ratio_opacus_over_ours'])}; "
           f"clipped sums agree to {timing['max_abs_diff_clipped_sum']:.1e}", flush=True)
-    canary = {} if args.skip_canary else canary_run(args.steps, args.epsilon, args.batch, args.clip)
+    canary = {} if args.skip_canary or "canary" not in parts else canary_run(args.steps, args.epsilon, args.batch, args.clip)
     if canary:
         print(f"canary: plain {canary['exposure_plain']:.2f} bits, DP-SGD (eps={canary['epsilon']:.2f}, "
               f"sigma={canary['sigma']:.3f}, q={canary['q']:.4f}) {canary['exposure_dp']:.2f} bits")
-    write_json(args.json, "dp_sgd", vars(args), {}, {"timing": timing, "canary": canary})
+    write_json(args.json, "dp_sgd", vars(args), {}, {**results, "timing": timing, "canary": canary})
 
 
 if __name__ == "__main__":

@@ -1,23 +1,38 @@
-"""Serving benchmark: N streaming clients against `lmforge serve` vs transformers `generate` on the
-same GGUF model at the same precision, interleaved and repeated in one run.
+"""Serving benchmark: N streaming clients against `lmforge serve` vs transformers `generate` and
+llama.cpp on the same model, interleaved and repeated in one run.
 
     python benchmarks/serve.py                         # SmolLM2-135M-Instruct GGUF, 1 and 16 streams
-    python benchmarks/serve.py --concurrency 1,16 --repeat 5 --int8 --json serve.json
+    python benchmarks/serve.py --variants int8,int4 --llama-cpp-python /work/llamacpp-venv/bin/python
+    python benchmarks/serve.py --concurrency 1,16 --repeat 5 --variants int8,int4,kv-int8,prefix-cache
     python benchmarks/serve.py --device cuda --dtype bfloat16 --compile   # GPU
 
 Every request gets the same chat-templated prompt token ids on every side and generates exactly
---max-tokens tokens (greedy; EOS ignored on ours, suppressed with min_new_tokens on HF), so token
-counts match. Sides:
-  lmforge   a real `lmforge serve` process; the N requests are sent at once as streaming clients
+--max-tokens tokens (greedy; EOS ignored on ours and llama.cpp, suppressed with min_new_tokens on
+HF), so token counts match. Sides:
+  lmforge   a real `lmforge serve` process (float, prefix caching off: rounds repeat the same prompts,
+            which a prefix cache would serve from memory); the N requests are sent at once as
+            streaming clients
+  lmforge-V one more server per --variants entry, each one feature switched on, reported as its
+            speed-up over `lmforge` (the feature off):
+              int8          per-channel INT8 weights (--int8)
+              int4          RTN int4 g32 symmetric body + int8 LM head (a `lmforge quantize` checkpoint;
+                            the grid of llama.cpp's Q4_0)
+              kv-int8       int8 KV cache (--kv-dtype int8)
+              prefix-cache  prefix caching on (later rounds hit the cache: the repeated-prompt case)
+              ngram         prompt-lookup speculative decoding (--speculative ngram)
   hf-batch  the strongest transformers peer at equal precision: the N prompts left-padded into one
             static `generate()` batch (the best case of an offline batch, no server around it)
   hf-seq    secondary: one `generate()` per request, one after another (a naive generate()-based
             server); run on --seq-requests of the N prompts, as its throughput does not depend on N
-  lmforge-int8 (with --int8) a second server with INT8 weights: not the same precision
+  llama.cpp-q4_0 / llama.cpp-q8_0 (with --llama-cpp-python PYTHON, at 1 stream only: llama-cpp-python
+            decodes one sequence) llama.cpp on our own Q4_0 / Q8_0 GGUF export of the same float
+            weights, in a separate process run by that venv's python (benchmarks/llama_cpp_peer.py);
+            compared with lmforge-int4 / lmforge-int8. Without the option the peer is skipped.
 Every round runs each side once at each concurrency, the order rotating from round to round; the
-table gives the median over --repeat rounds and min-max. Per round: aggregate tokens/s, TTFT p50,
-inter-token latency (ITL) mean. TTFT has no queueing artefact: on lmforge and hf-batch all N
-requests are submitted at the same instant t0 and TTFT is t0 -> that request's first token (HF's
+table gives the median over --repeat rounds and min-max. Per round: aggregate tokens/s (generated
+tokens / wall time, prefill included), decode tokens/s (1 / mean inter-token gap of one stream),
+TTFT p50, inter-token latency (ITL) mean. TTFT has no queueing artefact: on lmforge and hf-batch all
+N requests are submitted at the same instant t0 and TTFT is t0 -> that request's first token (HF's
 first token is shared by the batch); on hf-seq TTFT is measured from the start of that request's own
 generate(), not from t0, so time spent waiting behind earlier requests is excluded (its service time).
 At concurrency 1 every TTFT is the single-request TTFT.
@@ -59,7 +74,8 @@ def round_metrics(results: list[dict], wall: float) -> dict:
     gaps = [g for r in results for g in r["gaps"]]
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_p50": statistics.median(r["ttft"] for r in results),
-            "itl_mean": statistics.fmean(gaps) if gaps else float("nan")}
+            "itl_mean": statistics.fmean(gaps) if gaps else float("nan"),
+            "decode_tok_s": 1 / statistics.fmean(gaps) if gaps else float("nan")}
 
 
 # --- ours: a real server process, streaming clients ------------------------------------------------
@@ -69,8 +85,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, port: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "from lmforge.cli import main; main()", "serve", str(args.model),
+def start_server(args, model: Path, port: int, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", "from lmforge.cli import main; main()", "serve", str(model),
            "--port", str(port), "--name", "bench", "--device", args.device, "--dtype", args.dtype,
            "--max-num-seqs", "64", "--max-queue", "1024", "--kv-cache-mb", str(args.kv_cache_mb),
            "--max-batched-tokens", str(args.max_batched_tokens)]
@@ -128,6 +144,40 @@ def run_ours(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
     return asyncio.run(_ours(url, prompts, max_tokens))
 
 
+# --- llama.cpp: another venv's python, another process ----------------------------------------------------
+class LlamaCppPeer:
+    """benchmarks/llama_cpp_peer.py serving one GGUF file over a pipe, one request at a time."""
+
+    def __init__(self, python: str, gguf: Path, threads: int):
+        script = Path(__file__).with_name("llama_cpp_peer.py")
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([python, str(script), str(gguf), str(threads)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+        hello = self._read()
+        print(f"llama.cpp peer up on {gguf.name} (llama-cpp-python {hello.get('version')})", flush=True)
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            raise SystemExit(f"llama.cpp peer exited: {self.log.read()[-2000:]}")
+        return json.loads(line)
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
+        results, t0 = [], time.perf_counter()
+        for p in prompts:
+            self.proc.stdin.write(json.dumps({"prompt": p, "max_tokens": max_tokens}) + "\n")
+            results.append(self._read())
+        return round_metrics(results, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 # --- transformers -------------------------------------------------------------------------------------
 class TokenClock:
     """A StoppingCriteria that never stops, only timestamps each generation step."""
@@ -172,8 +222,33 @@ def run_hf_sequential(hf, prompts, max_tokens, pad_id, device) -> dict:
     return round_metrics(results, time.perf_counter() - t0)
 
 
-METRICS = (("tokens_per_s", "tok/s", 1, 1, ""), ("ttft_p50", "TTFT p50", 1, 3, "s"),
-           ("itl_mean", "ITL mean", 1000, 1, "ms"))
+METRICS = (("tokens_per_s", "tok/s", 1, 1, ""), ("decode_tok_s", "decode tok/s/stream", 1, 1, ""),
+           ("ttft_p50", "TTFT p50", 1, 3, "s"), ("itl_mean", "ITL mean", 1000, 1, "ms"))
+# --variants: name -> the `lmforge serve` options that switch the feature on (int4: its own checkpoint)
+VARIANTS = {"int8": ["--int8"], "int4": [], "kv-int8": ["--kv-dtype", "int8"], "prefix-cache": ["--prefix-caching"],
+            "ngram": ["--speculative", "ngram"]}
+# llama.cpp GGUF type -> the lmforge variant with the same weight precision
+LLAMA_TYPES = {"q4_0": "int4", "q8_0": "int8"}
+
+
+def prepare_files(args, tmp: Path, variants: list[str]) -> dict[str, Path]:
+    """Our int4 checkpoint and the Q4_0/Q8_0 GGUF exports, all from the same float weights."""
+    from lmforge.model import load, save
+    from lmforge.quant import quantize_model
+    from lmforge.tokenizer import load_tokenizer
+    files = {}
+    need_gguf = [k for k, v in LLAMA_TYPES.items() if v in variants] if args.llama_cpp_python else []
+    if "int4" not in variants and not need_gguf:
+        return files
+    tok, base = load_tokenizer(args.model), load(args.model)
+    if need_gguf:
+        from lmforge.quant.gguf_export import export_gguf
+        for kind in need_gguf:
+            files[kind] = export_gguf(base, tok, tmp / f"model-{kind}.gguf", kind, name="bench")
+    if "int4" in variants:
+        save(quantize_model(base, "rtn", bits=4, group_size=32, asym=False), tmp / "int4", tokenizer=tok)
+        files["int4"] = tmp / "int4"
+    return files
 
 
 def main():
@@ -190,7 +265,11 @@ def main():
     ap.add_argument("--kv-cache-mb", type=int, default=512)
     ap.add_argument("--max-batched-tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads on every side (0: default)")
-    ap.add_argument("--int8", action="store_true", help="also measure lmforge with INT8 weights (not the same precision)")
+    ap.add_argument("--variants", default="", help=f"comma-separated lmforge features to measure against "
+                    f"the plain server: {', '.join(VARIANTS)}")
+    ap.add_argument("--llama-cpp-python", default=None, metavar="PYTHON",
+                    help="python of a venv with llama-cpp-python: adds llama.cpp on our Q4_0/Q8_0 GGUF export "
+                         "(for the int4/int8 variants) at 1 stream")
     ap.add_argument("--json", default=None, help="also write config, per-round figures and summary here")
     args = ap.parse_args()
     args.model = Path(args.model or bundled_smollm2())
@@ -212,13 +291,29 @@ def main():
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(args.model.parent), gguf_file=args.model.name,
                                                            dtype=dtype).to(device).eval()
     pad = tok.eos_id or 0
-    servers = {"lmforge": []} | ({"lmforge-int8": ["--int8"]} if args.int8 else {})
-    procs, urls = {}, {}
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}; known: {', '.join(VARIANTS)}")
+    if not args.llama_cpp_python:
+        print("llama.cpp peer skipped (give --llama-cpp-python PYTHON of a venv with llama-cpp-python)")
+    elif not set(LLAMA_TYPES.values()) & set(variants):
+        print("llama.cpp peer skipped: it is compared with the int4/int8 variants; add --variants int4 or int8")
+    tmp = tempfile.TemporaryDirectory(prefix="serve-bench-")
+    files = prepare_files(args, Path(tmp.name), variants)
+    servers = {"lmforge": (args.model, ["--no-prefix-caching"])}
+    for v in variants:
+        prefix = [] if v == "prefix-cache" else ["--no-prefix-caching"]
+        servers[f"lmforge-{v}"] = (files.get(v, args.model), VARIANTS[v] + prefix)
+    procs, urls, peers = {}, {}, {}
     try:
-        for name, extra in servers.items():
+        for name, (model, extra) in servers.items():
             port = free_port()
-            procs[name] = start_server(args, port, extra)
+            procs[name] = start_server(args, model, port, extra)
             urls[name] = f"http://127.0.0.1:{port}"
+        for kind in LLAMA_TYPES:
+            if kind in files:
+                peers[f"llama.cpp-{kind}"] = LlamaCppPeer(args.llama_cpp_python, files[kind], torch.get_num_threads())
         sides = {}
         for n in levels:
             p = prompts_for[n]
@@ -228,9 +323,14 @@ def main():
             if args.seq_requests and n > 1:  # at n = 1, hf-batch is one request alone already
                 sides[("hf-seq", n)] = lambda p=p[:args.seq_requests]: run_hf_sequential(hf, p, args.max_tokens,
                                                                                           pad, device)
+            if n == 1:
+                for name, peer in peers.items():
+                    sides[(name, n)] = lambda peer=peer, p=p: peer.run(p, args.max_tokens)
         for name, url in urls.items():  # warm-up, every side
             run_ours(url, all_prompts[:2], 4)
         hf_generate(hf, all_prompts[:2], 4, pad, device)
+        for peer in peers.values():
+            peer.run(all_prompts[:2], 4)
         per_round = {k: [] for k in sides}
 
         def recorder(k):
@@ -243,32 +343,46 @@ def main():
         for proc in procs.values():
             proc.terminate()
             proc.wait(30)
+        for peer in peers.values():
+            peer.close()
+        tmp.cleanup()
 
     summary = {}
+
+    def compare(mine: str, ref: str, n: int, metric: str = "tokens_per_s", label: str = "throughput") -> None:
+        if (mine, n) not in per_round or (ref, n) not in per_round:
+            return
+        ours_r, ref_r = per_round[(mine, n)], per_round[(ref, n)]
+        tput = ratios([r[metric] for r in ours_r], [r[metric] for r in ref_r])
+        ttft = ratios([r["ttft_p50"] for r in ref_r], [r["ttft_p50"] for r in ours_r])
+        summary[f"{mine}/{ref}@{n}" + ("" if metric == "tokens_per_s" else f":{metric}")] = {label: tput,
+                                                                                         "ttft_lower": ttft}
+        print(f"{mine}/{ref}: {label} {fmt(tput, digits=2, unit='x')}, "
+              f"TTFT p50 {fmt(ttft, digits=2, unit='x')} lower (per-round ratios)")
+
     for n in levels:
         print(f"\n== {n} concurrent stream(s): median (min-max) over {args.repeat} rounds ==")
-        print(f"{'':<14}" + "".join(f"{label:>26}" for _, label, *_ in METRICS))
+        print(f"{'':<22}" + "".join(f"{label:>26}" for _, label, *_ in METRICS))
         for (name, k), rows in per_round.items():
             if k != n:
                 continue
             stats = {m: spread([r[m] for r in rows]) for m, *_ in METRICS}
             summary[f"{name}@{n}"] = stats
-            print(f"{name:<14}" + "".join(f"{fmt(stats[m], scale, digits, unit):>26}"
+            print(f"{name:<22}" + "".join(f"{fmt(stats[m], scale, digits, unit):>26}"
                                           for m, _, scale, digits, unit in METRICS))
         for mine in servers:
             for peer in ("hf-batch", "hf-seq"):
-                if (peer, n) not in per_round:
-                    continue
-                ours_r, ref_r = per_round[(mine, n)], per_round[(peer, n)]
-                tput = ratios([r["tokens_per_s"] for r in ours_r], [r["tokens_per_s"] for r in ref_r])
-                ttft = ratios([r["ttft_p50"] for r in ref_r], [r["ttft_p50"] for r in ours_r])
-                summary[f"{mine}/{peer}@{n}"] = {"throughput": tput, "ttft_lower": ttft}
-                print(f"{mine}/{peer}: throughput {fmt(tput, digits=2, unit='x')}, "
-                      f"TTFT p50 {fmt(ttft, digits=2, unit='x')} lower (per-round ratios)")
+                compare(mine, peer, n)
+        for v in variants:   # each feature on vs off
+            compare(f"lmforge-{v}", "lmforge", n)
+        for kind, v in LLAMA_TYPES.items():
+            compare(f"lmforge-{v}", f"llama.cpp-{kind}", n)
+            compare(f"lmforge-{v}", f"llama.cpp-{kind}", n, "decode_tok_s", "decode tok/s")
     write_json(args.json, "serve",
                {"model": str(args.model), "device": args.device, "dtype": args.dtype, "concurrency": levels,
                 "max_tokens": args.max_tokens, "repeat": args.repeat, "seq_requests": args.seq_requests,
-                "compile": args.compile, "threads": args.threads, "int8": args.int8,
+                "compile": args.compile, "threads": args.threads, "variants": variants,
+                "llama_cpp": bool(peers),
                 "ttft": "lmforge/hf-batch: from common submit time t0; hf-seq: from the request's own start"},
                {f"{name}@{n}": rows for (name, n), rows in per_round.items()}, summary)
 

@@ -60,6 +60,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "vocab2048": ("vocabulary 2,048", ["run.vocab_size=2048"]),
     "vocab8192": ("vocabulary 8,192", ["run.vocab_size=8192"]),
     "no-dedup": ("data order: exact and near dedup off", ["data.exact.enabled=false", "data.near.enabled=false"]),
+    "z-loss": ("z-loss 1e-4 (PaLM)", ["train.z_loss=0.0001"]),
+    "qk-norm": ("QK-norm: per-head RMSNorm of q and k", ["model.qk_norm=true"]),
+    "softcap": ("logit soft-cap 15 (Gemma 2 uses 30)", ["model.logit_softcap=15"]),
 }
 
 

@@ -1,15 +1,17 @@
 """Our training step vs transformers.LlamaForCausalLM with the same config, in the same run.
 
-    python benchmarks/train_step.py [--preset tiny] [--batch 16] [--seq 256] [--steps 10] [--json PATH]
+    python benchmarks/train_step.py [--preset tiny] [--batch 16] [--seq 256] [--steps 10] [--compile] [--json PATH]
 
 Prints milliseconds per step (forward + backward + AdamW) for both, median (min-max) over --steps
 interleaved steps (one step of each per round, the order rotating each round), and the median
 per-round ratio ours/HF (target <= 0.8). Both models get identical weights; their first-step
-losses are printed too.
+losses are printed too. --compile adds a third side, our model under torch.compile (a copy with
+the same weights and its own optimizer), with its own ratio to HF.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 import transformers
@@ -25,7 +27,7 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our model (GPU path)")
+    ap.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
     ap.add_argument("--json", help="also write config, per-step timings and summary here")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -39,50 +41,53 @@ def main():
         hf = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa").to(device)
     hf.train()
     ours.train()
-    fwd = torch.compile(ours) if args.compile else ours
     batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
     x, y = batch[:, :-1], batch[:, 1:]
     fused = device.type == "cuda"
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=fused)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=fused)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
 
-    def step_ours():
-        with autocast():
-            loss = fwd(x, targets=y)  # the trainer's path: loss fused with the LM head
-        loss.backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
-        return loss
+    def stepper(model, loss_fn):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
 
-    def step_hf():
-        with autocast():
-            loss = hf(input_ids=x, labels=x).loss  # transformers' own training path
-        loss.backward()
-        opt_hf.step()
-        opt_hf.zero_grad(set_to_none=True)
-        return loss
+        def step():
+            with autocast():
+                loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+        return step
 
-    first = {"ours": step_ours().item(), "hf": step_hf().item()}
-    print(f"first-step loss: ours {first['ours']:.5f}  hf {first['hf']:.5f}")
+    # ours: the trainer's path, the loss fused with the LM head; transformers: its own training path
+    sides = {"ours": stepper(ours, lambda: ours(x, targets=y)),
+             "transformers": stepper(hf, lambda: hf(input_ids=x, labels=x).loss)}
+    if args.compile:
+        twin = copy.deepcopy(ours)
+        compiled = torch.compile(twin)
+        sides["ours_compiled"] = stepper(twin, lambda: compiled(x, targets=y))
+    first = {name: step().item() for name, step in sides.items()}
+    print("first-step loss: " + "  ".join(f"{n} {v:.5f}" for n, v in first.items()))
     for _ in range(2):  # warm-up (and compile)
-        step_ours(), step_hf()
+        for step in sides.values():
+            step()
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    times, _ = interleave({"ours": step_ours, "transformers": step_hf}, args.steps, sync)
-    s_ours, s_hf = spread(times["ours"]), spread(times["transformers"])
-    ratio = ratios(times["ours"], times["transformers"])
+    times, _ = interleave(sides, args.steps, sync)
+    summary = {}
     tokens = args.batch * args.seq
     print(f"preset {args.preset}, batch {args.batch}x{args.seq}, device {device}, threads {torch.get_num_threads()}, "
           f"{args.steps} interleaved steps each, median (min-max)")
-    print(f"ours {fmt(s_ours, 1e3, 1)} ms/step ({fmt(inverse(s_ours, tokens), digits=0)} tok/s)")
-    print(f"transformers {fmt(s_hf, 1e3, 1)} ms/step ({fmt(inverse(s_hf, tokens), digits=0)} tok/s)")
-    print(f"ratio ours/hf = {fmt(ratio, digits=3)} per step pair  (target <= 0.8)")
+    for name in sides:
+        s = spread(times[name])
+        summary[f"{name}_s"], summary[f"{name}_tokens_per_s"] = s, inverse(s, tokens)
+        print(f"{name} {fmt(s, 1e3, 1)} ms/step ({fmt(inverse(s, tokens), digits=0)} tok/s)")
+    for name in [n for n in sides if n != "transformers"]:
+        summary[f"ratio_{name}_over_hf"] = ratio = ratios(times[name], times["transformers"])
+        print(f"ratio {name}/hf = {fmt(ratio, digits=3)} per step pair  (target <= 0.8)")
     write_json(args.json, "train_step",
                {"preset": args.preset, "batch": args.batch, "seq": args.seq, "steps": args.steps,
                 "device": str(device), "compile": args.compile, "bf16_autocast": bf16},
-               {"ours_s": times["ours"], "transformers_s": times["transformers"], "first_step_loss": first},
-               {"ours_s": s_ours, "transformers_s": s_hf, "ours_tokens_per_s": inverse(s_ours, tokens),
-                "transformers_tokens_per_s": inverse(s_hf, tokens), "ratio_ours_over_hf": ratio})
+               {**{f"{n}_s": t for n, t in times.items()}, "first_step_loss": first}, summary)
+
 
 if __name__ == "__main__":
     main()

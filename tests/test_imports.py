@@ -26,7 +26,7 @@ LAYERS = {
     "tokenizer": 1, "model": 1,
     "data": 2, "train": 2,
     "align": 3, "serve": 3, "quant": 3, "eval": 3, "safety": 3, "plan": 3,
-    "speedrun": 4, "speedrun_page": 4, "cli": 4, "__main__": 4,
+    "speedrun": 4, "speedrun_page": 4, "speedrun_post": 4, "cli": 4, "__main__": 4,
 }
 
 

@@ -6,14 +6,17 @@ from rich.console import Console
 
 from lmforge.config import load_recipe
 from lmforge.data.shards import read_index
-from lmforge.speedrun import SpeedrunRecipe, run_stages, sandbox_layers, speedrun
+from lmforge.speedrun import STAGES, SpeedrunRecipe, run_stages, sandbox_layers, speedrun
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train.config import TrainRecipe
 
 QUICK = ["run.max_documents=300", "run.vocab_size=512", "run.samples=1", "run.sample_tokens=8",
          "run.eval_tokens=8192", "run.humaneval_problems=2", "run.humaneval_tokens=16", "model.dim=64", "model.n_layers=2", "model.hidden_dim=128",
          "train.max_steps=6", "train.micro_batch=8", "train.global_batch_tokens=2048", "train.seq_len=128",
-         "train.eval_every=3", "train.ckpt_every=3", "train.log_every=2", "train.tensorboard=false"]
+         "train.eval_every=3", "train.ckpt_every=3", "train.log_every=2", "train.tensorboard=false",
+         "align.seq_len=256", "align.sft_steps=3", "align.sft_examples=24", "align.dpo_steps=2", "align.dpo_examples=16",
+         "align.val_examples=8", "align.win_rate_prompts=4", "align.win_rate_tokens=8", "align.micro_batch=4",
+         "redteam.per_family=1", "redteam.benign=2", "redteam.max_tokens=8"]
 
 
 @pytest.mark.slow
@@ -36,20 +39,43 @@ def test_speedrun_end_to_end_and_resume(tmp_path):
     assert he["sandbox"]["layers"]["isolation"] == "kernel" and "kernel: namespaces" in sandbox_layers(he)
     page = (tmp_path / "speedrun" / "report.html").read_text()
     assert f"{ev['bpb']:.3f} bits/byte held out" in page and page.count("data:image/png;base64,") == 3
+    check_post_training_stages(tmp_path / "speedrun", saved, page)
     # a second run finds every stage's output and redoes nothing expensive
     console = Console(record=True, width=300)
     again = speedrun(load_recipe(SpeedrunRecipe, None, QUICK + [f"run.root={tmp_path}"]), console)
     assert "stale" not in console.export_text()
     assert again["stages"]["evaluate"]["bpb"] == pytest.approx(ev["bpb"])
     assert again["stages"]["pretrain"]["final_loss"] == report["stages"]["pretrain"]["final_loss"]
-    # a changed train section makes the finished pretrain stale; a vanishing lr leaves it untrained
+    assert again["stages"]["sft"]["final_loss"] == report["stages"]["sft"]["final_loss"]
+    assert again["stages"]["dpo"]["val_win_rate"] == report["stages"]["dpo"]["val_win_rate"]
+    # a changed train section makes the finished pretrain stale, and with it SFT and DPO; a
+    # vanishing lr leaves it untrained
     console = Console(record=True, width=300)
-    untrained = speedrun(load_recipe(SpeedrunRecipe, None, QUICK + [f"run.root={tmp_path}", "train.lr=0.000000001"]),
-                         console)
+    untrained = run_stages(load_recipe(SpeedrunRecipe, None, QUICK + [f"run.root={tmp_path}", "train.lr=0.000000001"]),
+                           console, STAGES[:STAGES.index("sft") + 1]).report
     log = console.export_text()
-    assert "pretrain: the output" in log and "tokenizer: the output" not in log
+    assert "pretrain: the output" in log and "sft: the output" in log and "tokenizer: the output" not in log
     ev0 = untrained["stages"]["evaluate"]
     assert ev0["bpb"] > uniform_bpb(ev0, untrained) - 0.05 > ev["bpb"]
+
+
+def check_post_training_stages(run_dir, saved: dict, page: str) -> None:
+    """SFT lowers the held-out assistant loss of the pretrained model; DPO reports its held-out figures
+    on real pairs; the red-team ran every attack family with and without the guard, and the model card
+    in the run folder carries those results and is linked from the page."""
+    sft, dpo, red = saved["stages"]["sft"], saved["stages"]["dpo"], saved["stages"]["redteam"]
+    assert sft["val_loss_after"] < sft["val_loss_before"]  # measured 5.72 vs 5.85 after 3 steps
+    assert dpo["val_pairs"] > 0 and dpo["win_rate_prompts"] > 0
+    assert 0 <= dpo["val_win_rate"] <= 1 and 0 <= dpo["val_reward_accuracy"] <= 1
+    assert set(dpo["prefers_real_body"]) == {"sft", "dpo"}
+    assert red["unguarded"]["attacks"]["n"] == red["guarded"]["attacks"]["n"] == 7
+    assert len(red["unguarded"]["families"]) == 7 and red["guarded"]["attacks"]["blocked"] > 0
+    assert red["unguarded"]["attacks"]["blocked"] == 0 and red["guarded"]["benign"]["n"] == 2
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["red_team"] == red
+    assert (run_dir / "model_card.md").is_file() and 'href="model_card.md"' in page
+    for stage in ("sft", "dpo", "redteam", "card"):
+        assert f"<td>{stage}</td>" in page
 
 
 def uniform_bpb(ev: dict, report: dict) -> float:

@@ -1,12 +1,14 @@
 """`lmforge speedrun`: every stage, end to end, on the embedded stdlib corpus, with a report card.
 
 corpus -> clean (dedup, quality, PII, decontamination) -> tokenizer -> token shards -> pretrain ->
-held-out bits-per-byte -> HumanEval pass@1 -> completions through the serving engine.
+held-out bits-per-byte -> HumanEval pass@1 -> completions through the serving engine -> SFT -> DPO
+-> red-team (with and without the guard) -> model card (the last four: speedrun_post.py).
 
 Each stage reads the previous stage's files and writes its own under runs/NAME/. The stages that
 cost time (clean, tokenizer, shards, pretrain) are reused, or resumed when interrupted, only when
 their fingerprint matches: a hash of the recipe fields that shape the stage, the fingerprint of
-the stage before it (so a change flows downstream) and the lmforge version; the corpus stage
+the stage before it (so a change flows downstream) and the lmforge version; SFT and DPO count as
+costly too (DPO's fingerprint holds SFT's, which holds the settings they share). The corpus stage
 fingerprints the documents themselves. Fingerprints live in runs/NAME/fingerprints.json. When one
 differs, the console says so and the stage reruns, and with it every later stage.
 """
@@ -29,6 +31,7 @@ from lmforge.data.config import PipelineConfig
 from lmforge.model.config import ModelSpec
 from lmforge.outputs import atomic_write_json, claim_output_dir, remove_entries
 from lmforge.speedrun_page import write_report_page
+from lmforge.speedrun_post import ALIGN_DATA, AlignStageConfig, RedTeamStageConfig, post_rows
 from lmforge.train.config import TrainConfig, TrainRecipe, depth_dial_defaults
 
 
@@ -58,12 +61,16 @@ class SpeedrunRecipe:
     model: ModelSpec = field(default_factory=lambda: ModelSpec(preset="tiny"))
     train: TrainConfig = field(default_factory=TrainConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    align: AlignStageConfig = field(default_factory=AlignStageConfig)
+    redteam: RedTeamStageConfig = field(default_factory=RedTeamStageConfig)
 
     derived_defaults = staticmethod(depth_dial_defaults)
 
 
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\nclass ", "    for line in "]
-RUN_FILES = ["report.json", "report.html", "fingerprints.json", "clean", "tokenizer", "data", "train", "eval"]
+RUN_FILES = ["report.json", "report.html", "fingerprints.json", "clean", "tokenizer", "data", "train", "eval",
+             ALIGN_DATA, "sft", "dpo", "model_card.json", "model_card.md"]
+SFT_FIELDS = ("seq_len", "sft_steps", "sft_lr", "sft_examples", "val_examples", "micro_batch", "seed")
 FINGERPRINTS = "fingerprints.json"
 
 
@@ -204,6 +211,38 @@ class Stages:
                          temperature=0.7, seed=0)
         return {"samples": [{"prompt": p, "completion": t} for p, t in zip(prompts, texts)]}
 
+    def sft(self) -> dict:
+        from lmforge.speedrun_post import run_sft, write_align_data
+        from lmforge.train.trainer import TRAIN_FILES
+        a, out = self.recipe.align, self.dir / "sft"
+        self.align_files = write_align_data(self.docs, self.dir / ALIGN_DATA, a)
+        fp = fingerprint("sft", self.fp["pretrain"], {k: getattr(a, k) for k in SFT_FIELDS})
+        if not self.fresh("sft", fp, any((out / name).exists() for name in TRAIN_FILES)):
+            remove_entries(out, TRAIN_FILES)
+        result = run_sft(self.model_dir, self.align_files, out, self.recipe.train, a, self.console)
+        self.sft_dir = Path(result["model_dir"])
+        return result
+
+    def dpo(self) -> dict:
+        from lmforge.align.dpo import DPO_FILES
+        from lmforge.speedrun_post import run_dpo
+        a, out = self.recipe.align, self.dir / "dpo"
+        fp = fingerprint("dpo", self.fp["sft"], {k: v for k, v in to_dict(a).items() if k not in SFT_FIELDS})
+        if not self.fresh("dpo", fp, any((out / name).exists() for name in DPO_FILES)):
+            remove_entries(out, DPO_FILES)
+        result = run_dpo(self.sft_dir, self.align_files, out, self.recipe.train, a, self.console)
+        self.final_dir = Path(result["model_dir"])
+        return result
+
+    def redteam(self) -> dict:
+        from lmforge.speedrun_post import run_redteam
+        return {"model": str(self.final_dir), **run_redteam(self.final_dir, self.recipe.redteam)}
+
+    def card(self) -> dict:
+        from lmforge.safety.card import write_card
+        card_json, card_md = write_card(self.dir)  # reads report.json, which holds every stage so far
+        return {"json": str(card_json), "markdown": str(card_md)}
+
 
 def sandbox_layers(result: dict) -> str:
     """What isolated the generated programs, from the eval's `sandbox.layers` (lmforge.eval.sandbox),
@@ -237,6 +276,7 @@ def card_rows(report: dict) -> list[tuple[str, str, str]]:
                       f"(greedy, sandbox: {sandbox_layers(he)})", str(he["seconds"])),
         ("samples", f"{len(s['samples']['samples'])} completions through the serving engine",
          str(s["samples"]["seconds"])),
+        *post_rows(s),
     ]
 
 
@@ -256,7 +296,8 @@ def report_card(report: dict, console: Console, run_dir: Path) -> None:
     console.print(f"total {report['total_seconds']:.0f} s; report: {report['path']}; page: {page}")
 
 
-STAGES = ("corpus", "clean", "tokenizer", "shards", "pretrain", "evaluate", "humaneval", "samples")
+STAGES = ("corpus", "clean", "tokenizer", "shards", "pretrain", "evaluate", "humaneval", "samples", "sft", "dpo",
+          "redteam", "card")
 
 
 def run_stages(recipe: SpeedrunRecipe, console: Console, names=STAGES) -> Stages:

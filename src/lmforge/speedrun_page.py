@@ -27,6 +27,7 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 <p class="headline">{headline}</p>
 <div class="figs">{figures}</div>
 <table><tr><th>stage</th><th>result</th><th>seconds</th></tr>{rows}</table>
+{links}
 </body></html>
 """
 
@@ -91,8 +92,10 @@ def write_report_page(report: dict, rows: list[tuple[str, str, str]], run_dir: P
                 f"{tr.get('tokens_seen', 0):,} tokens; total {report.get('total_seconds', 0):.0f} s")
     cells = "".join(f"<tr><td>{html.escape(s)}</td><td>{html.escape(r)}</td><td class=num>{html.escape(t)}</td></tr>"
                     for s, r, t in rows)
+    links = ('<p>Model card (data, evaluation, red-team, known limits): <a href="model_card.md">model_card.md</a>, '
+             '<a href="model_card.json">model_card.json</a></p>') if (run_dir / "model_card.md").is_file() else ""
     page = PAGE.format(name=html.escape(report["name"]), subtitle=html.escape(subtitle), headline=html.escape(headline),
-                       figures="".join(_figures(report, run_dir)), rows=cells)
+                       figures="".join(_figures(report, run_dir)), rows=cells, links=links)
     path = run_dir / "report.html"
     atomic_write_text(path, page)
     return path

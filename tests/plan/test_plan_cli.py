@@ -1,4 +1,5 @@
 """`lmforge plan ...` and `lmforge scaling fit` end to end (Typer runner; errors through the real entry point)."""
+import re
 import sys
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from lmforge.model.config import preset
 from lmforge.plan import ScalingLaw, get_law, write_runs
 from lmforge.plan.cli import number, register
 from lmforge.plan.tables import count
@@ -101,3 +103,22 @@ def test_malformed_csv_through_the_cli(monkeypatch, capsys, tmp_path):
 def test_number_suffixes():
     assert number("7B") == 7e9 and number("1.4T") == 1.4e12 and number("5.76e23") == 5.76e23
     assert number("350m") == 350e6 and number("2k") == 2000
+
+
+def test_plan_memory_fsdp_reshard_off_holds_every_block_gathered(app):
+    # 7b, 8 GPUs, ZeRO-3 (FSDP2): without resharding the 32 blocks stay gathered (bf16) instead of 2.
+    on = invoke(app, "plan", "memory", "7b", "--gpus", "8", "--zero", "3", "--flash")
+    off = invoke(app, "plan", "memory", "7b", "--gpus", "8", "--zero", "3", "--flash", "--no-reshard")
+    assert "no reshard after forward" in off and "no reshard" not in on
+    cfg = preset("7b")
+    block = (cfg.num_params() - 2 * cfg.vocab_size * cfg.dim - cfg.dim) / cfg.n_layers  # untied embed + head
+    temp = {name: float(re.search(r"temporary buffers\s*│\s*([\d.,]+) GB", out).group(1).replace(",", ""))
+            for name, out in (("on", on), ("off", off))}
+    assert temp["off"] - temp["on"] == pytest.approx(31 * block * 2 / 1e9, abs=0.01)
+    # per micro-batch: gather every unit forward + the blocks again backward, reduce-scatter bf16 grads
+    gathers = float(re.search(r"all_gather ([\d.,]+) GB", on).group(1))
+    assert gathers == pytest.approx(2 * (2 * cfg.num_params() - 2 * cfg.vocab_size * cfg.dim - cfg.dim) / 1e9,
+                                    abs=0.01)
+    assert f"reduce_scatter {2 * cfg.num_params() / 1e9:.2f} GB" in off
+    result = runner.invoke(app, ["plan", "memory", "7b", "--gpus", "8", "--zero", "2", "--no-reshard"])
+    assert "needs zero=3" in str(result.exception)

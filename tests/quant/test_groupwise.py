@@ -79,8 +79,9 @@ def test_cpu_int4_kernel_equals_the_dequantised_reference_matmul(group_size, n_i
 def test_large_inputs_take_the_dequantised_float_path():
     torch.manual_seed(4)
     layer = rtn_linear(nn.Linear(64, 32, bias=False), 4, 32, False)
-    x = torch.randn(2, 40, 64)     # 80 rows: a prompt, not a decode step
+    x = torch.randn(2, 150, 64)    # 300 rows: a scoring pass, not a decode step or a prompt chunk
     assert not layer.uses_cpu_kernel(x)
+    assert layer.uses_cpu_kernel(x[:, :100])     # 200 rows: a serving prompt chunk takes the kernel
     torch.testing.assert_close(layer(x), x @ layer.dequantized().t())
 
 

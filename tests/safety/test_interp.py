@@ -131,12 +131,14 @@ def test_interp_command_writes_heatmaps_and_a_lens_that_ends_at_the_logits(tmp_p
     out = tmp_path / "interp"
     prompt, corrupt = "def add(a, b):", "def add(b, a):"
     assert len(tok.encode(prompt)) == len(tok.encode(corrupt))
+    (tmp_path / "lens.txt").write_text("def add(a, b):\n    return a + b\n" * 30)
     assert run(["safety", "interp", str(tmp_path / "model"), "--prompt", prompt, "--corrupt", corrupt,
-                "--out", str(out)]) == 0
+                "--out", str(out), "--tuned-lens", str(tmp_path / "lens.txt"), "--tuned-lens-steps", "3"]) == 0
     result = json.loads((out / "interp.json").read_text())
     with torch.no_grad():
         best = int(m(torch.tensor([tok.encode(prompt)]))[0, -1].argmax())
     assert result["logit_lens"][-1]["top"][0]["token"] == tok.decode([best])
+    assert result["tuned_lens"][-1] == result["logit_lens"][-1] and len(result["tuned_lens"]) == 2
     for name in ("attention_layer0", "attention_layer1", "induction_heads", "activation_patching",
                  "attribution_patching"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

@@ -124,8 +124,13 @@ def function_pairs(source: str) -> Iterator[tuple[str, str]]:
             yield header, body
 
 
-def stdlib_chats(split: str) -> Iterator[list[dict]]:
-    """The default SFT data: one user/assistant chat per stdlib function, on the corpus's split."""
-    for doc in stdlib_documents(split):
+def function_chats(documents) -> Iterator[list[dict]]:
+    """One user/assistant chat (signature + docstring -> body) per function in the documents."""
+    for doc in documents:
         for header, body in function_pairs(doc.text):
             yield [{"role": "user", "content": PROMPT + header}, {"role": "assistant", "content": body}]
+
+
+def stdlib_chats(split: str) -> Iterator[list[dict]]:
+    """The default SFT data: one chat per stdlib function, on the corpus's split."""
+    return function_chats(stdlib_documents(split))

@@ -14,9 +14,16 @@ recipe does the latter: no reference pass, no cache, no second copy.
   Its reference point z0 = max(0, mean(log pi - log pi_ref)) is estimated, as in TRL, on mismatched
   rows: pair i's prompt with pair i+1's completions (a fixed shift over the data set, so their
   reference log-probs are cached with the rest), averaged over each micro-batch, without gradient.
+
+Every held-out evaluation also logs `val_win_rate`: the policy against the starting model on the
+first dpo.win_rate_prompts held-out prompts (of those with room for dpo.win_rate_tokens more tokens
+within train.seq_len), both completing greedily, judged by closeness to the
+chosen completion (lmforge.align.win_rate). The start's completions are made once, from the
+starting weights (or, with LoRA, the adapters switched off).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +53,7 @@ from lmforge.align.preference_data import (
     stdlib_pairs,
 )
 from lmforge.align.sft import pad_token_id
+from lmforge.align.win_rate import chosen_texts, greedy_texts, win_rate
 from lmforge.config import check_non_negative, check_positive, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.model import load
@@ -76,11 +84,15 @@ class DPOConfig:
     desirable_weight: float = 1.0    # KTO's lambda_D
     undesirable_weight: float = 1.0  # KTO's lambda_U
     data_seed: int = 0          # the default data's corruptions
+    chat: bool = False          # format pairs with the chat template (prompt = user turn, completions = replies)
+    win_rate_prompts: int = 16  # held-out prompts for val_win_rate against the starting model (0: off)
+    win_rate_tokens: int = 64   # greedy tokens per completion for the win-rate
 
     def __post_init__(self):
         check_positive(self, "dpo", "max_examples", "val_examples", "beta", "desirable_weight",
                        "undesirable_weight")
-        check_non_negative(self, "dpo", "simpo_gamma")
+        check_non_negative(self, "dpo", "simpo_gamma", "win_rate_prompts")
+        check_positive(self, "dpo", "win_rate_tokens")
         if self.loss_type not in LOSS_TYPES:
             raise LmforgeError(f"dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         if not 0 <= self.label_smoothing < 0.5:
@@ -187,6 +199,29 @@ class DPOObjective(LoraHooks):
         self.pad_id, self.ref_train, self.ref_val = pad_id, ref_train, ref_val
         self.vocab_size = vocab_size if vocab_size is not None else tok.vocab_size
         self.kl_train, self.kl_val = mismatched(train, max_len), mismatched(val, max_len)
+        # the first held-out prompts that leave room for the completion within the sequence length
+        room = [e for e in val if max_len is None or len(e.prompt) + cfg.win_rate_tokens < max_len]
+        self.win_examples = room[:cfg.win_rate_prompts] if tok is not None else []
+        self.start_texts: list[str] | None = None  # the starting model's completions (`start_completions`)
+
+    def start_completions(self, start_model, autocast) -> list[str]:
+        """The starting model's greedy completions of the win-rate prompts (kept for every evaluation)."""
+        self.start_texts = self.completions(start_model, autocast)
+        return self.start_texts
+
+    def completions(self, model, autocast) -> list[str]:
+        return greedy_texts(model, self.tok, [e.prompt for e in self.win_examples], self.cfg.win_rate_tokens,
+                            self.pad_id, autocast)
+
+    def win_rate(self, model, autocast) -> float:
+        """Held-out win-rate of `model` against the starting model (see lmforge.align.win_rate)."""
+        if self.start_texts is None:
+            if not lora_layers(model):
+                raise LmforgeError("the win-rate needs the starting model's completions (start_completions) "
+                                   "or a model with LoRA adapters")
+            with adapters_disabled(model):
+                self.start_completions(model, autocast)
+        return win_rate(self.completions(model, autocast), self.start_texts, chosen_texts(self.tok, self.win_examples))
 
     def batches(self, micro_batch: int, seed: int) -> PairLoader:
         return PairLoader(self.train, micro_batch, seed, self.pad_id)
@@ -262,7 +297,11 @@ class DPOObjective(LoraHooks):
                 for k, v in {"loss": float(loss), **extra}.items():
                     sums[k] = sums.get(k, 0.0) + v * len(chunk)
         model.train(was_training)
-        return {f"val_{k}": v / len(self.val) for k, v in sums.items()}
+        out = {f"val_{k}": v / len(self.val) for k, v in sums.items()}
+        if self.win_examples:
+            out["val_win_rate"] = self.win_rate(model, autocast)
+            out["val_win_rate_prompts"] = len(self.win_examples)
+        return out
 
     def tokenizer(self) -> Tokenizer | None:
         return self.tok
@@ -274,7 +313,8 @@ def metrics(out) -> dict[str, float]:
 
 
 # --- the command ---------------------------------------------------------------------------------------
-def preference_examples(section, section_name: str, tok: Tokenizer, max_len: int, console: Console):
+def preference_examples(section, section_name: str, tok: Tokenizer, max_len: int, console: Console,
+                        chat: bool = False):
     """(train, val) tokenised pairs from the section's data / val_data settings (shared by dpo and rm)."""
     if section.data:
         train_pairs = read_preference_jsonl(section.data)
@@ -284,8 +324,8 @@ def preference_examples(section, section_name: str, tok: Tokenizer, max_len: int
             raise LmforgeError(f"{section_name}.val_data needs {section_name}.data (the default data has its own "
                                "val split)")
         train_pairs, val_pairs = stdlib_pairs("train", section.data_seed), stdlib_pairs("val", section.data_seed)
-    train, dropped = build_pair_examples(tok, train_pairs, max_len, section.max_examples)
-    val, val_dropped = build_pair_examples(tok, val_pairs, max_len, section.val_examples)
+    train, dropped = build_pair_examples(tok, train_pairs, max_len, section.max_examples, chat)
+    val, val_dropped = build_pair_examples(tok, val_pairs, max_len, section.val_examples, chat)
     if not train:
         raise LmforgeError(f"no preference pair fits train.seq_len={max_len - 1} tokens")
     console.print(f"preference data: {len(train)} train pairs, {len(val)} held-out "
@@ -301,19 +341,23 @@ def finetune_dpo(recipe: DPORecipe, model: str | None = None, resume: bool = Fal
     tc, dc = recipe.train, recipe.dpo
     path, tok = starting_point(tc, model, dc.tokenizer)
     pad_id = pad_token_id(tok)
-    train, val = preference_examples(dc, "dpo", tok, tc.seq_len + 1, console)
+    train, val = preference_examples(dc, "dpo", tok, tc.seq_len + 1, console, dc.chat)
     out = claim_output_dir(tc.out, "finetune", DPO_FILES)
     if not resume and latest_checkpoint(out / "ckpt"):  # fit refuses too, but only after the reference pass
         raise LmforgeError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another train.out")
     ref_train = ref_val = None
-    # with LoRA the reference is the frozen base, adapters off, on the fly; SimPO and ORPO need none
-    if not recipe.lora.enabled and not dc.reference_free:
-        start = load(path, dtype=torch.float32, device=resolve_device(tc.device))  # scored once, then freed
-        ref_train, ref_val = cached_reference(start, reference_rows(dc, train, tc.seq_len + 1),
-                                              reference_rows(dc, val, tc.seq_len + 1), pad_id,
-                                              out / REFERENCE_FILE, console)
+    objective = DPOObjective(tok, train, val, dc, tc.micro_batch, pad_id, max_len=tc.seq_len + 1)
+    # with LoRA the reference (and the win-rate's start) is the frozen base, adapters off, on the fly;
+    # SimPO and ORPO need no reference
+    if not recipe.lora.enabled and (not dc.reference_free or objective.win_examples):
+        start = load(path, dtype=torch.float32, device=resolve_device(tc.device))  # used once, then freed
+        if not dc.reference_free:
+            ref_train, ref_val = cached_reference(start, reference_rows(dc, train, tc.seq_len + 1),
+                                                  reference_rows(dc, val, tc.seq_len + 1), pad_id,
+                                                  out / REFERENCE_FILE, console)
+        if objective.win_examples:
+            objective.start_completions(start, contextlib.nullcontext)
         del start
-    objective = DPOObjective(tok, train, val, dc, tc.micro_batch, pad_id, ref_train, ref_val,
-                             max_len=tc.seq_len + 1)
+    objective.ref_train, objective.ref_val = ref_train, ref_val
     objective.lora, objective.base_model = recipe.lora, str(path)
     return fit(objective, tc, to_dict(recipe), None, "finetune", DPO_FILES, resume, console)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.align.data import PROMPT, function_pairs
+from lmforge.align.data import PROMPT, function_pairs, tokenize_chat
 from lmforge.corpus.stdlib import stdlib_documents
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
@@ -88,11 +88,16 @@ def corrupt_body(body: str, rng: random.Random) -> str | None:
 
 
 def stdlib_pairs(split: str, seed: int = 0) -> Iterator[PreferencePair]:
-    """The default preference data: per stdlib function (on the corpus's split), prompt = the SFT
-    prompt + signature + docstring, chosen = the real body, rejected = a corrupted body. The same
-    seed gives the same pairs (each function's corruption is seeded by the seed and its position)."""
+    """The default preference data: `function_pairs_of` the stdlib files of the corpus's split."""
+    return function_pairs_of(stdlib_documents(split), seed)
+
+
+def function_pairs_of(documents, seed: int = 0) -> Iterator[PreferencePair]:
+    """Per function in the documents: prompt = the SFT prompt + signature + docstring, chosen = the
+    real body, rejected = a corrupted body. The same seed gives the same pairs (each function's
+    corruption is seeded by the seed and its position)."""
     n = 0
-    for doc in stdlib_documents(split):
+    for doc in documents:
         for header, body in function_pairs(doc.text):
             rejected = corrupt_body(body, random.Random(f"{seed}:{n}"))
             n += 1
@@ -127,11 +132,27 @@ def tokenize_pair(tok: Tokenizer, pair: PreferencePair) -> PairExample:
                        tok.encode_text(pair.rejected) + eos)
 
 
-def build_pair_examples(tok: Tokenizer, pairs, max_len: int, limit: int) -> tuple[list[PairExample], int]:
-    """The first `limit` pairs whose both sequences fit max_len tokens; -> (examples, n too long)."""
+def tokenize_chat_pair(tok: Tokenizer, pair: PreferencePair) -> PairExample:
+    """The pair as a chat: the prompt is the user's turn, tokenised exactly as the model sees it at
+    inference (`encode_chat(..., add_generation_prompt=True)`), and each completion is the assistant's
+    reply with its end-of-turn token: the tokens SFT trains (`tokenize_chat`'s assistant mask)."""
+    parts = []
+    for completion in (pair.chosen, pair.rejected):
+        ids, trained = tokenize_chat(tok, [{"role": "user", "content": pair.prompt},
+                                           {"role": "assistant", "content": completion}])
+        first, end = trained.index(True), len(trained) - trained[::-1].index(True)
+        parts.append((ids[:first], ids[first:end]))
+    (prompt, chosen), (_, rejected) = parts
+    return PairExample(prompt, chosen, rejected)
+
+
+def build_pair_examples(tok: Tokenizer, pairs, max_len: int, limit: int,
+                        chat: bool = False) -> tuple[list[PairExample], int]:
+    """The first `limit` pairs whose both sequences fit max_len tokens; -> (examples, n too long).
+    chat=True formats them with the tokenizer's chat template (`tokenize_chat_pair`)."""
     kept, too_long = [], 0
     for pair in pairs:
-        ex = tokenize_pair(tok, pair)
+        ex = tokenize_chat_pair(tok, pair) if chat else tokenize_pair(tok, pair)
         if len(ex.prompt) + max(len(ex.chosen), len(ex.rejected)) > max_len or not ex.chosen or not ex.rejected:
             too_long += 1
             continue

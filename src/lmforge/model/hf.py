@@ -1,4 +1,7 @@
-"""Hugging Face Llama interop: config.json <-> ModelConfig, safetensors (single or sharded)."""
+"""Hugging Face Llama interop: config.json <-> ModelConfig, safetensors (single or sharded).
+
+A model with QK-norm maps to Qwen3, which is Llama plus exactly that (an RMSNorm with a learned
+[head_dim] weight over each head's q and k before RoPE, named self_attn.q_norm / k_norm as ours)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 
-SUPPORTED_TYPES = ("llama",)
+SUPPORTED_TYPES = ("llama", "qwen3")
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
@@ -20,6 +23,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise LmforgeError(f"unsupported model_type {hf.get('model_type')!r}; supported: {SUPPORTED_TYPES}")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise LmforgeError("Llama variants with attention/MLP biases are not supported")
+    if hf.get("use_sliding_window"):
+        raise LmforgeError("sliding-window attention (use_sliding_window) is not implemented")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise LmforgeError(f"config.json hidden_act {act!r} is not implemented; lmforge's Llama MLP is SwiGLU (silu)")
@@ -40,14 +45,26 @@ def config_from_hf(hf: dict) -> ModelConfig:
         rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-5),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         head_dim_override=head_dim if head_dim != dim // heads else None,
+        qk_norm=hf["model_type"] == "qwen3",
     )
 
 
+def require_llama_layout(cfg: ModelConfig, target: str, qk_norm_ok: bool = False) -> None:
+    """Refuse to export what the target format cannot express: it would load without the feature
+    and silently compute something else."""
+    extras = [name for name, on in (("mixture-of-experts MLPs", cfg.n_experts),
+                                    ("QK-norm", cfg.qk_norm and not qk_norm_ok),
+                                    ("logit soft-capping", cfg.logit_softcap is not None)) if on]
+    if extras:
+        raise LmforgeError(f"{target} export: the model uses {' and '.join(extras)}, which the format has "
+                           "no field for; save it as an lmforge checkpoint instead")
+
+
 def config_to_hf(cfg: ModelConfig, extra: dict | None = None) -> dict:
-    if cfg.n_experts:
-        raise LmforgeError("MoE models have no Hugging Face Llama equivalent; save them as lmforge checkpoints")
+    require_llama_layout(cfg, "Hugging Face", qk_norm_ok=True)
+    arch = ("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else ("LlamaForCausalLM", "llama")
     hf = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [arch[0]], "model_type": arch[1],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
@@ -55,6 +72,7 @@ def config_to_hf(cfg: ModelConfig, extra: dict | None = None) -> dict:
         "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
         "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+        **({"use_sliding_window": False} if cfg.qk_norm else {}),
     }
     return {**hf, **(extra or {})}
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model.attention import blockwise_attention
 from lmforge.model.config import ModelConfig
 
 
@@ -91,11 +92,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.block = cfg.attention_block if cfg.attention == "blockwise" else 0
+        if cfg.qk_norm:  # one learned [head_dim] weight each for q and k, shared by the heads
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x, cos, sin, cache=None, layer: int = 0, mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # A cache object owns where K/V live (contiguous, paged, ...) and how attention reads them.
@@ -103,8 +111,12 @@ class Attention(nn.Module):
             out = cache.attend(layer, q, k, v)
         elif mask is not None:  # packed documents or padding: a [B, 1, T, T] boolean mask
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        elif causal_attention_override is not None:  # e.g. ring attention under context parallel
+            out = causal_attention_override(q, k, v)
+        elif self.block:
+            out = blockwise_attention(q, k, v, True, self.block, self.block)
         else:
-            out = (causal_attention_override or causal_attention)(q, k, v)
+            out = causal_attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

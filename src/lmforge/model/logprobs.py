@@ -12,16 +12,20 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from lmforge.model.fused_loss import softcap_
+
 # Rows per chunk default to this many logits (16 MiB in fp32): a flat working set as vocab grows.
 CHUNK_ELEMENTS = 1 << 22
 
 
-def _chunk_logprobs(h, weight, safe_t, acc_dtype):
-    """Chunk logits normalised in place: returns (log_softmax [n, V], lse [n], target logp [n])."""
+def _chunk_logprobs(h, weight, safe_t, acc_dtype, cap):
+    """Chunk logits (soft-capped when cap is set) normalised in place: returns (log_softmax [n, V],
+    target logp [n], d(capped)/d(raw) [n, V] or None)."""
     logp_all = (h @ weight.t()).to(acc_dtype)
+    cap_deriv = softcap_(logp_all, cap)
     lse = torch.logsumexp(logp_all, dim=-1)
     logp_all.sub_(lse[:, None])
-    return logp_all, logp_all.gather(1, safe_t[:, None]).squeeze(1)
+    return logp_all, logp_all.gather(1, safe_t[:, None]).squeeze(1), cap_deriv
 
 
 def _entropy(logp_all):
@@ -30,7 +34,8 @@ def _entropy(logp_all):
 
 class LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_rows: int, with_entropy: bool):
+    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_rows: int, with_entropy: bool,
+                cap: float | None):
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # at least fp32 softmax
         valid = targets != ignore_index
         safe_t = torch.where(valid, targets, 0)
@@ -38,12 +43,12 @@ class LinearTokenLogprobs(torch.autograd.Function):
         entropy = torch.zeros_like(logp) if with_entropy else None
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logp_all, logp[rows] = _chunk_logprobs(hidden[rows], weight, safe_t[rows], acc_dtype)
+            logp_all, logp[rows], _ = _chunk_logprobs(hidden[rows], weight, safe_t[rows], acc_dtype, cap)
             if with_entropy:
                 entropy[rows] = _entropy(logp_all)
         logp.mul_(valid)  # ignored positions: log-prob 0, entropy 0, no gradient
         ctx.save_for_backward(hidden, weight, safe_t, valid)
-        ctx.chunk_rows, ctx.acc_dtype = chunk_rows, acc_dtype
+        ctx.chunk_rows, ctx.acc_dtype, ctx.cap = chunk_rows, acc_dtype, cap
         # Backward recomputes the logits: under the same autocast state, so they are the same
         # logits whose log-probs were returned (as activation checkpointing does).
         device = hidden.device.type
@@ -73,13 +78,15 @@ class LinearTokenLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             h, t, g = hidden[rows], safe_t[rows], grad_logp[rows]
-            logp_all, _ = _chunk_logprobs(h, weight, t, acc_dtype)
+            logp_all, _, cap_deriv = _chunk_logprobs(h, weight, t, acc_dtype, ctx.cap)
             # d logp_t / dz = onehot(t) - p;  d H / dz = -p * (log p + H)
             coeff = -g[:, None]
             if grad_entropy is not None:
                 coeff = coeff - grad_entropy[rows, None] * (logp_all + _entropy(logp_all)[:, None])
             grad_z = logp_all.exp_().mul_(coeff)
             grad_z[torch.arange(len(t), device=t.device), t] += g
+            if cap_deriv is not None:
+                grad_z.mul_(cap_deriv)
             grad_z = grad_z.to(h.dtype)
             if need_h:
                 grad_hidden[rows] = grad_z @ weight.to(h.dtype)
@@ -89,15 +96,15 @@ class LinearTokenLogprobs(torch.autograd.Function):
                 grad_weight += grad_z.t() @ h
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    ignore_index: int = -100, chunk_rows: int | None = None,
-                   return_entropy: bool = False):
-    """log softmax(hidden @ weight.T)[targets] per row -> [N] (fp32 or wider), 0 where targets
+                   return_entropy: bool = False, softcap: float | None = None):
+    """log softmax(softcap(hidden @ weight.T))[targets] per row -> [N] (fp32 or wider), 0 where targets
     equal ignore_index; hidden [N, D], weight [V, D], targets [N]. With return_entropy, also the
     entropy of each row's distribution -> ([N], [N]). Both are differentiable."""
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return LinearTokenLogprobs.apply(hidden, weight, targets, ignore_index, chunk_rows, return_entropy)
+    return LinearTokenLogprobs.apply(hidden, weight, targets, ignore_index, chunk_rows, return_entropy, softcap)

@@ -12,7 +12,8 @@ Two storage formats, both bias-free drop-ins for nn.Linear:
   (q - 8) * scale + zero, so it is fed zero = S (8 - Z) (bfloat16 scales, activations, output).
   The kernel's packed layout is built on first use and not saved (it is CPU-specific); the
   checkpoint holds two codes per byte, low nibble first. `in` is padded up to a whole number of
-  groups (the padding codes meet zero activations).
+  groups (the padding codes meet zero activations). The kernel serves decode steps and prompt
+  chunks up to INT4_KERNEL_MAX_ROWS rows; longer inputs use the dequantised float weight.
 """
 from __future__ import annotations
 
@@ -25,9 +26,13 @@ from lmforge.errors import LmforgeError
 _CPU_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
 _CPU_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)   # group sizes the CPU int4 kernel accepts
-# The packed kernels win when decoding (a few rows: memory-bound); a long prompt or a scoring pass
-# is compute-bound, where dequantising once and calling the float matmul is faster.
+# The packed kernels win when decoding (a few rows: memory-bound); a long scoring pass is
+# compute-bound, where dequantising once and calling the float matmul can be faster.
 KERNEL_MAX_ROWS = 32
+# Unpacking int4 codes to a float weight costs more than the int4 kernel's own matmul up to at least
+# 512 rows (SmolLM2 shapes, 2 threads: ~2.5-3x), so chat-sized prompt chunks take the kernel too
+# (bfloat16 activations, as when decoding); scoring windows (512 tokens and up) keep float32.
+INT4_KERNEL_MAX_ROWS = 256
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -119,7 +124,7 @@ class Int4Linear(nn.Module):
         return w.view(self.out_features, -1)[:, :self.in_features]
 
     def uses_cpu_kernel(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and _CPU_INT4_MM and self.codebook is None and _rows(x) <= KERNEL_MAX_ROWS
+        return (x.device.type == "cpu" and _CPU_INT4_MM and self.codebook is None and _rows(x) <= INT4_KERNEL_MAX_ROWS
                 and self.group_size in INT4_KERNEL_GROUPS and self.out_features % 16 == 0)
 
     def _kernel_weights(self):

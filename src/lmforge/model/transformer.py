@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
-from lmforge.model.fused_loss import linear_cross_entropy
+from lmforge.model.fused_loss import linear_cross_entropy, softcap
 from lmforge.model.layers import Block, MoE, RMSNorm, rope_cos_sin, rope_inv_freq
 from lmforge.model.logprobs import token_logprobs
 from lmforge.model.packing import packed_layout
@@ -28,6 +28,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
+        self.z_loss = 0.0  # a training setting (train.z_loss), not part of the architecture
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -49,7 +50,9 @@ class Transformer(nn.Module):
         """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only).
 
         With targets [B, T] (already shifted, -100 to ignore) it returns the mean cross-entropy
-        instead, fused with the LM head so the full logits are never materialised.
+        (plus self.z_loss * logsumexp^2 when set) instead, fused with the LM head so the full
+        logits are never materialised. Logits are soft-capped when cfg.logit_softcap is set, on
+        every path (logits, loss, token_logprobs).
         positions default to 0..T-1, or continue from the cache's length when a cache is given.
         logits_index [K] computes logits only at those time steps -> [B, K, vocab] (a serving
         batch packs many sequences into one row and needs only each one's last position).
@@ -82,12 +85,18 @@ class Transformer(nn.Module):
         if return_hidden:
             return x
         if targets is not None:
-            return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
+            return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                        softcap=self.cfg.logit_softcap, z_loss=self.z_loss)
         if last_only:
             x = x[:, -1:]
         elif logits_index is not None:
             x = x[:, logits_index]
-        return self.lm_head(x)
+        return self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-norm hidden states, soft-capped when the config says so: every
+        caller that turns hidden states into logits goes through here."""
+        return softcap(self.lm_head(hidden), self.cfg.logit_softcap)
 
     def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, *, positions=None, doc_ids=None,
                        attention_mask=None, return_entropy: bool = False, chunk_rows: int | None = None):
@@ -103,7 +112,7 @@ class Transformer(nn.Module):
         head can share the same forward pass."""
         B, T, D = hidden.shape
         out = token_logprobs(hidden.reshape(-1, D), self.lm_head.weight, targets.reshape(-1),
-                             chunk_rows=chunk_rows, return_entropy=return_entropy)
+                             chunk_rows=chunk_rows, return_entropy=return_entropy, softcap=self.cfg.logit_softcap)
         if return_entropy:
             return out[0].view(B, T), out[1].view(B, T)
         return out.view(B, T)

@@ -1,7 +1,7 @@
 """The maths that plans a training run before compute is spent.
 
 - model arithmetic: `resolve_model`, `summarize` (params total/active, FLOPs/token, KV bytes)
-- training memory: `TrainingPlan`, `training_memory`, `model_state_bytes`; fit and advice: `check_fit`
+- training memory: `TrainingPlan`, `training_memory`, `model_state_bytes`, `comm_bytes_per_step`; fit and advice: `check_fit`
 - inference memory: `inference_memory`, `max_batch`
 - time and cost: `training_time`
 - compute-optimal sizing: `ScalingLaw`, `PUBLISHED`, `optimal_by_ratio`
@@ -15,7 +15,7 @@ from lmforge.plan.fitting import FitResult, PowerLaw, fit_chinchilla, fit_power_
 from lmforge.plan.gpus import GPUS, custom_gpu, get_gpu
 from lmforge.plan.inference import inference_memory, max_batch
 from lmforge.plan.laws import PUBLISHED, ScalingLaw, get_law, optimal_by_ratio
-from lmforge.plan.memory import TrainingPlan, model_state_bytes, training_memory
+from lmforge.plan.memory import TrainingPlan, comm_bytes_per_step, model_state_bytes, training_memory
 from lmforge.train.noise_scale import NoiseScale, NoiseScaleTracker, measure_noise_scale, noise_scale
 from lmforge.plan.plots import plot_chinchilla_fit, plot_power_law
 from lmforge.plan.runs import Runs, read_runs, write_runs
@@ -26,7 +26,7 @@ __all__ = [
     "Verdict", "check_fit", "ModelSummary", "kv_cache_bytes_per_token", "resolve_model", "summarize",
     "FitResult", "PowerLaw", "fit_chinchilla", "fit_power_law", "predict_interval", "GPUS", "custom_gpu",
     "get_gpu", "inference_memory", "max_batch", "PUBLISHED", "ScalingLaw", "get_law", "optimal_by_ratio",
-    "TrainingPlan", "model_state_bytes", "training_memory", "NoiseScale", "NoiseScaleTracker",
+    "TrainingPlan", "comm_bytes_per_step", "model_state_bytes", "training_memory", "NoiseScale", "NoiseScaleTracker",
     "measure_noise_scale", "noise_scale", "plot_chinchilla_fit", "plot_power_law", "Runs", "read_runs",
     "write_runs", "SweepConfig", "run_sweep", "TrainingTime", "training_time",
 ]

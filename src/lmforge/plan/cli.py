@@ -58,7 +58,13 @@ def memory_command(
     tp: int = typer.Option(1, min=1, help="tensor-parallel degree"),
     pp: int = typer.Option(1, min=1, help="pipeline-parallel degree"),
     sp: bool = typer.Option(False, "--sp", help="sequence parallelism (with tp > 1)"),
-    zero: int = typer.Option(0, min=0, max=3, help="ZeRO stage 0-3 over the data-parallel ranks"),
+    tp_layout: str = typer.Option("megatron", help="what tp splits: megatron (every weight, vocab-parallel "
+                                  "embeddings) or lmforge (block matrices; embeddings, head, norms whole)"),
+    zero: int = typer.Option(0, min=0, max=3, help="ZeRO stage 0-3 over the data-parallel ranks "
+                             "(3: lmforge's FSDP2 layout, as `lmforge train` under torchrun)"),
+    reshard: bool = typer.Option(True, "--reshard/--no-reshard",
+                                 help="ZeRO-3/FSDP2: free each block's gathered weights after its forward "
+                                      "(parallel.reshard_after_forward)"),
     micro_batch: int = typer.Option(1, min=1, help="sequences per GPU per forward/backward"),
     seq_len: int = typer.Option(2048, min=1),
     recompute: str = typer.Option("none", help="activation checkpointing: none, selective or full"),
@@ -74,7 +80,7 @@ def memory_command(
     from lmforge.plan.arithmetic import resolve_model
     from lmforge.plan.gpus import get_gpu
     from lmforge.plan.memory import TrainingPlan
-    from lmforge.plan.tables import describe_plan, memory_table, suggestions_table, verdict_line
+    from lmforge.plan.tables import comm_line, describe_plan, memory_table, suggestions_table, verdict_line
     total = gpus or tp * pp
     if tp < 1 or pp < 1 or total % (tp * pp):
         raise LmforgeError(f"impossible plan: {total} GPUs cannot be split into tp={tp} x pp={pp} groups")
@@ -82,7 +88,7 @@ def memory_command(
         raise LmforgeError("headroom is a fraction in [0, 1)")
     plan = TrainingPlan(micro_batch=micro_batch, seq_len=seq_len, dp=total // (tp * pp), tp=tp, pp=pp, sp=sp,
                         zero=zero, recompute=recompute, offload=offload, precision=precision, flash=flash,
-                        fused_loss=fused_loss)
+                        fused_loss=fused_loss, reshard_after_forward=reshard, tp_layout=tp_layout)
     verdict = check_fit(resolve_model(model), plan, get_gpu(gpu), headroom)
     console = Console()
     console.print(describe_plan(plan), highlight=False)
@@ -91,6 +97,8 @@ def memory_command(
     advice = suggestions_table(verdict)
     if advice is not None:
         console.print(advice)
+    if plan.dp > 1:
+        console.print(comm_line(resolve_model(model), plan), highlight=False)
 
 
 @plan_app.command("inference")

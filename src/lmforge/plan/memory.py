@@ -11,6 +11,17 @@ weight copies saved for backward and an fp32 residual stream, so it needs more t
 it is not modelled separately. Activations come from `activations.py`. Pipeline stages hold
 their slice of the layers; under the 1F1B schedule the first stage keeps min(pp, micro-batches)
 micro-batches in flight.
+
+ZeRO-3 is modelled as lmforge's FSDP2 layout (train/distributed/fsdp.py): each block is one
+`fully_shard` unit and the root unit (embeddings, final norm, head) stays gathered from its forward
+to its backward. With reshard_after_forward (the default) a block's gathered weights live only while
+it runs, plus the next block's prefetched all-gather; without it (`--no-reshard`, about ZeRO-2's
+memory with ZeRO-3's sharded storage) every block stays gathered from its forward until its backward.
+`comm_bytes_per_step` gives the matching collective volume per rank and step.
+
+Tensor parallelism splits every weight over tp by default (Megatron: vocab-parallel embeddings and
+head); tp_layout="lmforge" is train/distributed/tp.py's layout instead: the block matrices split,
+the norms, embeddings and head whole on every rank.
 """
 from __future__ import annotations
 
@@ -29,7 +40,8 @@ PRECISIONS = {
     "fp32": (4, 4, 8),     # fp32 weights and grads; Adam m and v
 }
 ACTIVATION_BYTES = {"mixed": 2, "fp32": 4}
-OFFLOADS = ("none", "optimizer", "params")  # "params" offloads the optimizer states and the weights
+OFFLOADS = ("none", "optimizer", "params")
+TP_LAYOUTS = ("megatron", "lmforge")  # "params" offloads the optimizer states and the weights
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,8 @@ class TrainingPlan:
     flash: bool = False           # attention without s x s matrices
     micro_batches: int = 0        # micro-batches per step per pipeline (0: as many as pp)
     fused_loss: bool = True       # loss fused with the LM head in chunks, as lmforge trains (no full logits)
+    reshard_after_forward: bool = True  # ZeRO-3/FSDP2: free each block's gathered weights after its forward
+    tp_layout: str = "megatron"   # what tp splits: megatron (every weight) | lmforge (block matrices only)
 
     @property
     def gpus(self) -> int:
@@ -112,6 +126,10 @@ def check_plan(cfg: ModelConfig, plan: TrainingPlan) -> None:
         problems.append(f"recompute must be one of {', '.join(RECOMPUTE)} (got {plan.recompute!r})")
     if plan.micro_batches < 0:
         problems.append("micro_batches must be 0 (auto) or positive")
+    if plan.tp_layout not in TP_LAYOUTS:
+        problems.append(f"tp_layout must be one of {', '.join(TP_LAYOUTS)} (got {plan.tp_layout!r})")
+    if not plan.reshard_after_forward and plan.zero != 3:
+        problems.append("reshard_after_forward=False is an FSDP (ZeRO-3) setting: it needs zero=3")
     if problems:
         raise LmforgeError("impossible plan: " + "; ".join(problems))
 
@@ -126,6 +144,16 @@ def layer_shape(cfg: ModelConfig, tp: int = 1) -> LayerShape:
                       attn_hidden=cfg.n_heads * cfg.head_dim)
 
 
+def tp_shard(cfg: ModelConfig, plan: TrainingPlan, params: float, layers: float) -> float:
+    """Parameters one tensor-parallel rank holds of `params` parameters of which `layers` are whole
+    blocks (the rest: embeddings, head, final norm)."""
+    if plan.tp_layout == "megatron":
+        return params / plan.tp
+    norms = layers * 2 * cfg.dim  # each block's two RMSNorm weights
+    matrices = layers * per_layer_params(cfg) - norms
+    return matrices / plan.tp + params - matrices
+
+
 def training_memory(cfg: ModelConfig, plan: TrainingPlan) -> MemoryEstimate:
     """Peak GPU bytes on the most loaded GPU, by kind: weights, gradients, optimizer,
     activations, the output layer, and temporary buffers (a recomputed layer, ZeRO-3 gathers,
@@ -133,6 +161,7 @@ def training_memory(cfg: ModelConfig, plan: TrainingPlan) -> MemoryEstimate:
     check_plan(cfg, plan)
     model_state_bytes(1, plan.dp, plan.zero, plan.precision, plan.offload)  # validates the options
     t, pp = plan.tp, plan.pp
+    t_head = 1 if plan.tp_layout == "lmforge" else t  # the head is split (vocab-parallel) or whole
     layers = math.ceil(cfg.n_layers / pp)
     block = per_layer_params(cfg)
     embed = cfg.vocab_size * cfg.dim
@@ -147,19 +176,41 @@ def training_memory(cfg: ModelConfig, plan: TrainingPlan) -> MemoryEstimate:
     per_layer = layer_bytes(shape, s, b, t, plan.sp, plan.recompute, plan.flash, act_bytes)
     best = None
     for name, (params, micro_batches, has_head) in stages.items():
-        shard = params / t
+        shard = tp_shard(cfg, plan, params, layers)
         states = model_state_bytes(shard, plan.dp, plan.zero, plan.precision, plan.offload)
         parts = {"weights": states["weights"], "gradients": states["gradients"], "optimizer": states["optimizer"],
                  "activations": per_layer * layers * micro_batches}
-        parts["output layer"] = output_layer_bytes(s, b, cfg.dim, cfg.vocab_size, t, plan.sp, act_bytes,
+        parts["output layer"] = output_layer_bytes(s, b, cfg.dim, cfg.vocab_size, t_head, plan.sp, act_bytes,
                                                    plan.fused_loss) if has_head else 0.0
-        temp = fused_loss_chunk_bytes(cfg.vocab_size, t) if has_head and plan.fused_loss else 0.0
+        temp = fused_loss_chunk_bytes(cfg.vocab_size, t_head) if has_head and plan.fused_loss else 0.0
         if plan.recompute == "full":  # the one layer being recomputed holds its full activations
             temp += layer_bytes(shape, s, b, t, plan.sp, "none", plan.flash, act_bytes)
-        if plan.zero == 3:  # the layer in use and the prefetched next one, gathered in 16/32-bit
-            temp += 2 * block / t * PRECISIONS[plan.precision][0]
+        if plan.zero == 3:  # gathered weights: the root unit and the blocks held (see the module doc)
+            gathered_blocks = 2 if plan.reshard_after_forward else layers + 1  # + the in-flight all-gather
+            gathered = tp_shard(cfg, plan, params - layers * block, 0) + gathered_blocks * tp_shard(cfg, plan, block, 1)
+            temp += gathered * PRECISIONS[plan.precision][0]
         parts["temporary buffers"] = temp
         estimate = MemoryEstimate(plan, name, shard, parts, states["cpu"])
         if best is None or estimate.total > best.total:
             best = estimate
     return best
+
+
+def comm_bytes_per_step(cfg: ModelConfig, plan: TrainingPlan, grad_accum: int = 1) -> dict[str, float]:
+    """Bytes per rank and optimizer step through each data-parallel collective, counted as the
+    full (gathered, or pre-reduction) buffer each call is given; a ring moves (dp-1)/dp of an
+    all-gather or reduce-scatter buffer and 2(dp-1)/dp of an all-reduce buffer over each link.
+    ZeRO-3 (FSDP2, lmforge's layout): per micro-batch every unit is gathered for the forward and
+    the blocks again for the backward when resharded (the root unit is never resharded), and the
+    gradients are reduce-scattered. ZeRO 0-2 (DDP): one all-reduce of the gradients per step."""
+    check_plan(cfg, plan)
+    if plan.dp == 1:
+        return {"all_gather": 0.0, "reduce_scatter": 0.0, "all_reduce": 0.0}
+    w, g, _ = PRECISIONS[plan.precision]
+    layers = cfg.n_layers / plan.pp  # (stages taken as equal)
+    params = tp_shard(cfg, plan, cfg.num_params() / plan.pp, layers)
+    if plan.zero < 3:
+        return {"all_gather": 0.0, "reduce_scatter": 0.0, "all_reduce": g * params}
+    blocks = layers * tp_shard(cfg, plan, per_layer_params(cfg), 1)
+    gathered = params + (blocks if plan.reshard_after_forward else 0)
+    return {"all_gather": grad_accum * w * gathered, "reduce_scatter": grad_accum * g * params, "all_reduce": 0.0}

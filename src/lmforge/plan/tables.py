@@ -7,6 +7,7 @@ from lmforge.plan.advice import Verdict
 from lmforge.plan.arithmetic import ModelSummary
 from lmforge.plan.fitting import FitResult
 from lmforge.plan.inference import InferenceEstimate
+from lmforge.plan.memory import comm_bytes_per_step
 from lmforge.plan.timing import TrainingTime
 
 
@@ -45,10 +46,18 @@ def params_table(name: str, s: ModelSummary) -> Table:
 
 
 def describe_plan(p) -> str:
-    return (f"{p.gpus} GPUs: dp={p.dp} tp={p.tp} pp={p.pp}{' +sp' if p.sp else ''}, ZeRO-{p.zero}, "
+    return (f"{p.gpus} GPUs: dp={p.dp} tp={p.tp}{' (lmforge layout)' if p.tp_layout == 'lmforge' else ''} "
+            f"pp={p.pp}{' +sp' if p.sp else ''}, ZeRO-{p.zero}"
+            f"{'' if p.reshard_after_forward else ' (FSDP, no reshard after forward)'}, "
             f"{p.precision} precision, micro-batch {p.micro_batch} x {p.seq_len} tokens, "
             f"recompute {p.recompute}{', flash attention' if p.flash else ''}"
             f"{', offload ' + p.offload if p.offload != 'none' else ''}")
+
+
+def comm_line(cfg, p) -> str:
+    """Data-parallel traffic per GPU and step (one micro-batch per step)."""
+    parts = {k: v for k, v in comm_bytes_per_step(cfg, p).items() if v}
+    return "data-parallel collectives per GPU per micro-batch: " + ", ".join(f"{k} {gb(v)}" for k, v in parts.items())
 
 
 def memory_table(v: Verdict) -> Table:

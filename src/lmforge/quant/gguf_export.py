@@ -18,6 +18,7 @@ import numpy as np
 
 from lmforge.errors import LmforgeError
 from lmforge.model.gguf import BLOCK_NAMES, GLOBAL_NAMES
+from lmforge.model.hf import require_llama_layout
 from lmforge.quant.gguf_blocks import QK, quantize_q4_0, quantize_q8_0
 
 TYPES = ("f16", "q8_0", "q4_0")
@@ -96,8 +97,7 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, kind: str = "f16", na
     if getattr(model, "quantization", None):
         raise LmforgeError("export the float model: GGUF blocks are quantised from float weights")
     cfg = model.cfg
-    if cfg.n_experts:
-        raise LmforgeError("GGUF export of mixture-of-experts models is not supported")
+    require_llama_layout(cfg, "GGUF")
     scaling = cfg.rope_scaling or {}
     scaling_type = scaling.get("type") or scaling.get("rope_type") or "default"
     if scaling_type not in ("default", "linear"):

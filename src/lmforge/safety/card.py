@@ -108,7 +108,7 @@ def build_card(run_dir: str | Path) -> dict:
                     "delta": dp.get("delta") if dp.get("enabled") else None,
                     "max_grad_norm": dp.get("max_grad_norm") if dp.get("enabled") else None,
                     "pii_redacted_in_data": bool(clean.get("pii"))},
-        "evaluation": {k: stages[k] for k in ("evaluate", "humaneval") if k in stages} or
+        "evaluation": {k: stages[k] for k in ("evaluate", "humaneval", "sft", "dpo") if k in stages} or
                       ({"val_loss": _last(rows, "val_loss")} if _last(rows, "val_loss") is not None else NOT_MEASURED),
         "red_team": red_team or NOT_MEASURED,
     }

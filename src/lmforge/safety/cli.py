@@ -89,6 +89,10 @@ def redteam_command(
     max_tokens: int = typer.Option(64, min=1, max=4096),
     seed: int = typer.Option(0, min=0),
     workers: int = typer.Option(1, min=1, max=64, help="requests in flight (endpoint)"),
+    judge_endpoint: str = typer.Option(None, help="also ask this OpenAI-compatible server's model a yes/no question "
+                                                  "per reply (a model judge; the deterministic judges stay the default)"),
+    task_prompt: bool = typer.Option(False, "--task-prompt", help="system prompt: a translation task plus the canary "
+                                                                  "(instead of the bank assistant)"),
     json_out: Path = typer.Option(None, "--json", help="also write the report (and every reply) here"),
 ):
     """Attack success rate (95 % bootstrap CI) per family against a model or endpoint with a canary
@@ -96,8 +100,8 @@ def redteam_command(
     from lmforge.outputs import atomic_write_json
     from lmforge.safety.attacks import attacks
     from lmforge.safety.benign import benign
-    from lmforge.safety.judges import make_canary
-    from lmforge.safety.redteam import report, run
+    from lmforge.safety.judges import SYSTEM_TEMPLATE, TASK_TEMPLATE, make_canary
+    from lmforge.safety.redteam import agreement, report, run, run_judge
 
     if endpoint:
         if model is not None or guard:
@@ -112,9 +116,19 @@ def redteam_command(
         loaded = load_pretrained(model, tokenizer, dtype, "cpu")
         target = ModelTarget(loaded.model, loaded.tokenizer, max_tokens, Guard(load_classifier(classifier)) if guard else None)
     prompts = attacks(per_family, seed) + benign(benign_n, seed)
-    outcomes = run(target, prompts, make_canary(seed), workers)
+    template = TASK_TEMPLATE if task_prompt else SYSTEM_TEMPLATE
+    outcomes = run(target, prompts, make_canary(seed), workers, template)
     rep = report(outcomes, seed)
     _print_report(rep)
+    if judge_endpoint:
+        from lmforge.safety.judge_model import ModelJudge
+        from lmforge.safety.targets import EndpointTarget
+        judge = ModelJudge(EndpointTarget(judge_endpoint, max_tokens=3))
+        judged = run_judge(outcomes, judge, make_canary(seed))
+        rep["model_judge"] = {**report(judged, seed), "unclear": judge.unclear, "agreement": agreement(outcomes, judged)}
+        typer.echo(f"model judge ({judge_endpoint}): {judge.unclear} unclear answers; "
+                   f"agreement with the deterministic judges {rep['model_judge']['agreement']:.3f}")
+        _print_report(rep["model_judge"])
     if json_out:
         atomic_write_json(json_out, {**rep, "replies": [{"family": o.prompt.family, "goal": o.prompt.goal,
                                                         "blocked": o.blocked, "success": o.success, "reply": o.reply}

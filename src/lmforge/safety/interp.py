@@ -39,7 +39,7 @@ def residual_stream(model, tokens: torch.Tensor) -> tuple[torch.Tensor, list[tor
 def logit_lens(model, tokens: torch.Tensor) -> torch.Tensor:
     """Logits read off the residual stream after every block: [L, B, T, V] (the last is the model's)."""
     _, cache = residual_stream(model, tokens)
-    return torch.stack([model.lm_head(model.norm(x)) for x in cache[1:]])
+    return torch.stack([model.logits(model.norm(x)) for x in cache[1:]])
 
 
 def attention_patterns(model, tokens: torch.Tensor) -> torch.Tensor:

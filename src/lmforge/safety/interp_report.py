@@ -38,8 +38,8 @@ def heatmap(values: torch.Tensor, path: Path, title: str, xlabel: str, ylabel: s
 
 
 @torch.no_grad()
-def _lens_table(model, tok, ids: torch.Tensor, top: int = 3) -> list[dict]:
-    lens = logit_lens(model, ids)[:, 0, -1].float()  # [L, V] at the last position
+def _lens_table(model, tok, ids: torch.Tensor, top: int = 3, tuned=None) -> list[dict]:
+    lens = (logit_lens(model, ids) if tuned is None else tuned(model, ids))[:, 0, -1].float()  # [L, V], last position
     table = []
     for layer, row in enumerate(lens):
         probs = row.softmax(-1)
@@ -49,10 +49,25 @@ def _lens_table(model, tok, ids: torch.Tensor, top: int = 3) -> list[dict]:
     return table
 
 
-def interp_report(model, tok, prompt: str, corrupt: str | None, out: Path, half: int = 16) -> dict:
-    """Logit lens of the prompt's last position, attention maps, induction and previous-token head
-    scores (on repeated random tokens), and, with a corrupted prompt of the same length in tokens,
-    activation and attribution patching of the clean top token's logit difference."""
+def _fit_lens(model, tok, text: str, steps: int):
+    """A tuned lens fit on `text` in windows of up to 64 tokens (batches of 8 windows)."""
+    from lmforge.safety.tuned_lens import fit_tuned_lens
+    ids = tok.encode(text)
+    width = min(64, model.cfg.max_seq_len)
+    windows = [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)]
+    if not windows:
+        raise LmforgeError(f"the tuned-lens text has {len(ids)} tokens; it needs at least {width}")
+    device = next(model.parameters()).device
+    batches = [torch.tensor(windows[i:i + 8], device=device) for i in range(0, len(windows), 8)]
+    return fit_tuned_lens(model, batches, steps)
+
+
+def interp_report(model, tok, prompt: str, corrupt: str | None, out: Path, half: int = 16,
+                  tuned_lens_text: str | None = None, tuned_lens_steps: int = 200) -> dict:
+    """Logit lens of the prompt's last position (and a tuned lens fit on `tuned_lens_text`), attention
+    maps, induction and previous-token head scores (on repeated random tokens), and, with a corrupted
+    prompt of the same length in tokens, activation and attribution patching of the clean top token's
+    logit difference."""
     model.eval()
     ids = torch.tensor([tok.encode(prompt)], device=next(model.parameters()).device)
     if ids.shape[1] == 0:
@@ -62,6 +77,8 @@ def interp_report(model, tok, prompt: str, corrupt: str | None, out: Path, half:
     out.mkdir(parents=True, exist_ok=True)
     labels = [tok.decode([int(i)]) for i in ids[0]]
     result = {"prompt_tokens": labels, "logit_lens": _lens_table(model, tok, ids)}
+    if tuned_lens_text is not None:
+        result["tuned_lens"] = _lens_table(model, tok, ids, tuned=_fit_lens(model, tok, tuned_lens_text, tuned_lens_steps))
     patterns = attention_patterns(model, ids)  # [L, 1, H, T, T]
     for layer in range(patterns.shape[0]):
         heatmap(patterns[layer, 0].mean(0), out / f"attention_layer{layer}.png", f"layer {layer}: mean over heads",

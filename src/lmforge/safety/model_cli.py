@@ -33,6 +33,9 @@ def interp_command(
     corrupt: str = typer.Option(None, help="a corrupted prompt of the same token length: adds activation and "
                                            "attribution patching"),
     out: Path = typer.Option(Path("interp"), "--out", "-o", help="folder for interp.json and the PNG heatmaps"),
+    tuned_lens: Path = typer.Option(None, help="UTF-8 text to fit a tuned lens on (affine translator per layer); "
+                                               "adds its table next to the logit lens"),
+    tuned_lens_steps: int = typer.Option(200, min=1, max=100000),
     tokenizer: str = tokenizer_option(),
     device: str = device_option(),
 ):
@@ -42,10 +45,15 @@ def interp_command(
 
     if out.exists() and not out.is_dir():
         raise LmforgeError(f"--out {out} is a file, not a folder")
+    if tuned_lens is not None and not tuned_lens.is_file():
+        raise LmforgeError(f"--tuned-lens {tuned_lens}: no such file")
     pre = load_pretrained(model, tokenizer, dtype="float32", device=device)
-    result = interp_report(pre.model, pre.tokenizer, prompt, corrupt, out)
-    for row in result["logit_lens"]:
-        typer.echo(f"layer {row['layer']:>2}: " + ", ".join(f"{t['token']!r} {t['p']:.2f}" for t in row["top"]))
+    result = interp_report(pre.model, pre.tokenizer, prompt, corrupt, out, tuned_lens_text=(
+        tuned_lens.read_text(encoding="utf-8") if tuned_lens is not None else None), tuned_lens_steps=tuned_lens_steps)
+    for name in ("logit_lens", "tuned_lens"):
+        for row in result.get(name, []):
+            typer.echo(f"{name.replace('_', ' ')} layer {row['layer']:>2}: " +
+                       ", ".join(f"{t['token']!r} {t['p']:.2f}" for t in row["top"]))
     best = max((s, layer, head) for layer, row in enumerate(result["induction_scores"]) for head, s in enumerate(row))
     typer.echo(f"strongest induction head: layer {best[1]} head {best[2]} (score {best[0]:.2f}); outputs in {out}")
 
@@ -78,7 +86,8 @@ def unlearn_command(
     overrides = [a for a in args or [] if a not in models]
     s = unlearn(load_recipe(UnlearnRecipe, recipe, overrides), models[0] if models else None, resume=resume)
     typer.echo(f"done: forget exact match {s['forget_em_before']:.2f} -> {s['forget_em_after']:.2f}, retain "
-               f"{s['retain_em_before']:.2f} -> {s['retain_em_after']:.2f}; model at {s['model_dir']}")
+               f"{s['retain_em_before']:.2f} -> {s['retain_em_after']:.2f}, forget extraction strength "
+               f"{s['forget_es_before']:.2f} -> {s['forget_es_after']:.2f}; model at {s['model_dir']}")
 
 
 def register(app: typer.Typer) -> None:

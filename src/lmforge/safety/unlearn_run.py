@@ -72,6 +72,32 @@ def exact_match(model, tok, pairs: list[tuple[str, str]]) -> float:
     return hits / len(pairs)
 
 
+@torch.no_grad()
+def extraction_strength(model, tok, pairs: list[tuple[str, str]]) -> float:
+    """Mean extraction strength (Carlini et al. 2021; the ES of TOFU-style unlearning reports): for an
+    answer y after prompt x, ES = 1 - k/|y| with k the shortest gold prefix y[:k] from which greedy
+    decoding reproduces the rest of y exactly. 1: the prompt alone extracts the answer; 0: not even
+    the answer's last token is predicted. Greedy decoding from y[:k] reproduces y[k:] exactly when
+    every token from k on is the argmax given the gold tokens before it (each greedy step then sees
+    the gold context), so one teacher-forced pass gives k: one past the last mispredicted token."""
+    if not pairs:
+        return float("nan")
+    device = next(model.parameters()).device
+    total = 0.0
+    for prompt, answer in pairs:
+        ids, trained = tokenize_pair(tok, prompt, answer)
+        x = torch.tensor([ids], device=device)
+        hit = (model(x[:, :-1])[0].argmax(-1) == x[0, 1:]).tolist()
+        start = trained.index(True)  # first answer token
+        if start == 0:
+            raise LmforgeError("extraction strength needs a non-empty prompt before each answer")
+        answer_hits = hit[start - 1:]
+        misses = [j for j, h in enumerate(answer_hits) if not h]
+        k = misses[-1] + 1 if misses else 0
+        total += 1 - k / len(answer_hits)
+    return total / len(pairs)
+
+
 def unlearn(recipe: UnlearnRecipe, model: str | None = None, resume: bool = False,
             console: Console | None = None) -> dict:
     console = console or Console()
@@ -88,11 +114,13 @@ def unlearn(recipe: UnlearnRecipe, model: str | None = None, resume: bool = Fals
         raise LmforgeError(f"a pair is longer than train.seq_len={tc.seq_len} tokens")
     before = load(path, dtype=torch.float32)
     metrics = {"forget_em_before": exact_match(before, tok, forget_pairs),
-               "retain_em_before": exact_match(before, tok, retain_pairs)}
+               "retain_em_before": exact_match(before, tok, retain_pairs),
+               "forget_es_before": extraction_strength(before, tok, forget_pairs)}
     del before
     objective = UnlearnObjective(uc.method, forget, retain, pad, tok.vocab_size, uc.beta, uc.retain_weight, tok)
     summary = fit(objective, tc, to_dict(recipe), None, "finetune", TRAIN_FILES, resume, console)
     after = load(summary["model_dir"], dtype=torch.float32)
     metrics.update(forget_em_after=exact_match(after, tok, forget_pairs),
-                   retain_em_after=exact_match(after, tok, retain_pairs))
+                   retain_em_after=exact_match(after, tok, retain_pairs),
+                   forget_es_after=extraction_strength(after, tok, forget_pairs))
     return {**summary, **metrics}

@@ -27,7 +27,7 @@ def prompt_logprobs(model, prompt_ids: list[int], k: int) -> list[TokenLogprob |
         out: list[TokenLogprob | None] = [None]
         for start in range(0, len(prompt_ids) - 1, _ROWS):
             rows = hidden[start:min(start + _ROWS, len(prompt_ids) - 1)]
-            lp = torch.log_softmax(model.lm_head(rows).float(), dim=-1)
+            lp = torch.log_softmax(model.logits(rows).float(), dim=-1)
             targets = prompt_ids[start + 1:start + 1 + len(rows)]
             chosen = lp[torch.arange(len(rows), device=device), torch.tensor(targets, device=device)].tolist()
             top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)

@@ -54,6 +54,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    z_loss: float = 0.0               # > 0: add z_loss * logsumexp(logits)^2 per token to the LM loss (PaLM)
     eval_every: int = 100
     eval_tokens: int = 65536
     ckpt_every: int = 100
@@ -82,7 +83,7 @@ class TrainConfig:
             require(0 <= getattr(self, name) < 1, f"train.{name}", "in [0, 1)", getattr(self, name))
         check_choice(self, "train", "dtype", DTYPES)
         check_choice(self, "train", "optimizer", OPTIMIZERS)
-        check_non_negative(self, "train", "muon_lr")
+        check_non_negative(self, "train", "muon_lr", "z_loss")
         require(0 <= self.muon_momentum < 1, "train.muon_momentum", "in [0, 1)", self.muon_momentum)
         if self.device != "auto":
             try:

@@ -174,6 +174,7 @@ def _fit(rt, objective: Objective, tc: TrainConfig, recipe: dict, cfg: ModelConf
     trainable_only = (set(model.state_dict()) != plain_keys
                       or not all(p.requires_grad for p in model.parameters()))
     model.gradient_checkpointing = tc.activation_checkpointing
+    model.z_loss = tc.z_loss  # read by the fused LM loss (targets=...): the logged loss includes it
     model = rt.parallelize(model)
     optimizer = build_optimizer(model, tc, device)
     loader = rt.shard(objective.batches(tc.micro_batch, tc.seed))

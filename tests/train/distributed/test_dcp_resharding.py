@@ -1,6 +1,8 @@
-"""Distributed checkpoints reshard: a run saved by FSDP at 4 ranks reloads at 2 ranks and in one
-plain process with parameters and optimizer state bit for bit equal, and the next 10 losses equal
-an uninterrupted one-process run's; `lmforge convert` reads the DCP checkpoint."""
+"""Distributed checkpoints reshard: a run saved by FSDP at 4 ranks reloads under FSDP at 2 ranks,
+tensor parallel at 2 ranks and in one plain process with parameters and optimizer state bit for bit
+equal, and the next 10 losses equal an uninterrupted one-process run's; `lmforge convert` reads the
+DCP checkpoint."""
+import json
 import shutil
 from pathlib import Path
 
@@ -48,9 +50,9 @@ def assert_bitwise_equal(a, b):
 
 
 @pytest.mark.slow
-def test_save_at_4_ranks_resume_at_2_and_1_exactly(toy_shards, tmp_path):
+def test_save_at_4_ranks_resume_at_fsdp2_tp2_and_1_exactly(toy_shards, tmp_path):
     common = [*TINY, *CONST, f"train.data={toy_shards}"]
-    ref, four, two, one = (tmp_path / n for n in ("ref", "four", "two", "one"))
+    ref, four, two, tp, one = (tmp_path / n for n in ("ref", "four", "two", "tp", "one"))
     train(load_recipe(TrainRecipe, None, [*common, "train.max_steps=20", f"train.out={ref}"]))
     run_torchrun(4, ["-m", "lmforge", "train", *common, "train.max_steps=10", f"train.out={four}"],
                  tmp_path / "four.log")
@@ -59,21 +61,25 @@ def test_save_at_4_ranks_resume_at_2_and_1_exactly(toy_shards, tmp_path):
     ref_losses = losses(ref)
     assert max(abs(ref_losses[s] - v) for s, v in losses(four).items()) < TOL  # FSDP at 4 == one process
 
-    shutil.copytree(four, two)
-    shutil.copytree(four, one)
-    run_torchrun(2, [str(WORKER), str(saved), str(tmp_path / "resaved"), *common, "train.max_steps=20",
-                     f"train.out={two}"], tmp_path / "two.log")
+    for run in (two, tp, one):
+        shutil.copytree(four, run)
+    # one 2-rank launch: FSDP over 2 ranks into `two`, then tensor parallel over 2 ranks into `tp`
+    run_torchrun(2, [str(WORKER), str(saved), str(tmp_path), *common, "train.max_steps=20"], tmp_path / "two.log")
     train(load_recipe(TrainRecipe, None, [*common, "train.max_steps=20", f"train.out={one}"]), resume=True)
 
-    # what 2 ranks loaded (written back out) and what one process loads are the saved state, bit for bit
+    layouts = {n: json.loads((tmp_path / f"layout_{n}.json").read_text()) for n in ("two", "tp")}
+    assert layouts == {"two": {"mesh": ["dp_shard"], "placements": ["Shard(dim=0)"]},  # FSDP: rows over 2 ranks
+                       "tp": {"mesh": ["tp"], "placements": ["Shard(dim=0)"]}}  # TP: q_proj's heads (columns)
+    # what FSDP 2 and TP 2 loaded (written back out) and what one process loads are the saved state, bit for bit
     at_one = load_plain(saved, common)
-    assert_bitwise_equal(at_one, load_plain(tmp_path / "resaved" / "step_000010", common))
+    for name in ("two", "tp"):
+        assert_bitwise_equal(at_one, load_plain(tmp_path / f"resaved_{name}" / "step_000010", common))
     gathered = read_safetensors_dir(four / "model")  # the 4-rank run's own gathered final weights
     assert gathered["embed_tokens.weight"].dtype == torch.float64
     plain = at_one[0].state_dict()
     assert all(torch.equal(plain[k], v) for k, v in gathered.items())
 
-    for run in (two, one):  # the next 10 losses continue the uninterrupted run
+    for run in (two, tp, one):  # the next 10 losses continue the uninterrupted run
         got = losses(run)
         assert sorted(got) == list(range(1, 21))
         assert max(abs(ref_losses[s] - got[s]) for s in range(11, 21)) < TOL, run

@@ -3,6 +3,8 @@ is asked for it. Swept over context length x depth; the result is a heatmap PNG.
 
 The haystack is a user text file or, by default, deterministic synthetic prose (no download).
 Context lengths are in tokens of the evaluated model (approximate for endpoints: 4 chars/token).
+`max_length=auto` sweeps up to the longest context that fits a memory budget (eval.context_fit)
+and reports the length chosen and why.
 """
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ import numpy as np
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.backend import GenerationRequest
+from lmforge.eval.context_fit import fit_context
 from lmforge.eval.stats import mean_and_stderr
 from lmforge.eval.tasks.base import Task
 
 QUESTION = "\n\nQuestion: What is the special magic number mentioned in the text above?\nAnswer: The special magic number is"
 NEEDLE = " The special magic number is {value}. "
+MIN_ROOM = 64  # tokens besides the answer: the question and needle (48) and at least 16 of haystack
 WORDS = {
     "adj": "quiet green distant old bright narrow heavy gentle busy patient sudden wooden".split(),
     "noun": "river lantern harbour garden teacher engine valley window market letter mountain bridge".split(),
@@ -57,6 +61,8 @@ class NeedleConfig:
     max_new_tokens: int = 12
     chat: bool = False
     seed: int = 0
+    max_length: str = ""  # "auto": the longest context that fits memory_gb, swept with the ladder below it
+    memory_gb: float = 0.0  # the budget for max_length=auto (0: from the memory available now)
 
 
 class NeedleTask(Task):
@@ -66,21 +72,45 @@ class NeedleTask(Task):
 
     def __init__(self, config):
         super().__init__(config)
+        if config.max_length not in ("", "auto"):
+            raise LmforgeError(f"needle.max_length is 'auto' or unset, got {config.max_length!r}")
+        if config.max_length and config.context_lengths:
+            raise LmforgeError("needle.max_length=auto chooses the lengths: drop needle.context_lengths")
         self.backend = None  # set by the runner before items(): lengths depend on the model
+        self.fit = None  # the ContextFit of max_length=auto, found once
 
     def lengths(self) -> list[int]:
         if self.config.context_lengths:
             return sorted(self.config.context_lengths)
-        top = getattr(self.backend, "max_length", None) or 4096
+        if self.config.max_length == "auto":
+            if self.fit is None:
+                self.fit = fit_context(self.backend, self.config.memory_gb, minimum=MIN_ROOM + self.config.max_new_tokens)
+            top = self.fit.length
+        else:
+            top = getattr(self.backend, "max_length", None) or 4096
         out, n = [], 256
         while n <= top:
             out.append(n)
             n *= 2
+        if self.fit is not None and out and out[-1] != top:
+            out.append(top)  # the sweep ends at the longest length that fits
         return out or [top]
 
     def chars_per_token(self, sample: str) -> float:
         tok = getattr(self.backend, "tok", None)
         return len(sample) / max(1, len(tok.encode(sample))) if tok is not None else 4.0
+
+    def fit_prompt(self, hay: str, needle: str, depth: float, limit: int, cpt: float) -> str:
+        """The prompt with the haystack cut until it is at most `limit` tokens of the model (when
+        its tokenizer is known), so the engine never truncates it (which could drop the needle)."""
+        tok = getattr(self.backend, "tok", None)
+        prompt = insert_needle(hay, needle, depth) + QUESTION
+        while tok is not None and (count := len(tok.encode(prompt))) > limit:
+            hay = hay[: len(hay) - int((count - limit) * cpt) - 1]
+            if len(hay) < 16:
+                raise LmforgeError(f"task needle: the question and needle alone exceed {limit} tokens")
+            prompt = insert_needle(hay, needle, depth) + QUESTION
+        return prompt
 
     def items(self) -> list[dict]:
         cfg = self.config
@@ -94,7 +124,7 @@ class NeedleTask(Task):
         items = []
         for length in self.lengths():
             room = length - 48 - cfg.max_new_tokens  # question, needle and answer must fit too
-            if room < 16:
+            if room < MIN_ROOM - 48:
                 raise LmforgeError(f"task needle: context length {length} is too short")
             n_chars = int(room * cpt)
             if n_chars > len(base):
@@ -102,9 +132,10 @@ class NeedleTask(Task):
             for depth in cfg.depths:
                 for trial in range(cfg.trials):
                     value = str(random.Random(f"{cfg.seed}:{length}:{depth}:{trial}").randrange(10000, 100000))
-                    text = insert_needle(base[:n_chars], NEEDLE.format(value=value), depth)
+                    prompt = self.fit_prompt(base[:n_chars], NEEDLE.format(value=value), depth,
+                                             length - cfg.max_new_tokens, cpt)
                     items.append({"key": f"{length}:{depth}:{trial}:{value}", "length": length, "depth": depth,
-                                  "value": value, "prompt": text + QUESTION})
+                                  "value": value, "prompt": prompt})
         return items
 
     def evaluate(self, backend, items: list[dict]) -> list[dict]:
@@ -125,6 +156,8 @@ class NeedleTask(Task):
         acc, se = mean_and_stderr([float(r["found"]) for r in results])
         out = {"metrics": {"accuracy": acc}, "stderr": {"accuracy": se},
                "details": {"context_lengths": lengths, "depths": depths, "accuracy_grid": grid.tolist()}}
+        if self.fit is not None:
+            out["details"]["max_length"] = self.fit.as_dict()
         if out_dir is not None:
             out["artifacts"] = [str(plot_heatmap(grid, lengths, depths, Path(out_dir) / "needle_heatmap.png"))]
         return out

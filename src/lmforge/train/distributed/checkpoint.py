@@ -19,6 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from lmforge.errors import LmforgeError
+from lmforge.model.config import ModelConfig
 from lmforge.train.checkpoint import CONFIG_FILE, _pause_for_tests, publish_checkpoint
 
 DCP_DIR = "dcp"
@@ -66,10 +67,12 @@ def load_dcp_checkpoint(path: Path, model, optimizer) -> dict:
     try:
         state = json.loads((path / "trainer.json").read_text())
         saved_cfg = json.loads((path / CONFIG_FILE).read_text())
+        if not isinstance(saved_cfg, dict):
+            raise RuntimeError(f"{CONFIG_FILE} is not a JSON object")
         rng = torch.load(path / "rng.pt", weights_only=True)
     except (OSError, json.JSONDecodeError, RuntimeError) as e:
         raise LmforgeError(f"{path}: corrupt checkpoint ({e})") from e
-    if saved_cfg != model.cfg.to_dict():
+    if ModelConfig.from_dict(saved_cfg).to_dict() != model.cfg.to_dict():  # (fields added since: defaults)
         raise LmforgeError(f"{path}: checkpoint model config differs from the recipe's")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     target = {"model": model_sd, "optim": optim_sd}
