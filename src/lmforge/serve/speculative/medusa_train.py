@@ -123,7 +123,7 @@ def train_heads(model, h: torch.Tensor, y: torch.Tensor, config: MedusaTrainConf
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     report["train_loss"] = {"first": sum(losses[:10]) / len(losses[:10]), "last": sum(losses[-10:]) / len(losses[-10:])}
     if heldout:
         report["after"] = evaluate(heads, lm_weight, *heldout)
