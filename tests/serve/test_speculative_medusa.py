@@ -40,6 +40,30 @@ def test_medusa_greedy_is_token_identical_to_plain_decoding(smollm_tokenizer):
     assert 0 < stats["accepted"] < stats["drafted"], stats
 
 
+def test_medusa_drafts_come_from_the_hidden_state_behind_the_newest_token(smollm_tokenizer):
+    """Every draft equals the heads' guesses from the target's hidden state at the position that
+    produced the sequence's newest token, recomputed from scratch (through prefill, verification
+    with rejections, and preemption in a tight cache)."""
+    target = toy_model(V)
+    heads = jittered_heads(target, 3, 0.05)
+    engine = LLMEngine(target, smollm_tokenizer, EngineConfig(num_blocks=40, block_size=4, speculative=SpeculativeConfig(
+        "medusa", num_tokens=3, medusa_heads=heads)))
+    plan, checked = engine.proposer.plan, []
+
+    def checking(seq, k):
+        n = plan(seq, k)
+        with torch.no_grad():
+            h = target(torch.tensor([seq.token_ids[:-1]]), return_hidden=True)[0, -1:]
+        assert seq.spec.draft == heads.propose(target.lm_head, h)[0][:k]
+        checked.append(n)
+        return n
+    engine.proposer.plan = checking
+    run(engine, [(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), None)
+                 for p in prompts_with_repeats(8)])
+    assert engine.scheduler.num_preemptions > 0 and len(checked) > 50
+    assert 0 < engine.spec_stats["accepted"] < engine.spec_stats["drafted"]
+
+
 def test_training_pairs_align_head_i_with_token_t_plus_1_plus_i():
     model = toy_model(V)
     tokens, prompt_len = list(range(10, 30)), 6
