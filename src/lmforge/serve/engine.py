@@ -178,7 +178,8 @@ class LLMEngine:
             if error is None:
                 try:
                     outputs.append(self._append(seq, tokens, lps, now))
-                    if hidden is not None and seq.spec is not None and seq.finish_reason is None:
+                    if hidden is not None and seq.spec is not None and seq.finish_reason is None and \
+                            not (seq.spec.budget and seq.spec.budget.pause):  # paused: no draft next step
                         observed.append((seq, starts[i] + len(tokens) - 1))  # the row behind the newest token
                     continue
                 except Exception as e:  # e.g. detokenizing: this request fails, the batch goes on
