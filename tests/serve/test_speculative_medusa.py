@@ -141,3 +141,18 @@ def test_medusa_train_command(tmp_path, monkeypatch):
     assert cli_run(args[:3] + ["busy"] + args[4:]) == 2           # a user's folder is refused
     assert cli_run(["serve", "model", "--speculative", "medusa", "--port", "0"]) == 2   # heads missing
     assert cli_run(["serve", "model", "--speculative", "nope", "--port", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_smollm2_with_medusa_drafts_is_token_identical(smollm, smollm_tokenizer):
+    """Untrained heads (each repeats the base guess, so 'the the the' drafts get accepted sometimes)
+    on the real model in float32: the output still equals plain decoding."""
+    tok = smollm_tokenizer
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in ("List the numbers 1 to 10.", "Hi!")]
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    plain = run(LLMEngine(smollm, tok, EngineConfig(kv_cache_mb=16)), [(p, greedy, None) for p in prompts])
+    heads = MedusaHeads(smollm.cfg.dim, 3, smollm.cfg.vocab_size)
+    engine = LLMEngine(smollm, tok, EngineConfig(kv_cache_mb=16, speculative=SpeculativeConfig(
+        "medusa", num_tokens=3, medusa_heads=heads)))
+    assert run(engine, [(p, greedy, None) for p in prompts]) == plain
+    assert engine.spec_stats["drafted"] > 0
