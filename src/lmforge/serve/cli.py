@@ -278,7 +278,8 @@ def medusa_train_command(
     name = pick_model(model, model_opt)
     net, tok, model_name = _load(name, tokenizer, dtype, device, False)
     ids = [tok.encode_chat([{"role": "user", "content": t}]) if chat else tok.encode_text(t) for t in texts]
-    trained, report = train_medusa(net, tok, [i or [tok.eos_id or 0] for i in ids], config)
+    trained, report = train_medusa(net, tok, [i or [tok.eos_id or 0] for i in ids], config,
+                                   progress=lambda message: typer.echo(message, err=True))
     save_heads(trained, out, {"model": model_name, "report": report}, overwrite)
     typer.echo(json.dumps(report, indent=2))
     typer.echo(f"wrote {out}")

@@ -130,12 +130,15 @@ def train_heads(model, h: torch.Tensor, y: torch.Tensor, config: MedusaTrainConf
     return heads.eval(), report
 
 
-def train_medusa(model, tokenizer, prompts: list[list[int]], config: MedusaTrainConfig) -> tuple[MedusaHeads, dict]:
+def train_medusa(model, tokenizer, prompts: list[list[int]], config: MedusaTrainConfig,
+                 progress=lambda message: None) -> tuple[MedusaHeads, dict]:
     """Self-distillation end to end: generate, compute hidden states, train, report."""
     config.validate()
     if len(prompts) < 2:
         raise LmforgeError("medusa training needs at least 2 prompts (one is held out)")
+    progress(f"generating the model's greedy answers to {len(prompts)} prompts (<= {config.max_tokens} tokens each)")
     sequences = self_distill(model, tokenizer, prompts, config.max_tokens)
+    progress(f"training {config.num_heads} heads for {config.steps} steps")
     n_held = max(1, len(sequences) // 10)
     train_h, train_y = training_pairs(model, sequences[n_held:], config.num_heads)
     held = training_pairs(model, sequences[:n_held], config.num_heads)
