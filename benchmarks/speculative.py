@@ -13,13 +13,16 @@ model's own EOS, so both sides produce the same tokens (the greedy identity is t
 tests/serve/test_speculative.py; this script checks it again). Sides run interleaved, the order
 rotating each round; tokens/s is generated tokens over wall time; the table gives the median over
 --repeat rounds with min-max and the per-round speed-up. On a shared, busy machine the figures are
-noisy: compare sides within one run, not across runs.
+noisy: compare sides within one run, not across runs. The process's CPU time per side is recorded
+too ("cpu" speed-up): with --threads 1 it counts the work done and hardly moves with the load other
+jobs put on the machine, while wall time does.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -89,9 +92,14 @@ def main() -> None:
                                for q, c in CODE],
                  "open-ended": [tok.encode_chat([{"role": "user", "content": q}]) for q in OPEN]}
 
-    def side(engine, prompts):
+    cpu = {e: [] for e in engines}
+
+    def side(name, prompts):
         def go():
-            return [engine.generate([p], params)[0]["token_ids"] for p in prompts]  # one stream
+            start = time.process_time()
+            out = [engines[name].generate([p], params)[0]["token_ids"] for p in prompts]  # one stream
+            cpu[name].append(time.process_time() - start)
+            return out
         return go
 
     raw, summary = {}, {}
@@ -101,22 +109,25 @@ def main() -> None:
     for name in args.workloads.split(","):
         prompts = workloads[name]
         before = {e: dict(engines[e].spec_stats) for e in engines}
-        times, results = interleave({e: side(engines[e], prompts) for e in engines}, args.repeat)
+        for e in engines:
+            cpu[e].clear()
+        times, results = interleave({e: side(e, prompts) for e in engines}, args.repeat)
         for e in specs:
             if results["plain"] != results[e]:
                 sys.exit(f"{name}: {e} output differs from plain decoding")
         tokens = sum(len(t) for t in results["plain"])
         tps = {e: inverse(spread(times[e]), tokens) for e in engines}
-        raw[name] = {"seconds": times, "tokens": tokens}
+        raw[name] = {"seconds": times, "cpu_seconds": {e: list(v) for e, v in cpu.items()}, "tokens": tokens}
         summary[name] = {"tokens_per_s": tps}
         line = f"{name:>10}: {tokens} tokens | plain {fmt(tps['plain'], digits=1)} tok/s"
         for e in specs:
             st = {k: engines[e].spec_stats[k] - before[e][k] for k in before[e]}
             speedup = ratios(times["plain"], times[e])
+            cpu_speedup = ratios(cpu["plain"], cpu[e])
             raw[name][f"{e}_spec_stats"] = st
-            summary[name][e] = {"speedup": speedup, "acceptance": st["accepted"] / max(1, st["drafted"]),
+            summary[name][e] = {"speedup": speedup, "cpu_speedup": cpu_speedup, "acceptance": st["accepted"] / max(1, st["drafted"]),
                                 "tokens_per_round": (st["accepted"] + st["rounds"]) / max(1, st["rounds"])}
-            line += (f" | {e} {fmt(tps[e], digits=1)} tok/s, {fmt(speedup)}x, "
+            line += (f" | {e} {fmt(tps[e], digits=1)} tok/s, {fmt(speedup)}x (cpu {fmt(cpu_speedup)}x), "
                      f"acceptance {summary[name][e]['acceptance']:.0%}")
         print(line)
     write_json(args.json, "speculative", vars(args), raw, summary)
