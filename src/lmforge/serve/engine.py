@@ -26,7 +26,7 @@ from lmforge.serve.paged_cache import PagedKVCache
 from lmforge.serve.sampler import choose_tokens
 from lmforge.serve.scheduler import Scheduler
 from lmforge.serve.sequence import RequestOutput, SamplingParams, Sequence
-from lmforge.serve.speculative import SpeculativeConfig, SpecState, make_proposer
+from lmforge.serve.speculative import DraftBudget, SpeculativeConfig, SpecState, make_proposer
 from lmforge.serve.speculative.verify import sampling_probs, verify_greedy, verify_sampled
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,11 @@ class LLMEngine:
         self.proposer = None
         if cfg.speculative is not None:
             cfg.speculative.validate(self.vocab_size)
-            self.proposer = make_proposer(cfg.speculative, num_blocks, cfg.block_size, self.device)
+            heads = cfg.speculative.medusa_heads
+            if cfg.speculative.method == "medusa" and heads.dim != mcfg.dim:
+                raise LmforgeError(f"the medusa heads were trained for hidden size {heads.dim}, not {mcfg.dim}")
+            self.proposer = make_proposer(cfg.speculative, num_blocks, cfg.block_size, self.device, model.lm_head)
+        self.spec_hidden = getattr(self.proposer, "needs_hidden", False)  # medusa: keep the last hidden states
         self.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}
 
     # --- requests ---------------------------------------------------------------------------
@@ -103,7 +107,8 @@ class LLMEngine:
         seq = Sequence(request_id, prompt_ids, params, gen)
         if self.proposer is not None and can_speculate(params) and \
                 (speculative if speculative is not None else self.config.speculative.default_on):
-            seq.spec = SpecState()
+            sc = self.config.speculative
+            seq.spec = SpecState(budget=DraftBudget(sc.num_tokens) if sc.adaptive else None)
         self.seqs[request_id] = seq
         self.detoks[request_id] = Detokenizer(self.tokenizer, params.stop)
         self.scheduler.add(seq)
@@ -140,7 +145,10 @@ class LLMEngine:
             return []
         if self.proposer is not None:
             batch = self._fill_drafts(batch)
-        step, logits = self.runner.run(batch)
+        if self.spec_hidden:
+            step, logits, hidden = self.runner.run_hidden(batch)
+        else:
+            (step, logits), hidden = self.runner.run(batch), None
         for seq, n in batch:
             if seq.spec is None or not seq.spec.draft:  # speculating ones advance after verification
                 seq.num_computed += n
@@ -158,7 +166,7 @@ class LLMEngine:
             for i, *picked in zip(plain, *choose_tokens(rows, [step.sampled[i] for i in plain], self.generator)):
                 chosen[i] = picked
         now = time.monotonic()
-        outputs = []
+        outputs, observed = [], []
         for i, seq in enumerate(step.sampled):
             if i in chosen:
                 tok, lp, error = chosen[i]
@@ -170,11 +178,16 @@ class LLMEngine:
             if error is None:
                 try:
                     outputs.append(self._append(seq, tokens, lps, now))
+                    if hidden is not None and seq.spec is not None and seq.finish_reason is None and \
+                            not (seq.spec.budget and seq.spec.budget.pause):  # paused: no draft next step
+                        observed.append((seq, starts[i] + len(tokens) - 1))  # the row behind the newest token
                     continue
                 except Exception as e:  # e.g. detokenizing: this request fails, the batch goes on
                     log.exception("request %s failed after sampling", seq.request_id)
                     error = e
             outputs.append(self._fail(seq, error))
+        if observed:
+            self.proposer.observe([s for s, _ in observed], hidden[[r for _, r in observed]])
         return outputs
 
     # --- speculative decoding ---------------------------------------------------------------
@@ -189,6 +202,8 @@ class LLMEngine:
                 continue
             # Never draft past max_tokens or the context: a step emits at most draft + 1 tokens.
             room = min(k, seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
+            if room > 0 and seq.spec.budget is not None:
+                room = min(room, seq.spec.budget.allowed())
             if room > 0:
                 seq.spec.want = self.proposer.plan(seq, room)
 
@@ -232,6 +247,8 @@ class LLMEngine:
         # K/V are valid for the last real token and the accepted draft tokens; those of rejected
         # draft tokens lie beyond num_computed and are overwritten by the next step.
         seq.num_computed += 1 + accepted
+        if spec.budget is not None:
+            spec.budget.update(len(draft), accepted)
         self.spec_stats["rounds"] += 1
         self.spec_stats["drafted"] += len(draft)
         self.spec_stats["accepted"] += accepted

@@ -43,3 +43,11 @@ class ModelRunner:
             self._decode_fn = None
             logits = self.model(step.tokens, step.positions, cache=step, logits_index=step.logits_index)
         return step, logits[0].float()
+
+    @torch.inference_mode()
+    def run_hidden(self, items: list[tuple[Sequence, int]]) -> tuple[StepBatch, torch.Tensor, torch.Tensor]:
+        """As run, plus the final-norm hidden states [rows, dim] of the logit rows (Medusa heads
+        read them); eager, with the LM head applied to just those rows."""
+        step = StepBatch(self.cache, items, self.device)
+        states = self.model(step.tokens, step.positions, cache=step, return_hidden=True)[0, step.logits_index]
+        return step, self.model.lm_head(states).float(), states
