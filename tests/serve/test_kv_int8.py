@@ -107,6 +107,6 @@ def test_cli_int8_report_kv_and_serve_flags(tmp_path, smollm_tokenizer):
     report = json.loads(result.output)
     assert abs(report["relative_change"]) < 0.01 and report["greedy_agreement"]["prompts"] == 8
     assert report["blocks_per_512mb"]["int8"] > 1.5 * report["blocks_per_512mb"]["bfloat16"]
-    for flag, value in (("--kv-dtype", "int4"), ("--speculative", "medusa")):
+    for flag, value in (("--kv-dtype", "int4"), ("--speculative", "lookahead")):
         result = CliRunner().invoke(app, ["serve", str(ckpt), "--port", "0", flag, value])
         assert isinstance(result.exception, LmforgeError) and flag in str(result.exception), result.output
