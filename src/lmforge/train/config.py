@@ -145,6 +145,7 @@ class ParallelConfig:
                                         # them until backward (ZeRO-2-like, more memory, less traffic)
     param_dtype: str = "auto"         # FSDP mixed precision: dtype weights are gathered in for compute
     reduce_dtype: str = "auto"        # dtype of the gradient reduce-scatter
+    cpu_offload: bool = False         # FSDP: sharded weights, grads and the AdamW step stay in host memory
     backend: str = "auto"             # auto: nccl on CUDA, gloo on CPU
 
     def __post_init__(self):

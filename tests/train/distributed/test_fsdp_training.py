@@ -39,7 +39,11 @@ def test_fsdp_two_ranks_equal_one_process_over_20_adamw_steps(toy_shards, tmp_pa
     common = [*TINY, f"train.data={toy_shards}", f"train.max_steps={STEPS}", f"train.ckpt_every={STEPS}"]
     one, two = tmp_path / "one", tmp_path / "two"
     train(load_recipe(TrainRecipe, None, [*common, f"train.out={one}"]))
-    run_torchrun(2, ["-m", "lmforge", "train", *common, f"train.out={two}", "parallel.dp_shard=2"],
+    # With CPU offload the shards, gradients and AdamW step live in host memory and each unit is copied
+    # to the compute device for its all-gather (here both are the CPU, so this checks the wiring and
+    # the numerics; the 4-rank runs of test_dcp_resharding.py cover FSDP without offload).
+    run_torchrun(2, ["-m", "lmforge", "train", *common, f"train.out={two}", "parallel.dp_shard=2",
+                     "parallel.cpu_offload=true"],
                  tmp_path / "two.log")
     ref, got = losses(one), losses(two)
     assert sorted(got) == list(range(1, STEPS + 1))

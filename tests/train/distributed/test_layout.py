@@ -36,6 +36,8 @@ def test_dp_shard_fills_the_world_and_mesh_names_its_dimensions():
     (2, {"microbatches": 4}, "it needs parallel.pp > 1"),
     (3, {"cp": 3}, "seq_len=16 must be a multiple of 2*parallel.cp=6"),
     (1, {"dp_shard": 2}, "must equal the world size 1"),
+    (1, {"cpu_offload": True}, "parallel.cpu_offload moves FSDP shards to host memory"),
+    (2, {"tp": 2, "cpu_offload": True}, "parallel.cpu_offload moves FSDP shards to host memory"),
 ])
 def test_bad_layouts_are_clear_errors(world, degrees, message):
     with pytest.raises(LmforgeError, match=message.replace("*", r"\*").replace("(", r"\(")):

@@ -52,6 +52,9 @@ def resolve_layout(pc: ParallelConfig, world: int, tc: TrainConfig, cfg: ModelCo
         raise LmforgeError("parallel.tp needs a dense model (no MoE experts) so far")
     if pc.cp > 1:
         _check_context_parallel(pc, tc, cfg)
+    if pc.cpu_offload and dp * pc.cp == 1:
+        raise LmforgeError("parallel.cpu_offload moves FSDP shards to host memory: it needs parallel.dp_shard or "
+                           "parallel.cp > 1 (one process keeps its weights where train.device puts them)")
     if tc.noise_scale and world > 1:
         raise LmforgeError("train.noise_scale is single-process only")
     if tc.dp.enabled and world > 1:  # per-example gradients and the accountant assume one process

@@ -116,7 +116,7 @@ class Distributed:
             model = apply_tp(model, self.mesh["tp"])
         if self.dp > 1 or self.layout.cp > 1:  # FSDP over TP: each block's tp shards sharded again (2-D DTensors)
             model = apply_fsdp(model, self._fsdp_mesh(), self.pc.reshard_after_forward, self.pc.param_dtype,
-                               self.pc.reduce_dtype)
+                               self.pc.reduce_dtype, self.pc.cpu_offload)
         return model
 
     def _fsdp_mesh(self):
