@@ -41,9 +41,10 @@ def test_fsdp_two_ranks_equal_one_process_over_20_adamw_steps(toy_shards, tmp_pa
     train(load_recipe(TrainRecipe, None, [*common, f"train.out={one}"]))
     # With CPU offload the shards, gradients and AdamW step live in host memory and each unit is copied
     # to the compute device for its all-gather (here both are the CPU, so this checks the wiring and
-    # the numerics; the 4-rank runs of test_dcp_resharding.py cover FSDP without offload).
+    # the numerics; the 4-rank runs of test_dcp_resharding.py cover FSDP without offload). Per-block
+    # activation checkpointing recomputes each block in the backward, re-gathering its weights.
     run_torchrun(2, ["-m", "lmforge", "train", *common, f"train.out={two}", "parallel.dp_shard=2",
-                     "parallel.cpu_offload=true"],
+                     "parallel.cpu_offload=true", "train.activation_checkpointing=true"],
                  tmp_path / "two.log")
     ref, got = losses(one), losses(two)
     assert sorted(got) == list(range(1, STEPS + 1))
