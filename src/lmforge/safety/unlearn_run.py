@@ -55,21 +55,24 @@ def tokenize_pair(tok, prompt: str, answer: str) -> tuple[list[int], list[bool]]
     return p + a, [False] * len(p) + [True] * len(a)
 
 
+def answer_hits(model, tok, prompt: str, answer: str) -> list[bool]:
+    """For each answer token, whether it is the model's greedy choice given the gold tokens before it
+    (one teacher-forced pass)."""
+    ids, trained = tokenize_pair(tok, prompt, answer)
+    start = trained.index(True)  # first answer token
+    if start == 0:
+        raise LmforgeError("a non-empty prompt must come before each answer")
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    hit = (model(x[:, :-1])[0].argmax(-1) == x[0, 1:]).tolist()
+    return [h for h, t in zip(hit, trained[1:]) if t]
+
+
 @torch.no_grad()
 def exact_match(model, tok, pairs: list[tuple[str, str]]) -> float:
     """Fraction of answers whose every token is the model's greedy choice given the gold prefix."""
     if not pairs:
         return float("nan")
-    device = next(model.parameters()).device
-    hits = 0
-    for prompt, answer in pairs:
-        ids, trained = tokenize_pair(tok, prompt, answer)
-        x = torch.tensor([ids], device=device)
-        pred = model(x[:, :-1])[0].argmax(-1)
-        want = x[0, 1:]
-        mask = torch.tensor(trained[1:], device=device)
-        hits += bool(((pred == want) | ~mask).all())
-    return hits / len(pairs)
+    return sum(all(answer_hits(model, tok, p, a)) for p, a in pairs) / len(pairs)
 
 
 @torch.no_grad()
@@ -82,19 +85,12 @@ def extraction_strength(model, tok, pairs: list[tuple[str, str]]) -> float:
     the gold context), so one teacher-forced pass gives k: one past the last mispredicted token."""
     if not pairs:
         return float("nan")
-    device = next(model.parameters()).device
     total = 0.0
     for prompt, answer in pairs:
-        ids, trained = tokenize_pair(tok, prompt, answer)
-        x = torch.tensor([ids], device=device)
-        hit = (model(x[:, :-1])[0].argmax(-1) == x[0, 1:]).tolist()
-        start = trained.index(True)  # first answer token
-        if start == 0:
-            raise LmforgeError("extraction strength needs a non-empty prompt before each answer")
-        answer_hits = hit[start - 1:]
-        misses = [j for j, h in enumerate(answer_hits) if not h]
+        hits = answer_hits(model, tok, prompt, answer)
+        misses = [j for j, h in enumerate(hits) if not h]
         k = misses[-1] + 1 if misses else 0
-        total += 1 - k / len(answer_hits)
+        total += 1 - k / len(hits)
     return total / len(pairs)
 
 
