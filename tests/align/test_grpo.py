@@ -81,13 +81,13 @@ def test_rollouts_share_the_prompt_masks_truncation_and_old_logprobs_equal_a_ful
         assert bool(r.truncated[i]) == (not ended) and (ended or n == max_tokens)
         expected = reference_logprobs(model, r.tokens[i], p, n)
         torch.testing.assert_close(r.old_logprobs[i, :n].double(), expected, rtol=0, atol=2e-5)
-        torch.testing.assert_close(r.sample_logprobs[i, :n].double(), expected, rtol=0, atol=2e-5)
     assert len({tuple(r.completion_ids[i].tolist()) for i in range(G)}) > 1  # a group is G different samples
 
 
 def test_after_an_update_the_engine_samples_with_the_new_weights(tok):
     """Stale KV or prefix blocks from before an update would make the engine's sampling log-probs
-    differ from the updated model's own (the test fails when the engine is reused across updates)."""
+    differ from a full forward of the updated model (the test fails when the engine is reused across
+    updates)."""
     model = tiny(tok)
     tasks = arithmetic_tasks(2, 6)
     prompts = [tok.encode(t.prompt) for t in tasks]
@@ -96,8 +96,10 @@ def test_after_an_update_the_engine_samples_with_the_new_weights(tok):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
     r = sample_groups(model, tok, prompts, 3, max_tokens=4, temperature=1.0, seed=1, pad_id=tok.eos_id)
-    m = r.completion_mask.bool()
-    torch.testing.assert_close(r.sample_logprobs[m], r.old_logprobs[m], rtol=0, atol=2e-5)
+    for i in range(r.tokens.shape[0]):
+        p, n = len(prompts[i // 3]), int(r.completion_mask[i].sum())
+        torch.testing.assert_close(r.old_logprobs[i, :n].double(), reference_logprobs(model, r.tokens[i], p, n),
+                                   rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("aggregation,scale,beta", [("grpo", "group", 0.0), ("dr_grpo", "none", 0.04),

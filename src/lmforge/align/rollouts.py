@@ -8,6 +8,9 @@ blocks, no weight copy), which is the "weights synced after each update" of GRPO
 Within a batch the G completions of a prompt share its KV blocks: one leader per prompt is
 prefilled first, then the other G-1 are admitted and find the prompt's full blocks in the prefix
 cache (`prefix_hits` counts the tokens they did not recompute).
+
+The old-policy log-probs are the ones the engine computes while sampling (the model's distribution
+before temperature, from the same weights): no second forward over the rollouts.
 """
 from __future__ import annotations
 
@@ -32,8 +35,7 @@ class RolloutBatch:
     completion_mask: torch.Tensor   # [N, C] float 0/1
     truncated: torch.Tensor         # [N] bool: cut by max_tokens (no EOS)
     rewards: torch.Tensor           # [N] float
-    old_logprobs: torch.Tensor      # [N, C] log-probs of the completion under the sampling policy
-    sample_logprobs: torch.Tensor | None = None  # [N, C] what the engine computed while sampling
+    old_logprobs: torch.Tensor      # [N, C] log-probs of the completion under the sampling policy (the engine's)
     ref_logprobs: torch.Tensor | None = None
     prefix_hits: int = 0            # prompt tokens served from the prefix cache
     rollout_seconds: float = 0.0
@@ -70,8 +72,8 @@ def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, *
                   temperature: float, seed: int, pad_id: int, tasks: list[Task] | None = None,
                   reward_fn: Callable[[str, Task], float] | None = None, block_size: int = 4,
                   ref_model=None) -> RolloutBatch:
-    """G samples per prompt through a fresh engine on `model`, then their rewards and the old-policy
-    (and, with `ref_model`, reference) log-probs of every completion token."""
+    """G samples per prompt through a fresh engine on `model`, with their old-policy log-probs, then
+    their rewards and (with `ref_model`) the reference log-probs of every completion token."""
     model = getattr(model, "_orig_mod", model)  # the engine needs the plain module, not a compiled wrapper
     longest = max(len(p) for p in prompts) + max_tokens
     blocks = len(prompts) * group_size * (-(-longest // block_size) + 1)
@@ -127,13 +129,13 @@ def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, *
             text = tokenizer.decode([t for t in c if t not in stops])
             rewards[r] = reward_fn(text, tasks[i])
 
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        t, pl, m = tokens.to(device), prompt_lens.to(device), mask.to(device)
-        old = completion_logprobs(model, t, pl, m)
-        ref = completion_logprobs(ref_model, t, pl, m) if ref_model is not None else None
-    return RolloutBatch(tokens, prompt_lens, completion_ids, mask, truncated, rewards, old.cpu(), sample_lp,
-                        ref.cpu() if ref is not None else None, engine.blocks.prefix_hits, rollout_seconds)
+    ref = None
+    if ref_model is not None:
+        device = next(ref_model.parameters()).device
+        with torch.no_grad():
+            ref = completion_logprobs(ref_model, tokens.to(device), prompt_lens.to(device), mask.to(device)).cpu()
+    return RolloutBatch(tokens, prompt_lens, completion_ids, mask, truncated, rewards, sample_lp, ref,
+                        engine.blocks.prefix_hits, rollout_seconds)
 
 
 def greedy_rollouts(model, tokenizer, prompts: list[list[int]], tasks: list[Task], *, max_tokens: int, pad_id: int,
