@@ -112,7 +112,8 @@ def test_objective_loss_equals_grpo_loss_on_reference_logprobs(tok, aggregation,
     g = torch.Generator().manual_seed(0)
     r.rewards = torch.randint(0, 2, (12,), generator=g).float()
     m = r.completion_mask
-    r.old_logprobs = r.old_logprobs + 0.3 * torch.randn(r.old_logprobs.shape, generator=g) * m  # ratios off 1
+    sign = (-1.0) ** (torch.arange(m.shape[0])[:, None] + torch.arange(m.shape[1]))  # ratios off 1 both ways
+    r.old_logprobs = r.old_logprobs + (0.5 * sign + 0.1 * torch.randn(m.shape, generator=g)) * m
     r.ref_logprobs = r.old_logprobs + 0.5 * torch.randn(r.old_logprobs.shape, generator=g) * m
     model = model.double()
     cfg = GRPOConfig(group_size=4, max_tokens=6, scale=scale, aggregation=aggregation, beta=beta)

@@ -52,20 +52,20 @@ def completion_positions(prompt_lens: torch.Tensor, width: int) -> torch.Tensor:
 
 def completion_logprobs(model, tokens: torch.Tensor, prompt_lens: torch.Tensor, mask: torch.Tensor,
                         return_entropy: bool = False):
-    """log pi(completion token | everything before it) -> [N, C] (0 outside the mask), via the chunked
-    token_logprobs (no [N, L, V] tensor);
-    with return_entropy also the policy's entropy at each completion position. Right padding needs no attention mask: causal attention
-    never lets a real token see the padding after it."""
-    targets = tokens[:, 1:].clone()
-    grid = completion_positions(prompt_lens, mask.shape[1]).clamp(max=targets.shape[1] - 1)
-    col = torch.arange(targets.shape[1], device=targets.device).unsqueeze(0)
-    start = prompt_lens.unsqueeze(1) - 1
-    targets[(col < start) | (col >= start + mask.sum(1, keepdim=True).long())] = -100
+    """log pi(completion token | everything before it) -> [N, C] (0 outside the mask), and with
+    return_entropy the policy's entropy at each completion position. One forward for the hidden
+    states, then the LM head only at the N x C completion positions (not at the prompt's or the
+    padding's), through the chunked logprobs_from_hidden (no [N, L, V] tensor). Right padding needs
+    no attention mask: causal attention never lets a real token see the padding after it."""
+    hidden = model(tokens[:, :-1], return_hidden=True)
+    grid = completion_positions(prompt_lens, mask.shape[1]).clamp(max=hidden.shape[1] - 1)
+    h = hidden.gather(1, grid.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    targets = torch.where(mask > 0, tokens.gather(1, grid + 1), -100)
+    out = model.logprobs_from_hidden(h, targets, return_entropy=return_entropy)
     if not return_entropy:
-        lp = model.token_logprobs(tokens[:, :-1], targets)
-        return lp.gather(1, grid) * mask.to(lp.dtype)
-    lp, ent = model.token_logprobs(tokens[:, :-1], targets, return_entropy=True)
-    return lp.gather(1, grid) * mask.to(lp.dtype), ent.gather(1, grid) * mask.to(lp.dtype)
+        return out * mask.to(out.dtype)
+    lp, ent = out
+    return lp * mask.to(lp.dtype), ent * mask.to(lp.dtype)
 
 
 def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, *, max_tokens: int,
