@@ -29,7 +29,7 @@ def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     [0, 1) -> the first token whose cumulative probability exceeds u x the row's total. One uniform
     per row, so a batch of rows with generators of their own is sampled in one call; tokens of
     probability 0 are never drawn."""
-    cdf = probs.double().cumsum(-1)
+    cdf = probs.cumsum(-1, dtype=torch.float64)
     target = uniforms.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
     ids = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     over = ids >= probs.shape[-1]  # u x total rounded up to the total: the last token that has mass

@@ -121,12 +121,12 @@ def _choose_plain(logits: torch.Tensor, seqs: list[Sequence], rows: list[int],
     """choose_tokens for rows with nothing to adjust, batched: the same tokens and logprobs as `_pick`
     and `_logprob` row by row (the same ops on each row, the same uniform from each generator)."""
     block = logits[rows]
-    nan = torch.isnan(block).any(-1).tolist()
+    top = block.max(-1).values  # NaN when the row has one
+    nan = torch.isnan(top).tolist()
     temps = torch.tensor([seqs[i].params.temperature for i in rows], dtype=block.dtype, device=block.device)
-    finite = torch.isfinite(block.max(-1).values / temps).tolist()
-    picked = block.argmax(-1).tolist()
+    finite = torch.isfinite(top / temps).tolist()
     groups: dict[tuple[int, float], list[int]] = {}
-    uniforms = {}
+    uniforms, greedy = {}, []
     for j, i in enumerate(rows):
         p = seqs[i].params
         if nan[j]:
@@ -135,7 +135,10 @@ def _choose_plain(logits: torch.Tensor, seqs: list[Sequence], rows: list[int],
             groups.setdefault((p.top_k, p.top_p), []).append(j)
             uniforms[j] = torch.rand(1, generator=seqs[i].generator or default_generator, device=block.device)
         else:
-            tokens[i] = picked[j]
+            greedy.append(j)
+    if greedy:
+        for j, t in zip(greedy, block[greedy].argmax(-1).tolist()):
+            tokens[rows[j]] = t
     for (top_k, top_p), js in groups.items():
         probs = filter_logits(block[js] / temps[js, None], top_k, top_p).softmax(-1)
         for j, t in zip(js, draw(probs, torch.cat([uniforms[j] for j in js])).tolist()):
