@@ -38,12 +38,13 @@ def _adjusted(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
 
 
 def _logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    lp = torch.log_softmax(logits, dim=-1)
+    """log p = logit - logsumexp (one reduction, no [V] log-softmax copy), as `_choose_plain` does."""
+    lse = torch.logsumexp(logits, dim=-1)
     top = []
     if k:
-        values, ids = lp.topk(k)
-        top = list(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token, float(lp[token]), top)
+        values, ids = logits.topk(k)
+        top = list(zip(ids.tolist(), (values - lse).tolist()))
+    return TokenLogprob(token, float(logits[token] - lse), top)
 
 
 def _greedy_limit(row: torch.Tensor, temperature: float, top_p: float) -> bool:
@@ -120,7 +121,7 @@ def _choose_plain(logits: torch.Tensor, seqs: list[Sequence], rows: list[int],
                   default_generator: torch.Generator | None, tokens: list, logprobs: list, errors: list) -> None:
     """choose_tokens for rows with nothing to adjust, batched: the same tokens and logprobs as `_pick`
     and `_logprob` row by row (the same ops on each row, the same uniform from each generator)."""
-    block = logits[rows]
+    block = logits if len(rows) == logits.shape[0] else logits[rows]
     top = block.max(-1).values  # NaN when the row has one
     nan = torch.isnan(top).tolist()
     temps = torch.tensor([seqs[i].params.temperature for i in rows], dtype=block.dtype, device=block.device)
@@ -140,18 +141,20 @@ def _choose_plain(logits: torch.Tensor, seqs: list[Sequence], rows: list[int],
         for j, t in zip(greedy, block[greedy].argmax(-1).tolist()):
             tokens[rows[j]] = t
     for (top_k, top_p), js in groups.items():
-        probs = filter_logits(block[js] / temps[js, None], top_k, top_p).softmax(-1)
+        sub, t = (block, temps) if len(js) == block.shape[0] else (block[js], temps[js])
+        probs = filter_logits(sub / t[:, None], top_k, top_p).softmax(-1)
         for j, t in zip(js, draw(probs, torch.cat([uniforms[j] for j in js])).tolist()):
             tokens[rows[j]] = t
     wanted = [j for j, i in enumerate(rows) if seqs[i].params.logprobs is not None and errors[i] is None]
     if wanted:
-        lp = torch.log_softmax(block[wanted], dim=-1)
+        sel = block if len(wanted) == block.shape[0] else block[wanted]
+        lse = torch.logsumexp(sel, dim=-1)
         chosen = torch.tensor([tokens[rows[j]] for j in wanted], device=block.device)
-        values = lp.gather(1, chosen[:, None]).squeeze(1).tolist()
+        values = (sel.gather(1, chosen[:, None]).squeeze(1) - lse).tolist()
         for n, j in enumerate(wanted):
             i, k = rows[j], seqs[rows[j]].params.logprobs
             top = []
             if k:
-                v, ids = lp[n].topk(k)
-                top = list(zip(ids.tolist(), v.tolist()))
+                v, ids = sel[n].topk(k)
+                top = list(zip(ids.tolist(), (v - lse[n]).tolist()))
             logprobs[i] = TokenLogprob(tokens[i], values[n], top)
