@@ -1,6 +1,6 @@
 """Does GRPO teach? Held-out exact match on arithmetic before and after GRPO, with a control.
 
-    python benchmarks/grpo_gain.py [--seeds 0,1,2] [--sft-steps 200] [--grpo-steps 60] [--json PATH]
+    python benchmarks/grpo_gain.py [--seeds 0,1,2] [--sft-steps 300] [--grpo-steps 300] [--json PATH]
 
 Per seed: a tiny random Llama (and a byte-level BPE tokenizer with the ChatML template) is SFT'd
 on generated additions (`lmforge finetune sft` on a JSONL of chats) just long enough to be right
@@ -109,14 +109,14 @@ def run_seed(root: Path, seed: int, args, quiet: Console) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--sft-steps", type=int, default=200)
-    ap.add_argument("--grpo-steps", type=int, default=60)
+    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--grpo-steps", type=int, default=300)
     ap.add_argument("--max-operand", type=int, default=19)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=8, help="prompts per GRPO step")
     ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=0.0005)
+    ap.add_argument("--lr", type=float, default=0.0003)
     ap.add_argument("--beta", type=float, default=0.02)
     ap.add_argument("--val", type=int, default=200, help="held-out questions")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU time is summed over them)")
