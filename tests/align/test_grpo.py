@@ -2,6 +2,7 @@
 truncation flags right, old-policy log-probs equal to a plain full forward, the engine sampling with
 the weights of the moment after an update), the objective's loss equal to rl.grpo_loss on reference
 log-probs, and a tiny model whose reward rises under GRPO while a random-reward control's does not."""
+import contextlib
 import random
 
 import pytest
@@ -175,6 +176,26 @@ def grpo_run(tok, seed: int, reward_fn, steps: int = 30) -> tuple[float, float]:
         loss.backward()
         opt.step()
     return before, score()
+
+
+def test_win_rate_against_the_start_counts_questions_won_and_lost(tok):
+    """val_win_rate: right now and wrong at the start; val_loss_rate: the reverse (per held-out
+    question, from each model's own greedy rollouts; the start is evaluated once)."""
+    start, policy = tiny(tok, 0), tiny(tok, 1)
+    odd = lambda text, task: float((sum(map(ord, text)) + task.answer) % 2)  # noqa: E731 (0/1, varies by model and task)
+    cfg = GRPOConfig(group_size=2, max_tokens=4, val_tasks=24)
+    val = arithmetic_tasks(24, 0, "val")
+    loads = []
+    obj = GRPOObjective(tok, [], val, cfg, 1, tok.eos_id, reward_fn=odd, start=lambda d: loads.append(d) or start)
+    plain = contextlib.nullcontext
+    before, after = start.eval(), policy.eval()
+    before, after = (obj.held_out_rewards(m, plain) for m in (before, after))
+    out = obj.evaluate(policy, plain)
+    obj.evaluate(policy, plain)
+    won, lost = float((after * (1 - before)).mean()), float((before * (1 - after)).mean())
+    assert won > 0 and lost > 0 and won != lost, (won, lost)
+    assert out["val_win_rate"] == pytest.approx(won) and out["val_loss_rate"] == pytest.approx(lost)
+    assert out["val_exact_match"] == pytest.approx(float(after.mean())) and len(loads) == 1
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
