@@ -34,7 +34,7 @@ class RolloutBatch:
     completion_ids: torch.Tensor    # [N, C] long, pad_id after each completion
     completion_mask: torch.Tensor   # [N, C] float 0/1
     truncated: torch.Tensor         # [N] bool: cut by max_tokens (no EOS)
-    rewards: torch.Tensor           # [N] float
+    rewards: torch.Tensor           # [N] float64
     old_logprobs: torch.Tensor      # [N, C] log-probs of the completion under the sampling policy (the engine's)
     ref_logprobs: torch.Tensor | None = None
     prefix_hits: int = 0            # prompt tokens served from the prefix cache
@@ -122,7 +122,7 @@ def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, *
         mask[r, :len(c)] = 1
         sample_lp[r, :len(c)] = torch.tensor(outputs[rows[r]]["lps"])
     truncated = torch.tensor([outputs[r]["reason"] == "length" for r in rows])
-    rewards = torch.zeros(n)
+    rewards = torch.zeros(n, dtype=torch.float64)  # exact Python-float rewards (a digit share of 1/3 too)
     if reward_fn is not None:
         stops = engine.stop_ids
         for r, ((i, _), c) in enumerate(zip(rows, comps)):
