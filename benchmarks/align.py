@@ -60,13 +60,14 @@ def make_models(root: Path, dim: int, layers: int):
 
 class LogClock:
     """A file for our loop's console: the wall time at which each "step N" metrics line is printed
-    (log_every=1: right after each optimizer step), so step times include everything the loop does."""
+    (log_every=1: right after each optimizer step), so step times include everything the loop does.
+    Held-out lines ("step N  val_…", printed after the last step's metrics) are not step ends."""
 
     def __init__(self):
         self.ends: list[float] = []
 
     def write(self, text: str) -> int:
-        if text.lstrip().startswith("step "):
+        if text.lstrip().startswith("step ") and "  loss " in text:
             self.ends.append(time.perf_counter())
         return len(text)
 

@@ -1,6 +1,6 @@
 """Does GRPO teach? Held-out exact match on arithmetic before and after GRPO, with a control.
 
-    python benchmarks/grpo_gain.py [--seeds 0,1,2] [--sft-steps 300] [--grpo-steps 100] [--json PATH]
+    python benchmarks/grpo_gain.py [--seeds 0,1,2] [--sft-steps 300] [--grpo-steps 300] [--json PATH]
 
 Per seed: a tiny random Llama (and a byte-level BPE tokenizer with the ChatML template) is SFT'd
 on generated additions (`lmforge finetune sft` on a JSONL of chats) just long enough to be right
@@ -10,7 +10,9 @@ same settings and seeds (`lmforge finetune grpo`, exact-match reward, k3 KL to t
 - control: rewarded for one fixed wrong answer per question (see `wrong_answer_reward`),
   which carries no information about correctness, so it must not gain.
 Reported: held-out exact match (greedy, questions whose operand pairs are never trained on) of the
-SFT start, after GRPO and after the control, the KL to the start at the last step, and CPU time.
+SFT start, after GRPO and after the control, the KL to the start at the last step, the win-rate
+against the start (held-out questions the trained model gets right and the start wrong, and the
+reverse) and the CPU time of each GRPO run (process time, torch on --threads threads).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from rich.console import Console
 
 from common import write_json
 from lmforge.align.grpo import GRPOConfig, GRPOObjective, GRPORecipe, finetune_grpo
+from lmforge.align.rollouts import greedy_rollouts
 from lmforge.align.sft import SFTRecipe, finetune_sft, pad_token_id
 from lmforge.align.tasks import Task, arithmetic_tasks, exact_match_reward
 from lmforge.config import load_recipe
@@ -44,12 +47,14 @@ def start_model(out: Path, seed: int, max_operand: int, dim: int, layers: int) -
     return out
 
 
-def held_out(model_dir: Path, max_operand: int, n_val: int) -> float:
-    """Greedy exact match on the val split (the objective's own evaluation)."""
+def held_out(model_dir: Path, max_operand: int, n_val: int) -> torch.Tensor:
+    """Greedy exact match per val question, 0/1 (the rollouts of the objective's own evaluation)."""
     tok = load_tokenizer(model_dir)
     cfg = GRPOConfig(max_operand=max_operand, max_tokens=4, val_tasks=n_val)
-    obj = GRPOObjective(tok, [], arithmetic_tasks(n_val, 0, "val", max_operand), cfg, 1, pad_token_id(tok))
-    return obj.evaluate(load(model_dir).eval(), lambda: torch.autocast("cpu", enabled=False))["val_exact_match"]
+    val = arithmetic_tasks(n_val, 0, "val", max_operand)
+    obj = GRPOObjective(tok, [], val, cfg, 1, pad_token_id(tok))
+    return greedy_rollouts(load(model_dir).eval(), tok, obj.val_ids, val, max_tokens=4, pad_id=obj.pad_id,
+                           reward_fn=exact_match_reward, autocast=lambda: torch.autocast("cpu", enabled=False)).rewards
 
 
 def wrong_answer_reward(max_operand: int):
@@ -74,7 +79,8 @@ def run_seed(root: Path, seed: int, args, quiet: Console) -> dict:
         f"train.max_steps={args.sft_steps}", "train.lr=0.003", "train.warmup=0.05", "train.tensorboard=false",
         f"train.eval_every={10**6}", f"train.ckpt_every={10**6}", "train.log_every=50", f"train.seed={seed}",
         f"sft.data={chats}", "sft.max_examples=4000"]), str(start), console=quiet)
-    before = held_out(sft_out / "model", args.max_operand, args.val)
+    start_right = held_out(sft_out / "model", args.max_operand, args.val)
+    before = float(start_right.mean())
     result = {"seed": seed, "sft_exact_match": before}
     for name, reward in (("grpo", None), ("control", wrong_answer_reward(args.max_operand))):
         out = root / f"{name}{seed}"
@@ -89,7 +95,9 @@ def run_seed(root: Path, seed: int, args, quiet: Console) -> dict:
             "grpo.chat=true"]), str(sft_out / "model"), console=quiet, reward_fn=reward)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "reward_mean" in r]
-        result[name] = {"exact_match": next(r["val_exact_match"] for r in rows if "val_exact_match" in r),
+        right = held_out(out / "model", args.max_operand, args.val)
+        result[name] = {"exact_match": float(right.mean()),
+                        "wins": float((right * (1 - start_right)).mean()), "losses": float((start_right * (1 - right)).mean()),
                         "kl_last": steps[-1]["kl"], "train_reward_first10": statistics.mean(r["reward_mean"] for r in steps[:10]),
                         "train_reward_last10": statistics.mean(r["reward_mean"] for r in steps[-10:]),
                         "cpu_s": time.process_time() - t0}
@@ -102,17 +110,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--sft-steps", type=int, default=300)
-    ap.add_argument("--grpo-steps", type=int, default=100)
-    ap.add_argument("--max-operand", type=int, default=29)
-    ap.add_argument("--dim", type=int, default=96)
-    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--grpo-steps", type=int, default=300)
+    ap.add_argument("--max-operand", type=int, default=19)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=8, help="prompts per GRPO step")
     ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=0.0005)
+    ap.add_argument("--lr", type=float, default=0.0003)
     ap.add_argument("--beta", type=float, default=0.02)
     ap.add_argument("--val", type=int, default=200, help="held-out questions")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU time is summed over them)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet = Console(quiet=True)
     results = []
@@ -123,7 +133,8 @@ def main():
             print(f"seed {seed}: held-out exact match SFT start {100 * r['sft_exact_match']:.1f}% -> GRPO "
                   f"{100 * r['grpo']['exact_match']:.1f}% ({r['gain_points']:+.1f} points, KL {r['grpo']['kl_last']:.4f}, "
                   f"{r['grpo']['cpu_s'] / 60:.1f} CPU-min; train reward {r['grpo']['train_reward_first10']:.2f} -> "
-                  f"{r['grpo']['train_reward_last10']:.2f}); wrong-answer control "
+                  f"{r['grpo']['train_reward_last10']:.2f}; vs start: {100 * r['grpo']['wins']:.1f}% won, "
+                  f"{100 * r['grpo']['losses']:.1f}% lost); wrong-answer control "
                   f"{100 * r['control']['exact_match']:.1f}% ({r['control_gain_points']:+.1f} points)", flush=True)
     gains = [r["gain_points"] for r in results]
     controls = [r["control_gain_points"] for r in results]

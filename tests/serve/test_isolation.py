@@ -16,8 +16,10 @@ POISON_SEED = 666_666
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Sampling raises for requests seeded POISON_SEED once they have produced two tokens."""
-    real = sampler._pick
+    """Sampling raises for requests seeded POISON_SEED once they have produced two tokens (they are
+    sampled row by row, the others in the batched path)."""
+    real, real_plain = sampler._pick, sampler._plain
+    monkeypatch.setattr(sampler, "_plain", lambda seq: seq.params.seed != POISON_SEED and real_plain(seq))
 
     def pick(row, seq, generator):
         if seq.params.seed == POISON_SEED and seq.num_output_tokens >= 2:

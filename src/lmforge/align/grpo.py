@@ -143,13 +143,17 @@ class GRPOObjective:
     def __init__(self, tok: Tokenizer, train: list[Task], val: list[Task], cfg: GRPOConfig, prompts_per_batch: int,
                  pad_id: int, reward_fn: Callable[[str, Task], float] = exact_match_reward,
                  reference: Callable[[torch.device], torch.nn.Module] | None = None,
-                 eval_reward_fn: Callable[[str, Task], float] | None = None):
+                 eval_reward_fn: Callable[[str, Task], float] | None = None,
+                 start: Callable[[torch.device], torch.nn.Module] | None = None):
+        """`start` loads the starting weights: held-out evaluations then also log the win-rate against
+        them (questions the policy gets right and the start wrong, and the reverse)."""
         if cfg.beta > 0 and reference is None:
             raise LmforgeError("grpo.beta > 0 needs a reference model")
         self.tok, self.train, self.val, self.cfg = tok, train, val, cfg
         self.prompts_per_batch, self.pad_id, self.reward_fn = prompts_per_batch, pad_id, reward_fn
         self.eval_reward_fn = eval_reward_fn or reward_fn  # a control run trains on another reward
         self.reference, self.ref_model, self.policy = reference, None, None
+        self.start, self.start_right = start, None
         self.grad_accum = 1  # micro-batches per optimizer step (the loader samples a whole step at once)
         self.vocab_size = tok.vocab_size
         self.train_ids = [self.encode(t.prompt) for t in train]
@@ -233,10 +237,20 @@ class GRPOObjective:
         """Held-out reward (exact match, or unit tests passed) of greedy completions through the engine."""
         if not self.val:
             return {}
-        r = greedy_rollouts(model, self.tok, self.val_ids, self.val, max_tokens=self.cfg.max_tokens,
-                            pad_id=self.pad_id, reward_fn=self.eval_reward_fn, autocast=autocast)
+        right = self.held_out_rewards(model, autocast)
         name = "val_exact_match" if self.cfg.task == "arithmetic" else "val_pass_at_1"
-        return {name: float(r.rewards.mean())}
+        out = {name: float(right.mean())}
+        if self.start is not None:
+            if self.start_right is None:  # once per run, from the starting weights' file (right after a resume too)
+                self.start_right = self.held_out_rewards(self.start(next(model.parameters()).device), autocast)
+            out["val_win_rate"] = float((right * (1 - self.start_right)).mean())
+            out["val_loss_rate"] = float((self.start_right * (1 - right)).mean())
+        return out
+
+    def held_out_rewards(self, model, autocast) -> torch.Tensor:
+        """1/0 per held-out task: the greedy completion's reward."""
+        return greedy_rollouts(model, self.tok, self.val_ids, self.val, max_tokens=self.cfg.max_tokens,
+                               pad_id=self.pad_id, reward_fn=self.eval_reward_fn, autocast=autocast).rewards
 
     def tokenizer(self) -> Tokenizer | None:
         return self.tok
@@ -270,7 +284,7 @@ def finetune_grpo(recipe: GRPORecipe, model: str | None = None, resume: bool = F
         return load(path, dtype=torch.float32, device=device)
     objective = GRPOObjective(tok, train, val, gc, tc.micro_batch, pad_token_id(tok),
                               reward_fn=reward_fn or task_reward, reference=reference if gc.beta > 0 else None,
-                              eval_reward_fn=task_reward)
+                              eval_reward_fn=task_reward, start=reference)
     objective.grad_accum = tc.grad_accum
     summary = fit(objective, tc, to_dict(recipe), None, "finetune", TRAIN_FILES, resume, console)
     return summary

@@ -8,6 +8,9 @@ blocks, no weight copy), which is the "weights synced after each update" of GRPO
 Within a batch the G completions of a prompt share its KV blocks: one leader per prompt is
 prefilled first, then the other G-1 are admitted and find the prompt's full blocks in the prefix
 cache (`prefix_hits` counts the tokens they did not recompute).
+
+The old-policy log-probs are the ones the engine computes while sampling (the model's distribution
+before temperature, from the same weights): no second forward over the rollouts.
 """
 from __future__ import annotations
 
@@ -31,9 +34,8 @@ class RolloutBatch:
     completion_ids: torch.Tensor    # [N, C] long, pad_id after each completion
     completion_mask: torch.Tensor   # [N, C] float 0/1
     truncated: torch.Tensor         # [N] bool: cut by max_tokens (no EOS)
-    rewards: torch.Tensor           # [N] float
-    old_logprobs: torch.Tensor      # [N, C] log-probs of the completion under the sampling policy
-    sample_logprobs: torch.Tensor | None = None  # [N, C] what the engine computed while sampling
+    rewards: torch.Tensor           # [N] float64
+    old_logprobs: torch.Tensor      # [N, C] log-probs of the completion under the sampling policy (the engine's)
     ref_logprobs: torch.Tensor | None = None
     prefix_hits: int = 0            # prompt tokens served from the prefix cache
     rollout_seconds: float = 0.0
@@ -50,28 +52,28 @@ def completion_positions(prompt_lens: torch.Tensor, width: int) -> torch.Tensor:
 
 def completion_logprobs(model, tokens: torch.Tensor, prompt_lens: torch.Tensor, mask: torch.Tensor,
                         return_entropy: bool = False):
-    """log pi(completion token | everything before it) -> [N, C] (0 outside the mask), via the chunked
-    token_logprobs (no [N, L, V] tensor);
-    with return_entropy also the policy's entropy at each completion position. Right padding needs no attention mask: causal attention
-    never lets a real token see the padding after it."""
-    targets = tokens[:, 1:].clone()
-    grid = completion_positions(prompt_lens, mask.shape[1]).clamp(max=targets.shape[1] - 1)
-    col = torch.arange(targets.shape[1], device=targets.device).unsqueeze(0)
-    start = prompt_lens.unsqueeze(1) - 1
-    targets[(col < start) | (col >= start + mask.sum(1, keepdim=True).long())] = -100
+    """log pi(completion token | everything before it) -> [N, C] (0 outside the mask), and with
+    return_entropy the policy's entropy at each completion position. One forward for the hidden
+    states, then the LM head only at the N x C completion positions (not at the prompt's or the
+    padding's), through the chunked logprobs_from_hidden (no [N, L, V] tensor). Right padding needs
+    no attention mask: causal attention never lets a real token see the padding after it."""
+    hidden = model(tokens[:, :-1], return_hidden=True)
+    grid = completion_positions(prompt_lens, mask.shape[1]).clamp(max=hidden.shape[1] - 1)
+    h = hidden.gather(1, grid.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    targets = torch.where(mask > 0, tokens.gather(1, grid + 1), -100)
+    out = model.logprobs_from_hidden(h, targets, return_entropy=return_entropy)
     if not return_entropy:
-        lp = model.token_logprobs(tokens[:, :-1], targets)
-        return lp.gather(1, grid) * mask.to(lp.dtype)
-    lp, ent = model.token_logprobs(tokens[:, :-1], targets, return_entropy=True)
-    return lp.gather(1, grid) * mask.to(lp.dtype), ent.gather(1, grid) * mask.to(lp.dtype)
+        return out * mask.to(out.dtype)
+    lp, ent = out
+    return lp * mask.to(lp.dtype), ent * mask.to(lp.dtype)
 
 
 def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, *, max_tokens: int,
                   temperature: float, seed: int, pad_id: int, tasks: list[Task] | None = None,
                   reward_fn: Callable[[str, Task], float] | None = None, block_size: int = 4,
                   ref_model=None) -> RolloutBatch:
-    """G samples per prompt through a fresh engine on `model`, then their rewards and the old-policy
-    (and, with `ref_model`, reference) log-probs of every completion token."""
+    """G samples per prompt through a fresh engine on `model`, with their old-policy log-probs, then
+    their rewards and (with `ref_model`) the reference log-probs of every completion token."""
     model = getattr(model, "_orig_mod", model)  # the engine needs the plain module, not a compiled wrapper
     longest = max(len(p) for p in prompts) + max_tokens
     blocks = len(prompts) * group_size * (-(-longest // block_size) + 1)
@@ -120,20 +122,20 @@ def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, *
         mask[r, :len(c)] = 1
         sample_lp[r, :len(c)] = torch.tensor(outputs[rows[r]]["lps"])
     truncated = torch.tensor([outputs[r]["reason"] == "length" for r in rows])
-    rewards = torch.zeros(n)
+    rewards = torch.zeros(n, dtype=torch.float64)  # exact Python-float rewards (a digit share of 1/3 too)
     if reward_fn is not None:
         stops = engine.stop_ids
         for r, ((i, _), c) in enumerate(zip(rows, comps)):
             text = tokenizer.decode([t for t in c if t not in stops])
             rewards[r] = reward_fn(text, tasks[i])
 
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        t, pl, m = tokens.to(device), prompt_lens.to(device), mask.to(device)
-        old = completion_logprobs(model, t, pl, m)
-        ref = completion_logprobs(ref_model, t, pl, m) if ref_model is not None else None
-    return RolloutBatch(tokens, prompt_lens, completion_ids, mask, truncated, rewards, old.cpu(), sample_lp,
-                        ref.cpu() if ref is not None else None, engine.blocks.prefix_hits, rollout_seconds)
+    ref = None
+    if ref_model is not None:
+        device = next(ref_model.parameters()).device
+        with torch.no_grad():
+            ref = completion_logprobs(ref_model, tokens.to(device), prompt_lens.to(device), mask.to(device)).cpu()
+    return RolloutBatch(tokens, prompt_lens, completion_ids, mask, truncated, rewards, sample_lp, ref,
+                        engine.blocks.prefix_hits, rollout_seconds)
 
 
 def greedy_rollouts(model, tokenizer, prompts: list[list[int]], tasks: list[Task], *, max_tokens: int, pad_id: int,

@@ -48,6 +48,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
                 entropy[rows] = _entropy(logp_all)
         logp.mul_(valid)  # ignored positions: log-prob 0, entropy 0, no gradient
         ctx.save_for_backward(hidden, weight, safe_t, valid)
+        ctx.set_materialize_grads(False)  # an output that no loss uses (a logged entropy) costs nothing in backward
         ctx.chunk_rows, ctx.acc_dtype, ctx.cap = chunk_rows, acc_dtype, cap
         # Backward recomputes the logits: under the same autocast state, so they are the same
         # logits whose log-probs were returned (as activation checkpointing does).
@@ -70,7 +71,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
         hidden, weight, safe_t, valid = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc_dtype = ctx.acc_dtype
-        grad_logp = (grad_logp * valid).to(acc_dtype)
+        grad_logp = (grad_logp * valid).to(acc_dtype) if grad_logp is not None else torch.zeros(valid.shape, dtype=acc_dtype, device=valid.device)
         if grad_entropy is not None:
             grad_entropy = (grad_entropy * valid).to(acc_dtype)
         grad_hidden = torch.empty_like(hidden) if need_h else None

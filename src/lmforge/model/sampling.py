@@ -24,13 +24,28 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw, one per row: probs [B, V] (rows need not be normalised), uniforms [B] in
+    [0, 1) -> the first token whose cumulative probability exceeds u x the row's total. One uniform
+    per row, so a batch of rows with generators of their own is sampled in one call; tokens of
+    probability 0 are never drawn."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    target = uniforms.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    over = ids >= probs.shape[-1]  # u x total rounded up to the total: the last token that has mass
+    if over.any():
+        last = probs.shape[-1] - 1 - (probs[over] > 0).flip(-1).int().argmax(-1)
+        ids = ids.masked_scatter(over, last)
+    return ids
+
+
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]; temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, torch.rand(probs.shape[0], generator=generator, device=probs.device))
 
 
 @torch.no_grad()

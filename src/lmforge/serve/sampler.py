@@ -1,5 +1,8 @@
 """Per-request next-token choice for a batch: penalties, logit bias, temperature, top-k/top-p,
-seeded generators and logprobs. Greedy rows are one batched argmax; the rest go row by row.
+seeded generators and logprobs. Greedy rows are one batched argmax; rows without penalties, bias
+or a grammar are sampled together (one softmax per top-k/top-p setting, one inverse-CDF draw with a
+uniform from each row's own generator, so a row's token does not depend on its batch); the rest go
+row by row, through the same draw.
 
 One request's row can never fail the batch: degenerate settings fall back to their greedy limit
 (temperature 0 or so small that logits/temperature overflows, top_p 0), and if a row still raises,
@@ -10,7 +13,7 @@ import logging
 
 import torch
 
-from lmforge.model.sampling import sample
+from lmforge.model.sampling import draw, filter_logits, sample
 from lmforge.serve.sequence import Sequence, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -35,21 +38,26 @@ def _adjusted(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
 
 
 def _logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    lp = torch.log_softmax(logits, dim=-1)
+    """log p = logit - logsumexp (one reduction, no [V] log-softmax copy), as `_choose_plain` does."""
+    lse = torch.logsumexp(logits, dim=-1)
     top = []
     if k:
-        values, ids = lp.topk(k)
-        top = list(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token, float(lp[token]), top)
+        values, ids = logits.topk(k)
+        top = list(zip(ids.tolist(), (values - lse).tolist()))
+    return TokenLogprob(token, float(logits[token] - lse), top)
 
 
 def _greedy_limit(row: torch.Tensor, temperature: float, top_p: float) -> bool:
     """Settings that decode as argmax, judged in the logits' precision: temperature or top_p 0, a
     temperature so small that logits/temperature overflows (softmax would be NaN), a top_p that
     rounds to 0 (the nucleus would be empty). Each is the limit of the values just above it."""
-    if temperature == 0 or top_p == 0 or torch.tensor(top_p, dtype=row.dtype) == 0:
+    if _greedy_settings(temperature, top_p, row.dtype):
         return True
     return not bool(torch.isfinite(row.max() / temperature))
+
+
+def _greedy_settings(temperature: float, top_p: float, dtype: torch.dtype) -> bool:
+    return temperature == 0 or top_p == 0 or bool(torch.tensor(top_p, dtype=dtype) == 0)
 
 
 def _pick(row: torch.Tensor, seq: Sequence, generator: torch.Generator | None) -> int:
@@ -77,8 +85,16 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence],
         picked = logits[greedy].argmax(-1).tolist()
         for i, t in zip(greedy, picked):
             tokens[i] = t
+    plain = [i for i, s in enumerate(seqs) if tokens[i] is None and _plain(s)]
+    if plain:
+        try:
+            _choose_plain(logits, seqs, plain, default_generator, tokens, logprobs, errors)
+        except Exception:  # the row-by-row path below isolates the row that fails
+            log.exception("batched sampling failed; sampling row by row")
+            for i in plain:
+                tokens[i], logprobs[i], errors[i] = None, None, None
     for i, seq in enumerate(seqs):
-        if tokens[i] is not None:
+        if tokens[i] is not None or errors[i] is not None:
             continue
         try:
             row = logits[i]
@@ -94,3 +110,51 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence],
             log.exception("sampling failed for request %s", seq.request_id)
             tokens[i], logprobs[i], errors[i] = None, None, e
     return tokens, logprobs, errors
+
+
+def _plain(seq: Sequence) -> bool:
+    p = seq.params
+    return seq.matcher is None and not (p.presence_penalty or p.frequency_penalty or p.logit_bias)
+
+
+def _choose_plain(logits: torch.Tensor, seqs: list[Sequence], rows: list[int],
+                  default_generator: torch.Generator | None, tokens: list, logprobs: list, errors: list) -> None:
+    """choose_tokens for rows with nothing to adjust, batched: the same tokens and logprobs as `_pick`
+    and `_logprob` row by row (the same ops on each row, the same uniform from each generator)."""
+    block = logits if len(rows) == logits.shape[0] else logits[rows]
+    top = block.max(-1).values  # NaN when the row has one
+    nan = torch.isnan(top).tolist()
+    temps = torch.tensor([seqs[i].params.temperature for i in rows], dtype=block.dtype, device=block.device)
+    finite = torch.isfinite(top / temps).tolist()
+    groups: dict[tuple[int, float], list[int]] = {}
+    uniforms, greedy = {}, []
+    for j, i in enumerate(rows):
+        p = seqs[i].params
+        if nan[j]:
+            errors[i] = FloatingPointError("the model produced NaN logits for this request")
+        elif finite[j] and not _greedy_settings(p.temperature, p.top_p, block.dtype):
+            groups.setdefault((p.top_k, p.top_p), []).append(j)
+            uniforms[j] = torch.rand(1, generator=seqs[i].generator or default_generator, device=block.device)
+        else:
+            greedy.append(j)
+    if greedy:
+        for j, t in zip(greedy, block[greedy].argmax(-1).tolist()):
+            tokens[rows[j]] = t
+    for (top_k, top_p), js in groups.items():
+        sub, t = (block, temps) if len(js) == block.shape[0] else (block[js], temps[js])
+        probs = filter_logits(sub / t[:, None], top_k, top_p).softmax(-1)
+        for j, t in zip(js, draw(probs, torch.cat([uniforms[j] for j in js])).tolist()):
+            tokens[rows[j]] = t
+    wanted = [j for j, i in enumerate(rows) if seqs[i].params.logprobs is not None and errors[i] is None]
+    if wanted:
+        sel = block if len(wanted) == block.shape[0] else block[wanted]
+        lse = torch.logsumexp(sel, dim=-1)
+        chosen = torch.tensor([tokens[rows[j]] for j in wanted], device=block.device)
+        values = (sel.gather(1, chosen[:, None]).squeeze(1) - lse).tolist()
+        for n, j in enumerate(wanted):
+            i, k = rows[j], seqs[rows[j]].params.logprobs
+            top = []
+            if k:
+                v, ids = sel[n].topk(k)
+                top = list(zip(ids.tolist(), (v - lse[n]).tolist()))
+            logprobs[i] = TokenLogprob(tokens[i], values[n], top)
