@@ -114,14 +114,17 @@ def test_scoring_uses_capped_logits(capped_model):
 
 
 def test_sampling_draws_from_the_capped_distribution(capped_model):
-    """generate() with a seed equals sampling by hand from softmax(capped logits) of a full forward."""
+    """generate() with a seed equals sampling by hand from softmax(capped logits) of a full forward
+    (lmforge draws by inverse CDF: one uniform u per token, the first token whose cumulative
+    probability exceeds u)."""
     prompt = [5, 9, 2]
     got = list(generate(capped_model, prompt, max_new_tokens=8, temperature=1.0, seed=7))
     gen = torch.Generator().manual_seed(7)
     seq = list(prompt)
     for _ in range(8):
-        probs = torch.softmax(reference_logits(capped_model, torch.tensor([seq]))[0, -1].float(), -1)
-        seq.append(int(torch.multinomial(probs, 1, generator=gen)))
+        probs = torch.softmax(reference_logits(capped_model, torch.tensor([seq]))[0, -1].double(), -1)
+        u = torch.rand(1, generator=gen).item()
+        seq.append(int((probs.cumsum(0) <= u * probs.sum()).sum()))
     assert got == seq[len(prompt):]
 
 
