@@ -47,7 +47,7 @@ def _valid(call, names=SCHEMAS):
 
 def test_required_calls_are_schema_valid_with_distinct_ids(server):
     r = client(server).chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required",
-                                               n=4, seed=4, temperature=1.0, max_tokens=200)
+                                               n=4, seed=4, temperature=1.0, max_tokens=400)
     counts = []
     for choice in r.choices:
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
