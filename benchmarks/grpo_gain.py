@@ -37,9 +37,9 @@ from lmforge.model import ModelConfig, Transformer, load, save
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
 
-def start_model(out: Path, seed: int, max_operand: int, dim: int, layers: int) -> Path:
+def start_model(out: Path, seed: int, max_operand: int, dim: int, layers: int, split_digits: bool) -> Path:
     texts = [f"{t.prompt} {t.answer}" for t in arithmetic_tasks(2000, 0, "train", max_operand)]
-    tok = train_tokenizer(texts, vocab_size=400, min_frequency=1)
+    tok = train_tokenizer(texts, vocab_size=400, min_frequency=1, split_digits=split_digits)
     torch.manual_seed(seed)
     net = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=dim, n_layers=layers, n_heads=4, n_kv_heads=2,
                                   hidden_dim=dim * 3, max_seq_len=64))
@@ -68,14 +68,14 @@ def wrong_answer_reward(max_operand: int):
 
 
 def run_seed(root: Path, seed: int, args, quiet: Console) -> dict:
-    start = start_model(root / f"start{seed}", seed, args.max_operand, args.dim, args.layers)
+    start = start_model(root / f"start{seed}", seed, args.max_operand, args.dim, args.layers, args.split_digits)
     chats = root / f"chats{seed}.jsonl"
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t.prompt},
                                                       {"role": "assistant", "content": str(t.answer)}]}) + "\n"
                              for t in arithmetic_tasks(4000, seed, "train", args.max_operand)))
     sft_out = root / f"sft{seed}"
     finetune_sft(load_recipe(SFTRecipe, None, [
-        f"train.out={sft_out}", "train.seq_len=32", "train.micro_batch=32", "train.global_batch_tokens=1024",
+        f"train.out={sft_out}", "train.seq_len=64", "train.micro_batch=32", "train.global_batch_tokens=2048",
         f"train.max_steps={args.sft_steps}", "train.lr=0.003", "train.warmup=0.05", "train.tensorboard=false",
         f"train.eval_every={10**6}", f"train.ckpt_every={10**6}", "train.log_every=50", f"train.seed={seed}",
         f"sft.data={chats}", "sft.max_examples=4000"]), str(start), console=quiet)
@@ -86,8 +86,8 @@ def run_seed(root: Path, seed: int, args, quiet: Console) -> dict:
         out = root / f"{name}{seed}"
         t0 = time.process_time()
         finetune_grpo(load_recipe(GRPORecipe, None, [
-            f"train.out={out}", "train.seq_len=32", f"train.micro_batch={args.prompts}",
-            f"train.global_batch_tokens={32 * args.prompts}", f"train.max_steps={args.grpo_steps}",
+            f"train.out={out}", "train.seq_len=64", f"train.micro_batch={args.prompts}",
+            f"train.global_batch_tokens={64 * args.prompts}", f"train.max_steps={args.grpo_steps}",
             f"train.lr={args.lr}", "train.warmup=0.05", "train.weight_decay=0", "train.tensorboard=false",
             f"train.eval_every={10**6}", f"train.ckpt_every={10**6}", "train.log_every=1", f"train.seed={seed}",
             f"grpo.group_size={args.group}", "grpo.max_tokens=4", "grpo.temperature=1.0", "grpo.aggregation=dapo",
@@ -118,6 +118,8 @@ def main():
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.0003)
     ap.add_argument("--beta", type=float, default=0.02)
+    ap.add_argument("--split-digits", action=argparse.BooleanOptionalAction, default=False,
+                    help="one token per digit (numbers read digit by digit)")
     ap.add_argument("--val", type=int, default=200, help="held-out questions")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU time is summed over them)")
     ap.add_argument("--json")

@@ -78,3 +78,19 @@ def test_bad_inputs(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(LmforgeError, match="no tokenizer.json"):
         load_tokenizer(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("kind", ["byte-bpe", "bpe"])
+def test_split_digits_never_merges_digits(tmp_path, kind):
+    # Sums whose digits would merge first (frequent pairs): with split_digits every digit stays a token,
+    # also after a save/load round trip; without it, some number becomes one token.
+    texts = [f"What is {a} + {b}? Answer: {a + b}" for a in range(50) for b in range(50)]
+    plain = train_tokenizer(texts, kind=kind, vocab_size=400, min_frequency=1)
+    split = train_tokenizer(texts, kind=kind, vocab_size=400, min_frequency=1, split_digits=True)
+    split.save(tmp_path / "tok")
+    line = "What is 37 + 48? Answer: 85"
+    for tok in (split, load_tokenizer(tmp_path / "tok")):
+        pieces = [tok.decode([i]) for i in tok.encode(line)]
+        assert [p for p in pieces if any(c.isdigit() for c in p)] == list("374885")
+        assert tok.decode(tok.encode(line)) == line
+    assert any(sum(c.isdigit() for c in plain.decode([i])) > 1 for i in plain.encode(line))

@@ -17,7 +17,9 @@ MAX_VOCAB = 1 << 20
 
 def train_tokenizer(texts: Iterable[str], kind: str = "byte-bpe", vocab_size: int = 4096,
                     min_frequency: int = 2, special_tokens: list[str] | None = None,
-                    show_progress: bool = False) -> Tokenizer:
+                    show_progress: bool = False, split_digits: bool = False) -> Tokenizer:
+    """`split_digits` keeps every digit its own pre-token (as Llama's and SmolLM's tokenizers do), so no
+    merge ever joins digits: numbers are read digit by digit, which helps arithmetic generalise."""
     specials = list(special_tokens or SPECIAL_TOKENS)
     if kind not in KINDS:
         raise LmforgeError(f"unknown tokenizer kind {kind!r}; choose one of {KINDS}")
@@ -53,6 +55,8 @@ def train_tokenizer(texts: Iterable[str], kind: str = "byte-bpe", vocab_size: in
                                           unk_token="<unk>", show_progress=show_progress)
     else:
         raise LmforgeError(f"unknown tokenizer kind {kind!r}; choose one of {KINDS}")
+    if split_digits:
+        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), hf.pre_tokenizer])
     try:
         hf.train_from_iterator(_nonempty(texts), trainer=trainer)
     except Exception as e:  # the Rust side raises plain Exception (e.g. a vocabulary the text cannot fill)
