@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--sym", action="store_true", help="symmetric grids for rtn/awq/gptq (default: asymmetric)")
     ap.add_argument("--methods", default="int8,rtn,awq,gptq,nf4")
+    ap.add_argument("--head-bits", type=int, default=8, help="LM head of rtn/awq/gptq: 8 (int8) or 4 (the body's grid)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -40,7 +41,7 @@ def main() -> None:
     tok, base = load_tokenizer(path), load(path)
     ids = tok.encode(heldout_text(args.eval_tokens * 6))[:args.eval_tokens]
     calib = calibration_batch(tok, 16, 256)
-    grid = {"group_size": args.group_size, "asym": not args.sym}
+    grid = {"group_size": args.group_size, "asym": not args.sym, "head_bits": args.head_bits}
     settings = {"int8": {}, "nf4": {}, "rtn": grid, "awq": grid, "gptq": {**grid, "act_order": True}}
     rows = {"fp32": {"ppl": perplexity(base, ids), "mb": weight_bytes(base) / 2**20, "quantise_s": 0.0}}
     print(f"fp32  ppl {rows['fp32']['ppl']:.3f}", flush=True)
@@ -54,7 +55,8 @@ def main() -> None:
         del model
     fp = rows["fp32"]["ppl"]
     gap = rows["rtn"]["ppl"] - fp if "rtn" in rows else None
-    print(f"\n{len(ids)} held-out tokens; 4-bit grids g{args.group_size} {'sym' if args.sym else 'asym'}")
+    print(f"\n{len(ids)} held-out tokens; 4-bit grids g{args.group_size} {'sym' if args.sym else 'asym'}, "
+          f"LM head {'int8' if args.head_bits == 8 else 'on the 4-bit grid'}")
     print("| method | perplexity | vs fp32 | weights MB | RTN gap recovered | quantise s |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():

@@ -15,8 +15,9 @@ HF), so token counts match. Sides:
   lmforge-V one more server per --variants entry, each one feature switched on, reported as its
             speed-up over `lmforge` (the feature off):
               int8          per-channel INT8 weights (--int8)
-              int4          RTN int4 g32 symmetric body + int8 LM head (a `lmforge quantize` checkpoint;
-                            the grid of llama.cpp's Q4_0)
+              int4          RTN int4 g32 symmetric, LM head included (`lmforge quantize --method rtn
+                            --group-size 32 --head-bits 4`: the grid and precision of llama.cpp's Q4_0,
+                            whose tied output matrix is 4-bit too)
               kv-int8       int8 KV cache (--kv-dtype int8)
               prefix-cache  prefix caching on (later rounds hit the cache: the repeated-prompt case)
               ngram         prompt-lookup speculative decoding (--speculative ngram)
@@ -246,7 +247,7 @@ def prepare_files(args, tmp: Path, variants: list[str]) -> dict[str, Path]:
         for kind in need_gguf:
             files[kind] = export_gguf(base, tok, tmp / f"model-{kind}.gguf", kind, name="bench")
     if "int4" in variants:
-        save(quantize_model(base, "rtn", bits=4, group_size=32, asym=False), tmp / "int4", tokenizer=tok)
+        save(quantize_model(base, "rtn", bits=4, group_size=32, asym=False, head_bits=4), tmp / "int4", tokenizer=tok)
         files["int4"] = tmp / "int4"
     return files
 

@@ -16,7 +16,8 @@ from lmforge.serve import EngineConfig, LLMEngine, SamplingParams
 from tests.serve.helpers import tiny_model
 
 METHODS = {"int8": {}, "rtn": {"group_size": 32}, "rtn-asym": {"group_size": 64, "asym": True}, "nf4": {},
-           "gptq": {"group_size": 32, "act_order": True}, "awq": {"group_size": 32}}
+           "gptq": {"group_size": 32, "act_order": True}, "awq": {"group_size": 32},
+           "rtn-head4": {"group_size": 32, "head_bits": 4}}
 
 
 @pytest.mark.parametrize("label", sorted(METHODS))
@@ -29,7 +30,7 @@ def test_saved_quantised_model_loads_back_identically(tmp_path, smollm_tokenizer
     assert json.loads((tmp_path / "q" / "lmforge_quant.json").read_text())["method"] == method
     back = load(tmp_path / "q")
     assert type(back.layers[0].mlp.up_proj) is (Int8Linear if method == "int8" else Int4Linear)
-    assert isinstance(back.lm_head, Int8Linear)
+    assert isinstance(back.lm_head, Int4Linear if METHODS[label].get("head_bits") == 4 else Int8Linear)
     assert back.layers[0].mlp.up_proj.extra_repr() == model.layers[0].mlp.up_proj.extra_repr()
     tokens = torch.randint(0, smollm_tokenizer.vocab_size, (2, 20))
     with torch.no_grad():
@@ -62,6 +63,10 @@ def test_quantize_command_writes_a_checkpoint_that_generate_runs(tmp_path, smoll
     assert run(["quantize", str(tmp_path / "m"), "--method", "rtn", "--group-size", "48", "-o",
                 str(tmp_path / "bad")]) == 2
     assert "group-size" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert run(["quantize", str(tmp_path / "m"), "--method", "int8", "--head-bits", "4", "-o",
+                str(tmp_path / "bad")]) == 2
+    assert "--head-bits" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

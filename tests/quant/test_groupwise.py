@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lmforge.model.quantized import Int4Linear
+from lmforge.model.quantized import Int4Linear, project
 from lmforge.quant.groupwise import dequantize, group_params, quantize_with, rtn, rtn_linear
 
 
@@ -74,6 +74,27 @@ def test_cpu_int4_kernel_equals_the_dequantised_reference_matmul(group_size, n_i
     assert (got.double() - ref).abs().max() <= 1e-2 * ref.abs().max()   # bfloat16 output: ~3 digits
     exact = x.double() @ layer.dequantized().double().t()
     assert (got.double() - exact).abs().max() <= 3e-2 * exact.abs().max()
+
+
+def test_fused_projection_equals_the_separate_layers_and_follows_reloads():
+    """q/k/v (and gate/up) share one kernel call over stacked rows: same outputs as one call per layer,
+    and reloading one layer's weights (or moving it) rebuilds the fused kernel."""
+    torch.manual_seed(5)
+    layers = [rtn_linear(nn.Linear(96, n, bias=False), 4, 32, True) for n in (64, 32, 32)]
+    x = torch.randn(1, 3, 96)
+    for got, want in zip(project(x, *layers), [layer(x) for layer in layers]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert layers[0]._fused is not None
+    other = rtn_linear(nn.Linear(96, 32, bias=False), 4, 32, True)
+    layers[2].load_state_dict(other.state_dict())
+    torch.testing.assert_close(project(x, *layers)[2], other(x), rtol=0, atol=0)
+    layers[1].float()   # .to()/.float() also invalidate
+    torch.testing.assert_close(project(x, *layers)[1], layers[1](x), rtol=0, atol=0)
+    # mixed layer types, or too many rows for the kernel, fall back to one call per layer
+    plain = nn.Linear(96, 32, bias=False)
+    torch.testing.assert_close(project(x, layers[0], plain)[1], plain(x), rtol=0, atol=0)
+    big = torch.randn(300, 96)
+    torch.testing.assert_close(project(big, *layers)[0], big @ layers[0].dequantized().t())
 
 
 def test_large_inputs_take_the_dequantised_float_path():

@@ -3,8 +3,10 @@
 
 Methods: int8 (per-channel, every linear including the LM head), rtn / awq / gptq (group-wise
 4-bit codes for the decoder blocks' linears), nf4 (NF4 + double quantisation, blocks of 64).
-The 4-bit methods keep the LM head in int8: it is the largest matrix (49152 x 576 on SmolLM2),
-the one most sensitive to rounding, and int8 keeps it close to float. The embedding stays float.
+The 4-bit methods keep the LM head in int8 by default: it is the largest matrix (49152 x 576 on
+SmolLM2), the one most sensitive to rounding, and int8 keeps it close to float. `head_bits=4` puts
+it on the body's 4-bit grid instead (RTN; llama.cpp's Q4_0 files do the same with the tied
+embedding), halving the bytes the head reads per decoded token. The embedding stays float.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ HEAD = "lm_head"
 
 @torch.no_grad()
 def quantize_model(model, method: str, *, bits: int = 4, group_size: int = 128, asym: bool = False,
-                   calibration: torch.Tensor | None = None, act_order: bool = False):
+                   calibration: torch.Tensor | None = None, act_order: bool = False, head_bits: int = 8):
     """Quantise `model` in place; `calibration` [n, T] token ids are required by awq and gptq."""
     if method not in METHODS:
         raise LmforgeError(f"unknown quantisation method {method!r}; choose one of {', '.join(METHODS)}")
@@ -32,6 +34,10 @@ def quantize_model(model, method: str, *, bits: int = 4, group_size: int = 128, 
         return quantize_int8(model)
     if method in ("rtn", "awq", "gptq"):
         check_grid(bits, group_size)
+    if head_bits not in (4, 8):
+        raise LmforgeError(f"head_bits must be 8 (int8 per channel) or 4 (RTN on the body's groups), got {head_bits}")
+    if head_bits == 4 and method not in ("rtn", "awq", "gptq"):
+        raise LmforgeError(f"a 4-bit LM head goes with the rtn, awq or gptq methods, not {method}")
     if method in CALIBRATED and calibration is None:
         raise LmforgeError(f"{method} needs calibration tokens")
     body = [(name, mod) for name, mod in linear_targets(model, skip=(HEAD,))]
@@ -48,10 +54,14 @@ def quantize_model(model, method: str, *, bits: int = 4, group_size: int = 128, 
     for name, layer in new.items():
         replace_module(model, name, layer)
     layers = {name: dict(kind) for name in new}
-    if isinstance(model.get_submodule(HEAD), nn.Linear):
-        replace_module(model, HEAD, int8_linear(model.get_submodule(HEAD)))
+    head = model.get_submodule(HEAD)
+    if isinstance(head, nn.Linear) and head_bits == 4:
+        replace_module(model, HEAD, rtn_linear(head, 4, group_size, asym))
+        layers[HEAD] = {"format": "int4", "group_size": group_size}
+    elif isinstance(head, nn.Linear):
+        replace_module(model, HEAD, int8_linear(head))
         layers[HEAD] = {"format": "int8"}
-    settings = {"bits": bits, "group_size": group_size, "asym": asym} if method != "nf4" else {}
+    settings = {"bits": bits, "group_size": group_size, "asym": asym, "head_bits": head_bits} if method != "nf4" else {}
     if method == "gptq":
         settings["act_order"] = act_order
     model.quantization = {"method": method, **settings, "layers": layers}

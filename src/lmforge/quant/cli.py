@@ -20,6 +20,8 @@ def quantize_command(
     group_size: int = typer.Option(128, help="inputs per scale for rtn/awq/gptq: 32, 64, 128 or 256"),
     asym: bool = typer.Option(False, "--asym", help="asymmetric grid (a zero point per group)"),
     act_order: bool = typer.Option(False, "--act-order", help="gptq: quantise the most active inputs first"),
+    head_bits: int = typer.Option(8, "--head-bits", help="rtn/awq/gptq: LM head in int8 (8, per channel) or on "
+                                                         "the body's 4-bit grid (4, RTN; as llama.cpp's Q4_0)"),
     calibration_samples: int = typer.Option(16, min=1, max=4096, help="awq/gptq: calibration sequences"),
     calibration_len: int = typer.Option(256, min=16, max=65536, help="awq/gptq: tokens per calibration sequence"),
     tokenizer: str = tokenizer_option(),
@@ -36,6 +38,8 @@ def quantize_command(
         raise LmforgeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if method in ("rtn", "awq", "gptq"):
         check_grid(bits, group_size)
+    if head_bits not in (4, 8) or (head_bits == 4 and method not in ("rtn", "awq", "gptq")):
+        raise LmforgeError(f"--head-bits must be 8, or 4 with rtn/awq/gptq (got {head_bits} with {method})")
     check_destination(out, "model", overwrite)   # before the (slow) load
     loaded = load_pretrained(model, tokenizer, dtype="float32", device="cpu")
     calibration = None
@@ -44,7 +48,7 @@ def quantize_command(
         calibration = calibration_batch(loaded.tokenizer, calibration_samples,
                                         min(calibration_len, loaded.model.cfg.max_seq_len))
     quantize_model(loaded.model, method, bits=bits, group_size=group_size, asym=asym,
-                   calibration=calibration, act_order=act_order)
+                   calibration=calibration, act_order=act_order, head_bits=head_bits)
     save(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=overwrite)
     typer.echo(f"wrote {out} ({method})")
 

@@ -72,12 +72,14 @@ class PagedKVCache:
             out.append(dequantize_per_head(q, scale, x.dtype))
         return out[0], out[1]
 
-    def read(self, layer: int, index: torch.Tensor):
-        """K and V [N, Hkv, D] (in the compute dtype) of the given slots."""
-        k, v = self.k[layer].index_select(0, index), self.v[layer].index_select(0, index)
+    def read(self, layer: int, index: torch.Tensor | slice):
+        """K and V [N, Hkv, D] (in the compute dtype) of the given slots: an index tensor, or a slice
+        of consecutive slots (read as a view, no copy)."""
+        take = (lambda t: t[index]) if isinstance(index, slice) else (lambda t: t.index_select(0, index))
+        k, v = take(self.k[layer]), take(self.v[layer])
         if self.quantized:
-            k = dequantize_per_head(k, self.k_scale[layer].index_select(0, index), self.dtype)
-            v = dequantize_per_head(v, self.v_scale[layer].index_select(0, index), self.dtype)
+            k = dequantize_per_head(k, take(self.k_scale[layer]), self.dtype)
+            v = dequantize_per_head(v, take(self.v_scale[layer]), self.dtype)
         return k, v
 
 
@@ -151,7 +153,7 @@ class StepBatch:
 
         singles = [it for it in self.items if len(it.tokens) == 1]
         self.n_single = len(singles)
-        self.single_gather = self.single_mask = None
+        self.single_gather = self.single_mask = self.single_slots = None
         if singles:
             lengths = [it.start + 1 for it in singles]
             width = max(lengths)
@@ -160,6 +162,11 @@ class StepBatch:
                               for it in singles])
             offsets = torch.arange(bs, device=device)
             self.single_gather = (tables[:, :, None] * bs + offsets).reshape(len(singles), -1)[:, :width]
+            first = singles[0].seq.block_table[0]
+            if len(singles) == 1 and singles[0].seq.block_table[:n_blocks] == list(range(first, first + n_blocks)):
+                self.single_slots = slice(first * bs, first * bs + width)   # one sequence in consecutive blocks
+            else:
+                self.single_slots = self.single_gather.reshape(-1)
             if min(lengths) != width:  # ragged: mask the padding
                 lens = as_long(lengths)
                 self.single_mask = (torch.arange(width, device=device)[None] < lens[:, None])[:, None, None]
@@ -187,7 +194,7 @@ class StepBatch:
         if self.n_single:
             b, width = self.single_gather.shape
             qs = q[0, :, :b].transpose(0, 1)[:, :, None]                       # [b, H, 1, D]
-            ks, vs = self.cache.read(layer, self.single_gather.reshape(-1))
+            ks, vs = self.cache.read(layer, self.single_slots)
             ks = ks.view(b, width, *ks.shape[1:]).transpose(1, 2)
             vs = vs.view(b, width, *vs.shape[1:]).transpose(1, 2)
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.single_mask, enable_gqa=gqa)
