@@ -1,11 +1,11 @@
 """Does GRPO teach? Held-out exact match on arithmetic before and after GRPO, with a control.
 
-    python benchmarks/grpo_gain.py [--seeds 0,1,2] [--sft-steps 2000] [--grpo-steps 1500] [--json PATH]
+    python benchmarks/grpo_gain.py [--seeds 0,1,2] [--grpo-steps 1500] [--json PATH]
 
 Per seed: a small random Llama (dim 128, 4 layers; a byte-level BPE tokenizer that keeps every digit
 its own token, with the ChatML template) is SFT'd on generated additions of operands 0-99
-(`lmforge finetune sft` on a JSONL of chats) long enough to be right about half the time, so
-groups have reward variance; then two GRPO runs start from that SFT model with the same settings
+(`lmforge finetune sft` on a JSONL of chats), in stages of 250 steps until it answers >= 30 % of
+200 *training* questions right (greedy), so groups have reward variance; then two GRPO runs start from that SFT model with the same settings
 and seeds (`lmforge finetune grpo`, exact-match reward, k3 KL to the SFT weights):
 - real: rewarded for the right answer;
 - control: rewarded for one fixed wrong answer per question (see `wrong_answer_reward`),
@@ -50,11 +50,11 @@ def start_model(out: Path, seed: int, max_operand: int, dim: int, layers: int, s
     return out
 
 
-def held_out(model_dir: Path, max_operand: int, n_val: int) -> torch.Tensor:
-    """Greedy exact match per val question, 0/1 (the rollouts of the objective's own evaluation)."""
+def held_out(model_dir: Path, max_operand: int, n_val: int, split: str = "val", seed: int = 0) -> torch.Tensor:
+    """Greedy exact match per question of `split`, 0/1 (the rollouts of the objective's own evaluation)."""
     tok = load_tokenizer(model_dir)
     cfg = GRPOConfig(max_operand=max_operand, max_tokens=4, val_tasks=n_val)
-    val = arithmetic_tasks(n_val, 0, "val", max_operand)
+    val = arithmetic_tasks(n_val, seed, split, max_operand)
     obj = GRPOObjective(tok, [], val, cfg, 1, pad_token_id(tok))
     return greedy_rollouts(load(model_dir).eval(), tok, obj.val_ids, val, max_tokens=4, pad_id=obj.pad_id,
                            reward_fn=exact_match_reward, autocast=lambda: torch.autocast("cpu", enabled=False)).rewards
@@ -76,15 +76,26 @@ def run_seed(root: Path, seed: int, args, quiet: Console) -> dict:
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t.prompt},
                                                       {"role": "assistant", "content": str(t.answer)}]}) + "\n"
                              for t in arithmetic_tasks(args.sft_examples, seed, "train", args.max_operand)))
-    sft_out = root / f"sft{seed}"
-    finetune_sft(load_recipe(SFTRecipe, None, [
-        f"train.out={sft_out}", "train.seq_len=64", "train.micro_batch=32", "train.global_batch_tokens=2048",
-        f"train.max_steps={args.sft_steps}", f"train.lr={args.sft_lr}", "train.warmup=0.05", "train.tensorboard=false",
-        f"train.eval_every={10**6}", f"train.ckpt_every={10**6}", "train.log_every=50", f"train.seed={seed}",
-        f"sft.data={chats}", f"sft.max_examples={args.sft_examples}"]), str(start), console=quiet)
-    start_right = held_out(sft_out / "model", args.max_operand, args.val)
+    # SFT in stages until greedy exact match on *training* questions reaches --sft-target (the held-out
+    # questions play no part in choosing the start): learning is abrupt here, one stage can take the
+    # model from ~10 % to ~95 %, so a fixed step count gives a start with nothing left to learn on some
+    # seeds and nothing learnt on others.
+    model, probes = start, []
+    for stage in range(args.sft_stages):
+        sft_out = root / f"sft{seed}-{stage}"
+        finetune_sft(load_recipe(SFTRecipe, None, [
+            f"train.out={sft_out}", "train.seq_len=64", "train.micro_batch=32", "train.global_batch_tokens=2048",
+            f"train.max_steps={args.sft_steps}", f"train.lr={args.sft_lr}", "train.warmup=0.05",
+            "train.tensorboard=false", f"train.eval_every={10**6}", f"train.ckpt_every={10**6}", "train.log_every=50",
+            f"train.seed={seed + stage}", f"sft.data={chats}", f"sft.max_examples={args.sft_examples}"]),
+            str(model), console=quiet)
+        model = sft_out / "model"
+        probes.append(float(held_out(model, args.max_operand, 200, "train", seed + 1).mean()))
+        if probes[-1] >= args.sft_target:
+            break
+    start_right = held_out(model, args.max_operand, args.val)
     before = float(start_right.mean())
-    result = {"seed": seed, "sft_exact_match": before}
+    result = {"seed": seed, "sft_exact_match": before, "sft_train_probes": probes, "sft_total_steps": len(probes) * args.sft_steps}
     for name, reward in (("grpo", None), ("control", wrong_answer_reward(args.max_operand))):
         out = root / f"{name}{seed}"
         t0 = time.process_time()
@@ -95,7 +106,7 @@ def run_seed(root: Path, seed: int, args, quiet: Console) -> dict:
             f"train.eval_every={10**6}", f"train.ckpt_every={10**6}", "train.log_every=1", f"train.seed={seed}",
             f"grpo.group_size={args.group}", "grpo.max_tokens=4", "grpo.temperature=1.0", "grpo.aggregation=dapo",
             f"grpo.beta={args.beta}", f"grpo.max_operand={args.max_operand}", f"grpo.val_tasks={args.val}",
-            "grpo.chat=true"]), str(sft_out / "model"), console=quiet, reward_fn=reward)
+            "grpo.chat=true"]), str(model), console=quiet, reward_fn=reward)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "reward_mean" in r]
         right = held_out(out / "model", args.max_operand, args.val)
@@ -112,7 +123,10 @@ def run_seed(root: Path, seed: int, args, quiet: Console) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--sft-steps", type=int, default=2000)
+    ap.add_argument("--sft-steps", type=int, default=250, help="steps per SFT stage")
+    ap.add_argument("--sft-stages", type=int, default=16, help="most SFT stages")
+    ap.add_argument("--sft-target", type=float, default=0.3,
+                    help="stop SFT once greedy exact match on 200 training questions reaches this")
     ap.add_argument("--sft-lr", type=float, default=0.002)
     ap.add_argument("--sft-examples", type=int, default=20000)
     ap.add_argument("--grpo-steps", type=int, default=1500)
@@ -137,7 +151,8 @@ def main():
         for seed in (int(s) for s in args.seeds.split(",")):
             r = run_seed(Path(d), seed, args, quiet)
             results.append(r)
-            print(f"seed {seed}: held-out exact match SFT start {100 * r['sft_exact_match']:.1f}% -> GRPO "
+            print(f"seed {seed}: SFT {r['sft_total_steps']} steps (train probe {100 * r['sft_train_probes'][-1]:.0f}%); "
+                  f"held-out exact match SFT start {100 * r['sft_exact_match']:.1f}% -> GRPO "
                   f"{100 * r['grpo']['exact_match']:.1f}% ({r['gain_points']:+.1f} points, KL {r['grpo']['kl_last']:.4f}, "
                   f"{r['grpo']['cpu_s'] / 60:.1f} CPU-min; train reward {r['grpo']['train_reward_first10']:.2f} -> "
                   f"{r['grpo']['train_reward_last10']:.2f}; vs start: {100 * r['grpo']['wins']:.1f}% won, "
