@@ -33,3 +33,13 @@ def test_tokenizer_trains_on_data_clean_output(tmp_path):
     # wrapping of the records was not trained on.
     assert len(tok.encode(" " + WORD)) == 1
     assert len(tok.encode('{"text": "')) > 3
+
+    # --split-digits: numbers are read digit by digit (the documents are full of multi-digit counts)
+    r = runner.invoke(app, ["tokenizer", "train", str(clean / "docs"), "--out", str(tmp_path / "tok-digits"),
+                            "--vocab-size", "300", "--split-digits"])
+    assert r.exit_code == 0, r.output
+    digits = load_tokenizer(tmp_path / "tok-digits")
+    assert [digits.decode([i]) for i in digits.encode("273")] == ["2", "7", "3"]
+    assert all(sum(c.isdigit() for c in digits.decode([i])) <= 1 for i in range(digits.vocab_size))
+    steps = json.loads((tmp_path / "tok-digits" / "tokenizer.json").read_text())["pre_tokenizer"]["pretokenizers"]
+    assert {"type": "Digits", "individual_digits": True} in steps   # what makes it hold for any text

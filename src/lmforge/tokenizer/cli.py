@@ -24,6 +24,7 @@ def train_command(
     out: Path = typer.Option(Path("runs/tokenizer"), "--out", "-o"),
     kind: str = typer.Option("byte-bpe", help="byte-bpe, bpe or unigram"),
     vocab_size: int = typer.Option(4096, min=1),
+    split_digits: bool = typer.Option(False, "--split-digits", help="one token per digit (as Llama's and SmolLM's tokenizers)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="write into a non-empty folder that is not an lmforge output (its other files are kept)"),
 ):
     """Train a tokenizer and report its compression on held-out text."""
@@ -45,7 +46,7 @@ def train_command(
     else:
         train_texts = (d.text for d in stdlib_documents("train"))
         held_out = [d.text for d in stdlib_documents("val")]
-    tok = train_tokenizer(train_texts, kind=kind, vocab_size=vocab_size, show_progress=True)
+    tok = train_tokenizer(train_texts, kind=kind, vocab_size=vocab_size, show_progress=True, split_digits=split_digits)
     tok.save(out, overwrite=overwrite)
     report = compression_report(tok, held_out)
     (out / "compression.json").write_text(json.dumps(report, indent=2))
