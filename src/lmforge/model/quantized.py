@@ -192,9 +192,8 @@ def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     """`[layer(x) for layer in layers]`, fused into one int4 kernel call when every layer is an
     Int4Linear on the CPU kernel path with the same input width and groups."""
     first = layers[0]
-    if (isinstance(first, Int4Linear) and first.uses_cpu_kernel(x)
-            and all(isinstance(layer, Int4Linear) and layer.uses_cpu_kernel(x) and layer.group_size == first.group_size
-                    and layer.in_features == first.in_features for layer in layers[1:])):
+    if all(isinstance(layer, Int4Linear) and layer.uses_cpu_kernel(x) and layer.group_size == first.group_size
+           and layer.in_features == first.in_features for layer in layers):
         return first.fused_forward(layers, x)
     return [layer(x) for layer in layers]
 

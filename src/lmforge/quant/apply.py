@@ -19,6 +19,7 @@ from lmforge.quant.int8 import int8_linear, linear_targets, quantize_int8, repla
 
 METHODS = ("int8", "rtn", "awq", "gptq", "nf4")
 CALIBRATED = ("awq", "gptq")
+GROUPWISE = ("rtn", "awq", "gptq")   # the methods with a group-wise grid (bits, group size, asym)
 HEAD = "lm_head"
 
 
@@ -32,12 +33,9 @@ def quantize_model(model, method: str, *, bits: int = 4, group_size: int = 128, 
         raise LmforgeError("this model is already quantised")
     if method == "int8":
         return quantize_int8(model)
-    if method in ("rtn", "awq", "gptq"):
+    if method in GROUPWISE:
         check_grid(bits, group_size)
-    if head_bits not in (4, 8):
-        raise LmforgeError(f"head_bits must be 8 (int8 per channel) or 4 (RTN on the body's groups), got {head_bits}")
-    if head_bits == 4 and method not in ("rtn", "awq", "gptq"):
-        raise LmforgeError(f"a 4-bit LM head goes with the rtn, awq or gptq methods, not {method}")
+    check_head_bits(method, head_bits)
     if method in CALIBRATED and calibration is None:
         raise LmforgeError(f"{method} needs calibration tokens")
     body = [(name, mod) for name, mod in linear_targets(model, skip=(HEAD,))]
@@ -66,6 +64,13 @@ def quantize_model(model, method: str, *, bits: int = 4, group_size: int = 128, 
         settings["act_order"] = act_order
     model.quantization = {"method": method, **settings, "layers": layers}
     return model
+
+
+def check_head_bits(method: str, head_bits: int) -> None:
+    if head_bits not in (4, 8):
+        raise LmforgeError(f"--head-bits must be 8 (int8 per channel) or 4 (RTN on the body's groups), got {head_bits}")
+    if head_bits == 4 and method not in GROUPWISE:
+        raise LmforgeError(f"--head-bits 4 goes with the {', '.join(GROUPWISE)} methods, not {method}")
 
 
 def _calibrated(model, method, calibration, bits, group_size, asym, act_order) -> dict[str, nn.Module]:

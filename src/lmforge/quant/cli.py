@@ -31,15 +31,14 @@ def quantize_command(
     """Quantise a model's weights and write a checkpoint that `lmforge serve` and `generate` load directly."""
     from lmforge.model import load_pretrained, save
     from lmforge.outputs import check_destination
-    from lmforge.quant.apply import CALIBRATED, METHODS, quantize_model
+    from lmforge.quant.apply import CALIBRATED, GROUPWISE, METHODS, check_head_bits, quantize_model
     from lmforge.quant.groupwise import check_grid
 
     if method not in METHODS:
         raise LmforgeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method in ("rtn", "awq", "gptq"):
+    if method in GROUPWISE:
         check_grid(bits, group_size)
-    if head_bits not in (4, 8) or (head_bits == 4 and method not in ("rtn", "awq", "gptq")):
-        raise LmforgeError(f"--head-bits must be 8, or 4 with rtn/awq/gptq (got {head_bits} with {method})")
+    check_head_bits(method, head_bits)
     check_destination(out, "model", overwrite)   # before the (slow) load
     loaded = load_pretrained(model, tokenizer, dtype="float32", device="cpu")
     calibration = None
