@@ -327,7 +327,8 @@ def main():
             if n == 1:
                 for name, peer in peers.items():
                     sides[(name, n)] = lambda peer=peer, p=p: peer.run(p, args.max_tokens)
-        for name, url in urls.items():  # warm-up, every side
+        for name, url in urls.items():  # warm-up, every side (with --compile: both graphs, 1 and 2+ streams)
+            run_ours(url, all_prompts[:1], 4)
             run_ours(url, all_prompts[:2], 4)
         hf_generate(hf, all_prompts[:2], 4, pad, device)
         for peer in peers.values():

@@ -33,7 +33,7 @@ def test_int8_cache_holds_about_twice_the_tokens_of_a_16_bit_cache(tiny, smollm_
            (("auto", torch.bfloat16), ("int8", torch.bfloat16))}
     assert per["auto"] / per["int8"] == (2 * cfg.head_dim) / (cfg.head_dim + 4)
     engines = {kv: LLMEngine(tiny, smollm_tokenizer, EngineConfig(kv_cache_mb=4, kv_dtype=kv)) for kv in ("auto", "int8")}
-    assert engines["int8"].cache.k.dtype == torch.int8
+    assert engines["int8"].cache.k[0].dtype == torch.int8
     # fp32 model: 4 bytes per value vs 1 + 4/head_dim
     ratio = engines["int8"].blocks.num_blocks / engines["auto"].blocks.num_blocks
     assert math.isclose(ratio, 4 * cfg.head_dim / (cfg.head_dim + 4), rel_tol=0.01)

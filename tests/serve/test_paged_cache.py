@@ -31,18 +31,20 @@ def contiguous_logits(model, prompt: list[int], generated: list[int]) -> list[to
     return out
 
 
-def run_and_compare(model, prompts, config: EngineConfig, max_tokens=12, atol=1e-4):
+def run_and_compare(model, prompts, config: EngineConfig, max_tokens: int | list[int] = 12, atol=1e-4):
+    """max_tokens: one for all, or one per prompt (sequences then finish at different steps)."""
     engine = LLMEngine(model, None, config)
     engine.stop_ids = set()
     seen = record_logits(engine)
-    ids = [engine.add_request(None, p, SamplingParams(max_tokens=max_tokens, temperature=0)) for p in prompts]
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    ids = [engine.add_request(None, p, SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(prompts, limits)]
     generated = {i: [] for i in ids}
     while engine.has_work:
         for out in engine.step():
             generated[out.request_id] += out.new_token_ids
-    for rid, prompt in zip(ids, prompts):
+    for rid, prompt, n in zip(ids, prompts, limits):
         ref = contiguous_logits(model, prompt, generated[rid])
-        assert len(seen[rid]) == len(ref) == max_tokens
+        assert len(seen[rid]) == len(ref) == n
         worst = max(float((got - want.float()).abs().max()) for got, want in zip(seen[rid], ref))
         assert worst < atol, f"{rid}: paged and contiguous logits differ by {worst}"
     assert engine.blocks.num_used == 0

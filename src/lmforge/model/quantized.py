@@ -52,7 +52,15 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = qweight.shape
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
+        # The kernel's own scales, all ones: the real ones are applied in float32 afterwards. A buffer,
+        # not a fresh tensor per call, because torch.compile's lowering of the kernel needs a stored one.
+        self.register_buffer("unit_scale", torch.ones(self.out_features, dtype=torch.bfloat16), persistent=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def _apply(self, fn, recurse=True):  # model.to(dtype) must not change the kernel's bfloat16 ones
+        super()._apply(fn, recurse)
+        self.unit_scale = self.unit_scale.to(torch.bfloat16)
+        return self
 
     @classmethod
     def empty(cls, out_features: int, in_features: int) -> "Int8Linear":
@@ -64,8 +72,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and _CPU_INT8_MM and _rows(x) <= KERNEL_MAX_ROWS:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            ones = torch.ones(self.out_features, dtype=torch.bfloat16)
-            y = torch._weight_int8pack_mm(flat, self.qweight, ones).float() * self.scale
+            y = torch._weight_int8pack_mm(flat, self.qweight, self.unit_scale).float() * self.scale
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)

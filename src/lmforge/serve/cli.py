@@ -50,7 +50,8 @@ def serve_command(
     max_queue: int = typer.Option(256, min=1, help="waiting requests before answering 429"),
     default_max_tokens: int = typer.Option(512, min=1, help="chat max_tokens when the client gives none"),
     prefix_caching: bool = typer.Option(True, help="share KV blocks of identical prompt prefixes"),
-    compile_decode: bool = typer.Option(False, "--compile", help="torch.compile the decode step (GPU)"),
+    compile_decode: bool = typer.Option(False, "--compile", help="torch.compile decode steps (CPU or GPU): "
+                                        "~1.6x faster int4 decode on CPU after a minute or two of compiling"),
     threads: int = typer.Option(0, min=0, max=4096, help="CPU threads for PyTorch (0: its default)"),
     guard: bool = typer.Option(False, "--guard", help="screen requests for prompt injection; redact PII and "
                                "system-prompt leaks in replies (blocked requests get a 400, code guard_blocked)"),

@@ -40,7 +40,7 @@ class EngineConfig:
     max_batched_tokens: int = 512       # tokens per step (prefill chunks + decodes)
     max_model_len: int | None = None    # default: the model's max_seq_len, capped by the cache size
     prefix_caching: bool = True
-    compile_decode: bool = False        # torch.compile the decode step (GPU)
+    compile_decode: bool = False        # torch.compile decode steps (model_runner.py)
     seed: int = 0                       # for requests without a seed of their own
     speculative: SpeculativeConfig | None = None   # speculative decoding (serve/speculative)
     kv_dtype: str = "auto"              # "auto" (the model's dtype) or "int8" (per-head scales, ~2x the tokens)

@@ -1,7 +1,12 @@
 """Runs one scheduled step through the model: pack the batch, forward, return last-token logits.
 
-On a GPU, pure decode steps (the hot loop) can go through `torch.compile` (dynamic shapes, so one
-compilation serves every batch size); mixed prefill steps run eagerly. CPU always runs eagerly.
+With compile_decode, pure decode steps (every sequence adds one token: the hot loop) run through
+`torch.compile` over a tensor-only view of the step (`DecodeView`), with dynamic shapes, so one
+graph serves every length and every batch size above one; steps that carry prompt chunks or
+speculative drafts run eagerly. On CPU the graph is built with Inductor's C++ wrapper and
+autotuned kernels (the wrapper removes the per-kernel Python call; autotuning picks the int4
+matmul); compiling SmolLM2-135M takes a minute or two per graph on 2 cores, once per process
+(Inductor caches compiled code on disk, so later processes start faster).
 """
 from __future__ import annotations
 
@@ -14,34 +19,36 @@ from lmforge.serve.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+# Inductor options per device type. CPU, SmolLM2-135M int4, one thread: eager 19.0 ms/step,
+# default options 14.8, cpp_wrapper 13.0, cpp_wrapper + max_autotune 11.5.
+COMPILE_OPTIONS = {"cpu": {"cpp_wrapper": True, "max_autotune": True}}
+
 
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, compile_decode: bool = False):
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
+        self.compile_decode = compile_decode
         self._decode_fn = None
-        if compile_decode:
-            try:
-                self._decode_fn = torch.compile(model, dynamic=True)
-            except Exception as e:  # a missing compiler toolchain must not stop serving
-                log.warning("torch.compile unavailable, decoding eagerly: %s", e)
 
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]]) -> tuple[StepBatch, torch.Tensor]:
         """-> (the packed step, float32 logits [len(step.sampled), vocab])."""
         step = StepBatch(self.cache, items, self.device)
-        forward = self.model
-        if self._decode_fn is not None and not step.chunks:
-            forward = self._decode_fn
-        try:
-            logits = forward(step.tokens, step.positions, cache=step, logits_index=step.logits_index)
-        except Exception:
-            if forward is self.model:
-                raise
-            log.exception("compiled decode failed; falling back to eager for good")
-            self._decode_fn = None
-            logits = self.model(step.tokens, step.positions, cache=step, logits_index=step.logits_index)
+        if self._decode_fn is not None and step.is_decode:
+            try:
+                logits = self._decode_fn(step.tokens, step.positions, cache=step.decode_view(),
+                                         logits_index=step.logits_index)
+                return step, logits[0].float()
+            except Exception:  # e.g. no C++ toolchain: serving goes on eagerly (re-running the step is safe:
+                log.exception("compiled decode failed; decoding eagerly from now on")  # writes are idempotent)
+                self._decode_fn, self.compile_decode = None, False
+        logits = self.model(step.tokens, step.positions, cache=step, logits_index=step.logits_index)
+        if self.compile_decode and self._decode_fn is None and step.is_decode:
+            # Compiled only after one eager decode step, which has built every lazily made kernel
+            # layout (int4 packing), so the graph never traces their construction.
+            self._decode_fn = torch.compile(self.model, dynamic=True, options=COMPILE_OPTIONS.get(self.device.type, {}))
         return step, logits[0].float()
 
     @torch.inference_mode()

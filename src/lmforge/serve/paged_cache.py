@@ -26,28 +26,32 @@ KV_DTYPES = ("auto", "int8")
 
 
 class PagedKVCache:
-    """K and V for every layer as [n_layers, num_blocks * block_size, n_kv_heads, head_dim].
+    """K and V of each layer as [num_blocks * block_size, n_kv_heads, head_dim] (one tensor per layer).
 
     kv_dtype "auto" stores them in the model's dtype. "int8" stores each token's K and V per head
     as int8 codes with one float32 scale (absmax / 127) per (layer, slot, head): head_dim + 4
     bytes instead of head_dim * itemsize, so the same memory holds ~2x the tokens of a 16-bit
     cache (~3.8x of fp32 at head_dim 64). Attention always reads the dequantised values, the
-    current step's tokens included, so results do not depend on how a prompt is chunked."""
+    current step's tokens included, so results do not depend on how a prompt is chunked.
+
+    One tensor per layer, written with index_put_ on the whole tensor, because that is the write
+    `torch.compile` keeps in place; a write into a view of one [n_layers, ...] tensor is
+    compiled as a copy of the whole layer on every step."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device=None,
                  dtype=torch.float32, kv_dtype: str = "auto"):
         if kv_dtype not in KV_DTYPES:
             raise LmforgeError(f"kv dtype must be one of {', '.join(KV_DTYPES)} (got {kv_dtype!r})")
-        shape = (cfg.n_layers, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
+        shape = (num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
         self.dtype, self.quantized = dtype, kv_dtype == "int8"
         store = torch.int8 if self.quantized else dtype
         # Zeros, not empty: padded gathers read unused slots, and 0 * NaN garbage would be NaN.
-        self.k = torch.zeros(shape, device=device, dtype=store)
-        self.v = torch.zeros(shape, device=device, dtype=store)
+        layers = lambda dt, shp: [torch.zeros(shp, device=device, dtype=dt) for _ in range(cfg.n_layers)]  # noqa: E731
+        self.k, self.v = layers(store, shape), layers(store, shape)
         if self.quantized:
-            self.k_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32)
-            self.v_scale = torch.zeros(shape[:-1], device=device, dtype=torch.float32)
+            self.k_scale, self.v_scale = layers(torch.float32, shape[:-1]), layers(torch.float32, shape[:-1])
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.gqa = cfg.n_heads != cfg.n_kv_heads   # a Python bool: shapes are symbolic when compiled
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, kv_dtype: str = "auto") -> int:
@@ -61,14 +65,14 @@ class PagedKVCache:
         """Store k/v [T, Hkv, D] at `slots`; -> the k/v attention must use for these tokens (the
         stored values: dequantised when the cache is int8)."""
         if not self.quantized:
-            self.k[layer].index_copy_(0, slots, k)
-            self.v[layer].index_copy_(0, slots, v)
+            self.k[layer].index_put_((slots,), k)
+            self.v[layer].index_put_((slots,), v)
             return k, v
         out = []
         for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             q, scale = quantize_per_head(x)
-            codes[layer].index_copy_(0, slots, q)
-            scales[layer].index_copy_(0, slots, scale)
+            codes[layer].index_put_((slots,), q)
+            scales[layer].index_put_((slots,), scale)
             out.append(dequantize_per_head(q, scale, x.dtype))
         return out[0], out[1]
 
@@ -81,6 +85,17 @@ class PagedKVCache:
             k = dequantize_per_head(k, take(self.k_scale[layer]), self.dtype)
             v = dequantize_per_head(v, take(self.v_scale[layer]), self.dtype)
         return k, v
+
+    def decode_attention(self, layer: int, q: torch.Tensor, index, batch: int, width: int, mask) -> torch.Tensor:
+        """Attention of the first `batch` queries of q [1, H, T, D] (one new token per sequence) over
+        their keys: `index` holds each sequence's `width` key slots in a row (padded; `mask`
+        [batch, 1, 1, width] hides the padding, or None) -> [H, batch, D]."""
+        qs = q[0, :, :batch].transpose(0, 1)[:, :, None]                   # [batch, H, 1, D]
+        ks, vs = self.read(layer, index)
+        ks = ks.view(batch, width, *ks.shape[1:]).transpose(1, 2)
+        vs = vs.view(batch, width, *vs.shape[1:]).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=self.gqa)
+        return out[:, :, 0].transpose(0, 1)
 
 
 def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,15 +205,9 @@ class StepBatch:
         kt, vt = self.cache.write(layer, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
         k, v = kt.transpose(0, 1)[None], vt.transpose(0, 1)[None]
         outs = []
-        gqa = q.shape[1] != k.shape[1]
         if self.n_single:
             b, width = self.single_gather.shape
-            qs = q[0, :, :b].transpose(0, 1)[:, :, None]                       # [b, H, 1, D]
-            ks, vs = self.cache.read(layer, self.single_slots)
-            ks = ks.view(b, width, *ks.shape[1:]).transpose(1, 2)
-            vs = vs.view(b, width, *vs.shape[1:]).transpose(1, 2)
-            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.single_mask, enable_gqa=gqa)
-            outs.append(out[:, :, 0].transpose(0, 1))                          # [H, b, D]
+            outs.append(self.cache.decode_attention(layer, q, self.single_slots, b, width, self.single_mask))
         for c in self.chunks:
             qc = q[:, :, c.start:c.start + c.n]
             if c.gather is None:
@@ -211,3 +220,36 @@ class StepBatch:
 
     def advance(self, n: int) -> None:
         """Sequence lengths are advanced by the engine after the step, per sequence."""
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence of this step adds exactly one token."""
+        return not self.chunks
+
+    def decode_view(self) -> "DecodeView":
+        """This decode step as tensors only (see DecodeView)."""
+        mask = self.single_mask
+        if mask is None and self.n_single > 1:   # all equal lengths: an all-true mask keeps one graph for b > 1
+            mask = torch.ones(self.n_single, 1, 1, self.single_gather.shape[1], dtype=torch.bool, device=self.slots.device)
+        return DecodeView(self.cache, self.slots, self.single_gather.reshape(-1), mask)
+
+
+class DecodeView:
+    """The cache protocol for a step in which each of b sequences decodes one token, held as tensors
+    only: write slots [b], the key slots of each sequence in a row, flattened [b * width] (flat,
+    because a [1, width] tensor's stride would be guarded as a constant), and the padding mask
+    [b, 1, 1, width] or None. No Python number changes from step to step, so `torch.compile`
+    traces it once for every batch size and length (one graph for b = 1, one for b > 1), where
+    StepBatch's per-step ints would recompile."""
+    length = 0
+
+    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None):
+        self.cache, self.slots, self.keys, self.mask = cache, slots, keys, mask
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.cache.write(layer, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        b = self.slots.shape[0]
+        return self.cache.decode_attention(layer, q, self.keys, b, self.keys.shape[0] // b, self.mask)[None]
+
+    def advance(self, n: int) -> None:
+        pass

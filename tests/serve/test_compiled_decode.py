@@ -1,0 +1,85 @@
+"""Compiled decode (EngineConfig(compile_decode=True), `lmforge serve --compile`): decode steps go
+through torch.compile over a tensor-only view of the step and give the contiguous-cache reference's
+logits, float or quantised, whatever the lengths and batch sizes; at most two graphs are compiled
+(one sequence; several); a compiler failure falls back to eager decoding."""
+import copy
+import logging
+
+import pytest
+import torch
+import torch._dynamo
+import torch._guards
+
+from lmforge.quant import quantize_model
+from lmforge.serve import EngineConfig
+from lmforge.serve.paged_cache import StepBatch
+from tests.serve.test_paged_cache import PROMPTS, no_detokenizer, run_and_compare  # noqa: F401
+
+pytestmark = pytest.mark.slow   # each graph takes seconds to compile on 2 cores
+
+
+@pytest.fixture
+def compiled_steps(monkeypatch):
+    """Counts decode steps handed to the compiled function, and graphs compiled during the test (by
+    Dynamo's compile id: a graph whose tracing restarts is still one graph)."""
+    torch._dynamo.reset()
+    calls = []
+    real = StepBatch.decode_view
+
+    def spy(self):
+        calls.append(self.n_single)
+        return real(self)
+    monkeypatch.setattr(StepBatch, "decode_view", spy)
+    compiled = set()
+    real_compile = torch.compile
+
+    def counting_compile(model, **kwargs):
+        def backend(gm, example_inputs):  # Inductor with the runner's options, counting graphs
+            from torch._inductor.compile_fx import compile_fx
+            cid = torch._guards.CompileContext.current_compile_id()
+            compiled.add((cid.frame_id, cid.frame_compile_id))
+            return compile_fx(gm, example_inputs, config_patches=kwargs.get("options"))
+        return real_compile(model, dynamic=kwargs.get("dynamic"), backend=backend)
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    yield calls, compiled
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_compiled_decode_equals_the_reference(tiny, compiled_steps, kv_dtype):
+    calls, compiled = compiled_steps
+    # four ragged sequences that finish at different steps: the batch size and every length change
+    # from step to step, down to one sequence alone: two graphs (several sequences; one), never more
+    atol = 1e-4 if kv_dtype == "auto" else 2e-2   # int8 KV: the reference reads unquantised K/V
+    engine = run_and_compare(tiny, PROMPTS, EngineConfig(block_size=4, num_blocks=200, kv_dtype=kv_dtype,
+                                                         compile_decode=True), max_tokens=[12, 5, 9, 16], atol=atol)
+    assert engine.runner.compile_decode, "compiling failed: the engine fell back to eager"
+    assert {1, 2, 3, 4} <= set(calls), "decode steps did not take the compiled path"
+    assert len(compiled) == 2, f"{len(compiled)} graphs compiled (expected 2: several sequences, one)"
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_compiled_decode_of_quantised_weights(tiny, compiled_steps, method):
+    calls, compiled = compiled_steps
+    model = copy.deepcopy(tiny)
+    if method == "int8":
+        quantize_model(model, "int8")
+    else:
+        quantize_model(model, "rtn", bits=4, group_size=32)
+    # bfloat16 activations in the packed kernels: the tolerance of their own eager test
+    engine = run_and_compare(model, PROMPTS[:2], EngineConfig(block_size=4, num_blocks=200, compile_decode=True),
+                             atol=3e-2)
+    assert engine.runner.compile_decode, "compiling failed: the engine fell back to eager"
+    assert calls and len(compiled) <= 2
+
+
+def test_a_failing_compiler_falls_back_to_eager(tiny, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return fail
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level(logging.ERROR, logger="lmforge.serve.model_runner"):
+        engine = run_and_compare(tiny, PROMPTS, EngineConfig(block_size=4, num_blocks=200, compile_decode=True))
+    assert "decoding eagerly" in caplog.text
+    assert not engine.runner.compile_decode and engine.runner._decode_fn is None
