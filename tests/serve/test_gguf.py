@@ -145,3 +145,31 @@ def test_smollm2_config_and_tokenizer_match_transformers(smollm_path, smollm_tok
     assert smollm_tokenizer.eos_token == "<|im_end|>" and smollm_tokenizer.bos_token == "<|im_start|>"
     chat = smollm_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_int4_blocks_are_kept_as_stored(tmp_path, kind):
+    # --gguf-int4: each Q4_0/Q4_1 matrix becomes an Int4Linear whose values are the file's, to float
+    # rounding (the reference: gguf's own dequantisation, which the default load uses)
+    from lmforge.model.quantized import Int4Linear
+    torch.manual_seed(2)
+    cfg = ModelConfig(vocab_size=288, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                      max_seq_len=64, tie_embeddings=True)
+    ours = Transformer(cfg).eval()
+    with torch.no_grad():   # a constant block: Q4_1 stores d = 0 and the value in m
+        ours.layers[0].mlp.up_proj.weight[3, 32:64] = 0.25
+    write_gguf(ours, tmp_path / "q4.gguf", quant=getattr(gguf.GGMLQuantizationType, kind))
+    dense, native = load(tmp_path / "q4.gguf"), load(tmp_path / "q4.gguf", gguf_int4=True)
+    linears = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("layers.")]
+    assert len(linears) == 14 and set(native.quantization["layers"]) == set(linears)
+    for name in linears:
+        layer, weight = native.get_submodule(name), dense.get_submodule(name).weight
+        assert isinstance(layer, Int4Linear) and layer.group_size == 32
+        torch.testing.assert_close(layer.dequantized(), weight, atol=1e-6 * float(weight.detach().abs().max()), rtol=0)
+    if kind == "Q4_1":
+        assert float(native.layers[0].mlp.up_proj.dequantized()[3, 40]) == pytest.approx(0.25, abs=1e-3)
+    tokens = torch.randint(0, 288, (1, 12))
+    with torch.no_grad():   # the int4 kernel takes bfloat16 activations
+        torch.testing.assert_close(native(tokens), dense(tokens), atol=3e-2, rtol=0)
+    with pytest.raises(LmforgeError, match="needs a .gguf file"):
+        load(tmp_path, gguf_int4=True)

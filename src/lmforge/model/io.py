@@ -83,14 +83,19 @@ def read_quant_config(path: Path) -> dict | None:
     return spec
 
 
-def load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device=None) -> Transformer:
-    """Load a model from an lmforge checkpoint dir, a Hugging Face Llama dir, or a .gguf file."""
+def load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device=None, *,
+         gguf_int4: bool = False) -> Transformer:
+    """Load a model from an lmforge checkpoint dir, a Hugging Face Llama dir, or a .gguf file.
+    gguf_int4 keeps a GGUF's Q4_0/Q4_1 matrices as int4 layers (as stored) instead of dequantising."""
     path = Path(ref)
     if not path.exists():
         raise LmforgeError(f"model not found: {ref}")
+    if gguf_int4 and path.suffix != ".gguf":
+        raise LmforgeError(f"{ref}: keeping GGUF int4 blocks needs a .gguf file")
     if path.suffix == ".gguf":
         from lmforge.model.gguf import read_gguf_model  # optional dependency path
-        return model_from_state(*read_gguf_model(path), path, dtype, device)
+        cfg, state, quantization = read_gguf_model(path, keep_int4=gguf_int4)
+        return model_from_state(cfg, state, path, dtype, device, quantization)
     if (path / LMFORGE_CONFIG).exists():
         try:
             cfg = ModelConfig.from_dict(json.loads((path / LMFORGE_CONFIG).read_text()))

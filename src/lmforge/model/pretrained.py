@@ -89,15 +89,16 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def load_pretrained(ref: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None,
-                    dtype: str | None = "auto", device: str | torch.device = "auto") -> Pretrained:
-    """Model and tokenizer from one reference, on the chosen device and dtype."""
+                    dtype: str | None = "auto", device: str | torch.device = "auto", *,
+                    gguf_int4: bool = False) -> Pretrained:
+    """Model and tokenizer from one reference, on the chosen device and dtype (gguf_int4: see model.load)."""
     path = resolve_model_path(ref)
     dev = resolve_device(device)          # checked before minutes of loading, not after
     torch_dtype = resolve_dtype(dtype, dev)
     tok_ref = Path(tokenizer) if tokenizer is not None and str(tokenizer) != "" else None
     if tok_ref is not None and not tok_ref.exists():
         raise LmforgeError(f"tokenizer not found: {tok_ref}")
-    model = load(path, dtype=torch_dtype, device=dev)   # a missing or corrupt model is the first thing to say
+    model = load(path, dtype=torch_dtype, device=dev, gguf_int4=gguf_int4)   # a missing or corrupt model is the first thing to say
     tok = load_tokenizer(tok_ref or find_tokenizer(path))
     if tok.vocab_size > model.cfg.vocab_size:
         raise LmforgeError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")

@@ -42,6 +42,8 @@ def serve_command(
     dtype: str = dtype_option(),
     device: str = device_option(),
     int8: bool = typer.Option(False, "--int8", help="INT8 weight-only quantisation (per channel)"),
+    gguf_int4: bool = typer.Option(False, "--gguf-int4", help="keep a GGUF's Q4_0/Q4_1 matrices as int4 layers, "
+                                   "as stored (no dequantising); with --int8 the rest (the LM head) goes int8"),
     kv_cache_mb: int = typer.Option(512, min=1, help="memory for the paged KV cache"),
     block_size: int = typer.Option(16, min=1, help="tokens per KV block"),
     max_num_seqs: int = typer.Option(64, min=1, help="requests decoded at once"),
@@ -79,7 +81,7 @@ def serve_command(
         torch.set_num_threads(threads)
     config = _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len,
                             prefix_caching, compile_decode, kv_dtype, speculative, num_speculative, medusa)
-    net, tok, default_name = _load(pick_model(model, model_opt), tokenizer, dtype, device, int8)
+    net, tok, default_name = _load(pick_model(model, model_opt), tokenizer, dtype, device, int8, gguf_int4)
     if medusa:
         from lmforge.serve.speculative.medusa import load_heads
         config.speculative.medusa_heads = load_heads(medusa, net)
@@ -286,12 +288,12 @@ def medusa_train_command(
     typer.echo(f"wrote {out}")
 
 
-def _load(model: str | None, tokenizer: str | None, dtype: str, device: str, int8: bool):
-    """-> (model, tokenizer, served name), INT8-quantised on request."""
+def _load(model: str | None, tokenizer: str | None, dtype: str, device: str, int8: bool, gguf_int4: bool = False):
+    """-> (model, tokenizer, served name), INT8-quantised on request (the layers still in float)."""
     from lmforge.model import load_pretrained
     from lmforge.quant.int8 import quantize_int8
 
-    loaded = load_pretrained(model, tokenizer, dtype, device)
+    loaded = load_pretrained(model, tokenizer, dtype, device, gguf_int4=gguf_int4)
     if int8:
         quantize_int8(loaded.model)
     return loaded.model, loaded.tokenizer, loaded.name
