@@ -21,6 +21,8 @@ HF), so token counts match. Sides:
               kv-int8       int8 KV cache (--kv-dtype int8)
               prefix-cache  prefix caching on (later rounds hit the cache: the repeated-prompt case)
               ngram         prompt-lookup speculative decoding (--speculative ngram)
+              gguf-int4     the --model GGUF's own Q4_0/Q4_1 matrices served as int4 layers, the rest
+                            (the LM head) int8 (--gguf-int4 --int8)
   hf-batch  the strongest transformers peer at equal precision: the N prompts left-padded into one
             static `generate()` batch (the best case of an offline batch, no server around it)
   hf-seq    secondary: one `generate()` per request, one after another (a naive generate()-based
@@ -28,7 +30,8 @@ HF), so token counts match. Sides:
   llama.cpp-q4_0 / llama.cpp-q8_0 (with --llama-cpp-python PYTHON, at 1 stream only: llama-cpp-python
             decodes one sequence) llama.cpp on our own Q4_0 / Q8_0 GGUF export of the same float
             weights, in a separate process run by that venv's python (benchmarks/llama_cpp_peer.py);
-            compared with lmforge-int4 / lmforge-int8. Without the option the peer is skipped.
+            compared with lmforge-int4 / lmforge-int8; llama.cpp-gguf: llama.cpp on the --model file itself,
+            compared with lmforge-gguf-int4 (the same bytes). Without the option the peer is skipped.
 Every round runs each side once at each concurrency, the order rotating from round to round; the
 table gives the median over --repeat rounds and min-max. Per round: aggregate tokens/s (generated
 tokens / wall time, prefill included), decode tokens/s (1 / mean inter-token gap of one stream),
@@ -227,9 +230,9 @@ METRICS = (("tokens_per_s", "tok/s", 1, 1, ""), ("decode_tok_s", "decode tok/s/s
            ("ttft_p50", "TTFT p50", 1, 3, "s"), ("itl_mean", "ITL mean", 1000, 1, "ms"))
 # --variants: name -> the `lmforge serve` options that switch the feature on (int4: its own checkpoint)
 VARIANTS = {"int8": ["--int8"], "int4": [], "kv-int8": ["--kv-dtype", "int8"], "prefix-cache": ["--prefix-caching"],
-            "ngram": ["--speculative", "ngram"]}
-# llama.cpp GGUF type -> the lmforge variant with the same weight precision
-LLAMA_TYPES = {"q4_0": "int4", "q8_0": "int8"}
+            "ngram": ["--speculative", "ngram"], "gguf-int4": ["--gguf-int4", "--int8"]}
+# llama.cpp's file -> the lmforge variant with the same weights ("gguf": the --model file itself)
+LLAMA_TYPES = {"q4_0": "int4", "q8_0": "int8", "gguf": "gguf-int4"}
 
 
 def prepare_files(args, tmp: Path, variants: list[str]) -> dict[str, Path]:
@@ -239,6 +242,9 @@ def prepare_files(args, tmp: Path, variants: list[str]) -> dict[str, Path]:
     from lmforge.tokenizer import load_tokenizer
     files = {}
     need_gguf = [k for k, v in LLAMA_TYPES.items() if v in variants] if args.llama_cpp_python else []
+    if "gguf" in need_gguf:
+        files["gguf"] = args.model
+        need_gguf.remove("gguf")
     if "int4" not in variants and not need_gguf:
         return files
     tok, base = load_tokenizer(args.model), load(args.model)
@@ -299,7 +305,7 @@ def main():
     if not args.llama_cpp_python:
         print("llama.cpp peer skipped (give --llama-cpp-python PYTHON of a venv with llama-cpp-python)")
     elif not set(LLAMA_TYPES.values()) & set(variants):
-        print("llama.cpp peer skipped: it is compared with the int4/int8 variants; add --variants int4 or int8")
+        print("llama.cpp peer skipped: it is compared with the int4/int8/gguf-int4 variants; add one of them")
     tmp = tempfile.TemporaryDirectory(prefix="serve-bench-")
     files = prepare_files(args, Path(tmp.name), variants)
     servers = {"lmforge": (args.model, ["--no-prefix-caching"])}

@@ -11,9 +11,11 @@ import torch._dynamo
 import torch._guards
 
 from lmforge.quant import quantize_model
-from lmforge.serve import EngineConfig
+from lmforge.serve import EngineConfig, LLMEngine, SamplingParams
 from lmforge.serve.paged_cache import StepBatch
+from lmforge.serve.speculative import SpeculativeConfig
 from tests.serve.test_paged_cache import PROMPTS, no_detokenizer, run_and_compare  # noqa: F401
+from tests.serve.test_speculative import V, prompts_with_repeats, run, toy_model
 
 pytestmark = pytest.mark.slow   # each graph takes seconds to compile on 2 cores
 
@@ -27,7 +29,7 @@ def compiled_steps(monkeypatch):
     real = StepBatch.decode_view
 
     def spy(self):
-        calls.append(self.n_single)
+        calls.append(len(self.slots))   # attention rows: one per new token
         return real(self)
     monkeypatch.setattr(StepBatch, "decode_view", spy)
     compiled = set()
@@ -71,6 +73,22 @@ def test_compiled_decode_of_quantised_weights(tiny, compiled_steps, method):
                              atol=3e-2)
     assert engine.runner.compile_decode, "compiling failed: the engine fell back to eager"
     assert calls and len(compiled) <= 2
+
+
+def test_compiled_speculative_verification_is_token_identical(smollm_tokenizer, compiled_steps):
+    # verifying a draft (1 + k tokens per sequence) runs compiled too, one attention row per token
+    calls, compiled = compiled_steps
+    target, prompts = toy_model(V), prompts_with_repeats(6)
+    greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    plain = run(LLMEngine(target, smollm_tokenizer, EngineConfig(num_blocks=256, block_size=4)),
+                [(p, greedy, None) for p in prompts])
+    spec = SpeculativeConfig("ngram", num_tokens=4)
+    engine = LLMEngine(target, smollm_tokenizer, EngineConfig(num_blocks=256, block_size=4, speculative=spec,
+                                                              compile_decode=True))
+    assert run(engine, [(p, greedy, None) for p in prompts]) == plain
+    assert engine.runner.compile_decode and engine.spec_stats["accepted"] > 0
+    assert max(calls) > len(prompts), "no verification step took the compiled path"
+    assert len(compiled) <= 2
 
 
 def test_a_failing_compiler_falls_back_to_eager(tiny, monkeypatch, caplog):

@@ -173,3 +173,14 @@ def test_gguf_int4_blocks_are_kept_as_stored(tmp_path, kind):
         torch.testing.assert_close(native(tokens), dense(tokens), atol=3e-2, rtol=0)
     with pytest.raises(LmforgeError, match="needs a .gguf file"):
         load(tmp_path, gguf_int4=True)
+
+
+def test_smollm2_q4_1_blocks_kept_as_stored(smollm_path, smollm):
+    # The bundled file's 210 Q4_1 matrices (SmolLM2's whole decoder) as int4 layers, values as stored
+    native = load(smollm_path, gguf_int4=True)
+    layers = native.quantization["layers"]
+    assert len(layers) == 210
+    for name in layers:
+        weight = smollm.get_submodule(name).weight.detach()
+        torch.testing.assert_close(native.get_submodule(name).dequantized(), weight,
+                                   atol=1e-6 * float(weight.abs().max()), rtol=0)

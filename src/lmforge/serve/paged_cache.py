@@ -23,6 +23,9 @@ from lmforge.serve.sequence import Sequence
 
 
 KV_DTYPES = ("auto", "int8")
+# Items of up to this many tokens can run as one attention row per token (decode_view): decoding
+# and speculative verification; longer prompt chunks run chunk by chunk.
+ROW_TOKENS = 16
 
 
 class PagedKVCache:
@@ -87,7 +90,7 @@ class PagedKVCache:
         return k, v
 
     def decode_attention(self, layer: int, q: torch.Tensor, index, batch: int, width: int, mask) -> torch.Tensor:
-        """Attention of the first `batch` queries of q [1, H, T, D] (one new token per sequence) over
+        """Attention of the first `batch` queries of q [1, H, T, D] (one row per query) over
         their keys: `index` holds each sequence's `width` key slots in a row (padded; `mask`
         [batch, 1, 1, width] hides the padding, or None) -> [H, batch, D]."""
         qs = q[0, :, :batch].transpose(0, 1)[:, :, None]                   # [batch, H, 1, D]
@@ -223,24 +226,35 @@ class StepBatch:
 
     @property
     def is_decode(self) -> bool:
-        """Every sequence of this step adds exactly one token."""
-        return not self.chunks
+        """Every sequence adds at most ROW_TOKENS tokens (decoding, or verifying a speculative draft):
+        the step can run as decode_view's rows."""
+        return all(len(it.tokens) <= ROW_TOKENS for it in self.items)
 
     def decode_view(self) -> "DecodeView":
-        """This decode step as tensors only (see DecodeView)."""
-        mask = self.single_mask
-        if mask is None and self.n_single > 1:   # all equal lengths: an all-true mask keeps one graph for b > 1
-            mask = torch.ones(self.n_single, 1, 1, self.single_gather.shape[1], dtype=torch.bool, device=self.slots.device)
-        return DecodeView(self.cache, self.slots, self.single_gather.reshape(-1), mask)
+        """This step as tensors only (see DecodeView): each new token is one attention row over its
+        sequence's key slots up to its own position."""
+        bs, device = self.cache.block_size, self.slots.device
+        width = max(it.start + len(it.tokens) for it in self.items)
+        n_blocks = -(-width // bs)
+        tables = torch.tensor([it.seq.block_table[:n_blocks] + [0] * (n_blocks - len(it.seq.block_table[:n_blocks]))
+                               for it in self.items], dtype=torch.long, device=device)
+        keys = (tables[:, :, None] * bs + torch.arange(bs, device=device)).reshape(len(self.items), -1)[:, :width]
+        counts = torch.tensor([len(it.tokens) for it in self.items], device=device)
+        keys = keys.repeat_interleave(counts, dim=0)                        # [rows, width]
+        mask = None
+        if keys.shape[0] > 1:   # always a mask with several rows (even when none is padded): one graph for them
+            mask = (torch.arange(width, device=device)[None] <= self.positions[0][:, None])[:, None, None]
+        return DecodeView(self.cache, self.slots, keys.reshape(-1), mask)
 
 
 class DecodeView:
-    """The cache protocol for a step in which each of b sequences decodes one token, held as tensors
-    only: write slots [b], the key slots of each sequence in a row, flattened [b * width] (flat,
-    because a [1, width] tensor's stride would be guarded as a constant), and the padding mask
-    [b, 1, 1, width] or None. No Python number changes from step to step, so `torch.compile`
-    traces it once for every batch size and length (one graph for b = 1, one for b > 1), where
-    StepBatch's per-step ints would recompile."""
+    """The cache protocol for a step of short items (decoding, speculative verification), held as
+    tensors only: each of the step's r new tokens is one attention row. Write slots [r], each row's
+    key slots flattened [r * width] (flat, because a [1, width] tensor's stride would be guarded as
+    a constant), and the mask [r, 1, 1, width] of the keys each row sees (its sequence's, up to its
+    own position; None for a lone row). No Python number changes from step to step, so
+    `torch.compile` traces it once for every batch size and length (one graph for one row, one for
+    several), where StepBatch's per-step ints would recompile."""
     length = 0
 
     def __init__(self, cache: PagedKVCache, slots: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None):
