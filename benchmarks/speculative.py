@@ -58,6 +58,8 @@ def main() -> None:
                     "(adaptive draft length), ngram-fixed (always k), medusa (needs --medusa)")
     ap.add_argument("--medusa", default=None, help="medusa heads from `lmforge medusa-train`")
     ap.add_argument("--workloads", default="code-edit,open-ended")
+    ap.add_argument("--compile", action="store_true", help="every side decodes through torch.compile "
+                    "(speculative verification too); compiled during a warm-up, before the timed rounds")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -84,8 +86,8 @@ def main() -> None:
         else:
             specs[name] = SpeculativeConfig("ngram", args.num_tokens, args.ngram_max, args.ngram_min,
                                             adaptive=name == "ngram")
-    engines = {"plain": LLMEngine(model, tok, EngineConfig(kv_cache_mb=64))}
-    engines.update({name: LLMEngine(model, tok, EngineConfig(kv_cache_mb=64, speculative=sc))
+    engines = {"plain": LLMEngine(model, tok, EngineConfig(kv_cache_mb=64, compile_decode=args.compile))}
+    engines.update({name: LLMEngine(model, tok, EngineConfig(kv_cache_mb=64, speculative=sc, compile_decode=args.compile))
                     for name, sc in specs.items()})
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     workloads = {"code-edit": [tok.encode_chat([{"role": "user", "content": f"{q}\n\n```python\n{c}```"}])
@@ -102,6 +104,10 @@ def main() -> None:
             return out
         return go
 
+    if args.compile:   # compile every graph a side will use (one row; several: verification) before timing
+        for engine in engines.values():
+            for prompts in workloads.values():
+                engine.generate([prompts[0]], SamplingParams(max_tokens=24, temperature=0))
     raw, summary = {}, {}
     print(f"SmolLM2 single stream, greedy, <= {args.max_tokens} tokens, k={args.num_tokens}, "
           f"n-gram {args.ngram_max}..{args.ngram_min}, sides {', '.join(engines)}, median (min-max) of {args.repeat} rounds, threads "
