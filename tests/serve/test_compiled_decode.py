@@ -75,6 +75,20 @@ def test_compiled_decode_of_quantised_weights(tiny, compiled_steps, method):
     assert calls and len(compiled) <= 2
 
 
+def test_int4_decode_compiles_two_graphs_whatever_the_batch(tiny, compiled_steps):
+    # the several-rows graph is first compiled at two rows, then meets three and four: no recompile
+    # (the int4 kernel's packed tensors are plain attributes; left dynamic, duck sizing tied the row
+    # count to their trailing dimension of 2, and a batch of 16 recompiled in the middle of serving)
+    calls, compiled = compiled_steps
+    model = copy.deepcopy(tiny)
+    quantize_model(model, "rtn", bits=4, group_size=32)
+    engine = LLMEngine(model, None, EngineConfig(block_size=4, num_blocks=200, compile_decode=True))
+    for prompts in (PROMPTS[:1], PROMPTS[:2], PROMPTS[:3], PROMPTS):
+        engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert engine.runner.compile_decode and {1, 2, 3, 4} <= set(calls)
+    assert len(compiled) == 2, f"{len(compiled)} graphs compiled (expected 2: one row, several)"
+
+
 def test_compiled_speculative_verification_is_token_identical(smollm_tokenizer, compiled_steps):
     # verifying a draft (1 + k tokens per sequence) runs compiled too, one attention row per token
     calls, compiled = compiled_steps

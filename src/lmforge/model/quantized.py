@@ -179,12 +179,20 @@ class Int4Linear(nn.Module):
 
 
 def _int4_kernel_layout(layers) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU kernel's packed weight and bf16 scales-and-zeros for the layers' rows stacked in order."""
+    """The CPU kernel's packed weight and bf16 scales-and-zeros for the layers' rows stacked in order.
+
+    Both are marked static for torch.compile: as plain attributes (not buffers) their sizes would be
+    symbolic, and duck sizing would tie the trailing 2 of the scales-and-zeros to a batch of 2 rows,
+    recompiling when the batch grows."""
+    from torch._dynamo import mark_static
     q = torch.cat([unpack_nibbles(layer.packed) for layer in layers]).to(torch.int32)
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
     scales = torch.cat([layer.scales.float() for layer in layers])
     zero = scales * (8 - torch.cat([layer.zeros.float() for layer in layers]))   # (q - 8) s + zero = s (q - Z)
-    return weight, torch.stack([scales.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+    sz = torch.stack([scales.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+    mark_static(weight)
+    mark_static(sz)
+    return weight, sz
 
 
 def _int4_kernel_mm(x, weight, sz, group_size: int, padding: int) -> torch.Tensor:

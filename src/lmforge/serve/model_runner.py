@@ -47,7 +47,12 @@ class ModelRunner:
         logits = self.model(step.tokens, step.positions, cache=step, logits_index=step.logits_index)
         if self.compile_decode and self._decode_fn is None and step.is_decode:
             # Compiled only after one eager decode step, which has built every lazily made kernel
-            # layout (int4 packing), so the graph never traces their construction.
+            # layout (int4 packing), so the graph never traces their construction. The cache's
+            # tensors are marked static: with dynamic=True their sizes would be symbols, and duck
+            # sizing would tie e.g. the KV head count to a batch that happens to equal it.
+            from torch._dynamo import mark_static
+            for tensor in self.cache.tensors():
+                mark_static(tensor)
             self._decode_fn = torch.compile(self.model, dynamic=True, options=COMPILE_OPTIONS.get(self.device.type, {}))
         return step, logits[0].float()
 

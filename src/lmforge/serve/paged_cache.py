@@ -56,6 +56,11 @@ class PagedKVCache:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.gqa = cfg.n_heads != cfg.n_kv_heads   # a Python bool: shapes are symbolic when compiled
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every storage tensor (their shapes never change)."""
+        scales = self.k_scale + self.v_scale if self.quantized else []
+        return self.k + self.v + scales
+
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, kv_dtype: str = "auto") -> int:
         if kv_dtype == "int8":
