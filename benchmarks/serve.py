@@ -21,6 +21,8 @@ HF), so token counts match. Sides:
               kv-int8       int8 KV cache (--kv-dtype int8)
               prefix-cache  prefix caching on (later rounds hit the cache: the repeated-prompt case)
               ngram         prompt-lookup speculative decoding (--speculative ngram)
+              w8a8          SmoothQuant int8 weights and int8 activations, every linear (`lmforge quantize
+                            --method smoothquant`: integer dot products, as llama.cpp's Q8_0 x Q8 activations)
               gguf-int4     the --model GGUF's own Q4_0/Q4_1 matrices served as int4 layers, the rest
                             (the LM head) int8 (--gguf-int4 --int8)
   hf-batch  the strongest transformers peer at equal precision: the N prompts left-padded into one
@@ -230,31 +232,36 @@ METRICS = (("tokens_per_s", "tok/s", 1, 1, ""), ("decode_tok_s", "decode tok/s/s
            ("ttft_p50", "TTFT p50", 1, 3, "s"), ("itl_mean", "ITL mean", 1000, 1, "ms"))
 # --variants: name -> the `lmforge serve` options that switch the feature on (int4: its own checkpoint)
 VARIANTS = {"int8": ["--int8"], "int4": [], "kv-int8": ["--kv-dtype", "int8"], "prefix-cache": ["--prefix-caching"],
-            "ngram": ["--speculative", "ngram"], "gguf-int4": ["--gguf-int4", "--int8"]}
+            "ngram": ["--speculative", "ngram"], "gguf-int4": ["--gguf-int4", "--int8"], "w8a8": []}
 # llama.cpp's file -> the lmforge variant with the same weights ("gguf": the --model file itself)
 LLAMA_TYPES = {"q4_0": "int4", "q8_0": "int8", "gguf": "gguf-int4"}
 
 
 def prepare_files(args, tmp: Path, variants: list[str]) -> dict[str, Path]:
-    """Our int4 checkpoint and the Q4_0/Q8_0 GGUF exports, all from the same float weights."""
+    """Our int4 and w8a8 checkpoints and the Q4_0/Q8_0 GGUF exports, all from the same float weights."""
     from lmforge.model import load, save
     from lmforge.quant import quantize_model
+    from lmforge.quant.calibration import calibration_batch
     from lmforge.tokenizer import load_tokenizer
     files = {}
     need_gguf = [k for k, v in LLAMA_TYPES.items() if v in variants] if args.llama_cpp_python else []
     if "gguf" in need_gguf:
         files["gguf"] = args.model
         need_gguf.remove("gguf")
-    if "int4" not in variants and not need_gguf:
+    checkpoints = {"int4", "w8a8"} & set(variants)
+    if not checkpoints and not need_gguf:
         return files
-    tok, base = load_tokenizer(args.model), load(args.model)
+    tok = load_tokenizer(args.model)
     if need_gguf:
         from lmforge.quant.gguf_export import export_gguf
+        base = load(args.model)
         for kind in need_gguf:
             files[kind] = export_gguf(base, tok, tmp / f"model-{kind}.gguf", kind, name="bench")
-    if "int4" in variants:
-        save(quantize_model(base, "rtn", bits=4, group_size=32, asym=False, head_bits=4), tmp / "int4", tokenizer=tok)
-        files["int4"] = tmp / "int4"
+    settings = {"int4": {"method": "rtn", "bits": 4, "group_size": 32, "asym": False, "head_bits": 4},
+                "w8a8": {"method": "smoothquant", "calibration": calibration_batch(tok)}}
+    for name in sorted(checkpoints):
+        save(quantize_model(load(args.model), **settings[name]), tmp / name, tokenizer=tok)
+        files[name] = tmp / name
     return files
 
 

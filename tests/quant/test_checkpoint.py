@@ -10,6 +10,7 @@ from lmforge.cli import run
 from lmforge.errors import LmforgeError
 from lmforge.model import load, save
 from lmforge.model.quantized import Int4Linear, Int8Linear
+from lmforge.model.w8a8 import W8A8Linear
 from lmforge.quant.apply import quantize_model
 from lmforge.quant.nf4 import LEVELS, dequantize_nf4, quantize_nf4
 from lmforge.serve import EngineConfig, LLMEngine, SamplingParams
@@ -17,7 +18,8 @@ from tests.serve.helpers import tiny_model
 
 METHODS = {"int8": {}, "rtn": {"group_size": 32}, "rtn-asym": {"group_size": 64, "asym": True}, "nf4": {},
            "gptq": {"group_size": 32, "act_order": True}, "awq": {"group_size": 32},
-           "rtn-head4": {"group_size": 32, "head_bits": 4}}
+           "rtn-head4": {"group_size": 32, "head_bits": 4}, "smoothquant": {}}
+BODY_LAYER = {"int8": Int8Linear, "smoothquant": W8A8Linear}   # the rest: Int4Linear
 
 
 @pytest.mark.parametrize("label", sorted(METHODS))
@@ -29,8 +31,9 @@ def test_saved_quantised_model_loads_back_identically(tmp_path, smollm_tokenizer
     save(model, tmp_path / "q", tokenizer=smollm_tokenizer)
     assert json.loads((tmp_path / "q" / "lmforge_quant.json").read_text())["method"] == method
     back = load(tmp_path / "q")
-    assert type(back.layers[0].mlp.up_proj) is (Int8Linear if method == "int8" else Int4Linear)
-    assert isinstance(back.lm_head, Int4Linear if METHODS[label].get("head_bits") == 4 else Int8Linear)
+    assert type(back.layers[0].mlp.up_proj) is BODY_LAYER.get(method, Int4Linear)
+    head = Int4Linear if METHODS[label].get("head_bits") == 4 else W8A8Linear if method == "smoothquant" else Int8Linear
+    assert isinstance(back.lm_head, head)
     assert back.layers[0].mlp.up_proj.extra_repr() == model.layers[0].mlp.up_proj.extra_repr()
     tokens = torch.randint(0, smollm_tokenizer.vocab_size, (2, 20))
     with torch.no_grad():

@@ -60,12 +60,14 @@ def test_compiled_decode_equals_the_reference(tiny, compiled_steps, kv_dtype):
     assert len(compiled) == 2, f"{len(compiled)} graphs compiled (expected 2: several sequences, one)"
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", "w8a8"])
 def test_compiled_decode_of_quantised_weights(tiny, compiled_steps, method):
     calls, compiled = compiled_steps
     model = copy.deepcopy(tiny)
     if method == "int8":
         quantize_model(model, "int8")
+    elif method == "w8a8":   # the oneDNN int8 product, a custom op: one opaque call in the graph
+        quantize_model(model, "smoothquant", calibration=torch.tensor(PROMPTS[2][:64]).view(2, 32))
     else:
         quantize_model(model, "rtn", bits=4, group_size=32)
     # bfloat16 activations in the packed kernels: the tolerance of their own eager test

@@ -2,7 +2,8 @@
 that is lmforge.quant). They live with the model so that `lmforge.model.load` can rebuild a
 quantised checkpoint without importing the quantisers.
 
-Two storage formats, both bias-free drop-ins for nn.Linear:
+Two weight-only storage formats, both bias-free drop-ins for nn.Linear (a third, W8A8Linear, int8
+weights and activations, is lmforge.model.w8a8):
 - Int8Linear: w ~= q * s, q int8 [out, in], one float32 scale per output row.
   CPU: PyTorch's int8-weight kernel `_weight_int8pack_mm` (bfloat16 activations, the per-row
   scale applied in float32 afterwards); elsewhere (x @ q^T) * s.
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.model.w8a8 import W8A8Linear
 
 _CPU_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
 _CPU_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
@@ -213,7 +215,7 @@ def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     return [layer(x) for layer in layers]
 
 
-FORMATS = {"int8": Int8Linear, "int4": Int4Linear, "nf4": Int4Linear}
+FORMATS = {"int8": Int8Linear, "int4": Int4Linear, "nf4": Int4Linear, "w8a8": W8A8Linear}
 
 
 def empty_quantized(kind: dict, out_features: int, in_features: int) -> nn.Module:
@@ -221,6 +223,8 @@ def empty_quantized(kind: dict, out_features: int, in_features: int) -> nn.Modul
     fmt = kind.get("format")
     if fmt == "int8":
         return Int8Linear.empty(out_features, in_features)
+    if fmt == "w8a8":
+        return W8A8Linear.empty(out_features, in_features)
     if fmt in ("int4", "nf4"):
         return Int4Linear(out_features, in_features, int(kind["group_size"]), codebook=fmt == "nf4")
     raise LmforgeError(f"unknown quantised format {fmt!r} (known: {sorted(FORMATS)})")

@@ -1,7 +1,8 @@
 """One entry point: quantise a model in place with a named method, recording what was done in
 `model.quantization` (saved as lmforge_quant.json by lmforge.model.save, read back by load).
 
-Methods: int8 (per-channel, every linear including the LM head), rtn / awq / gptq (group-wise
+Methods: int8 (per-channel, every linear including the LM head), smoothquant (int8 weights and
+int8 activations, every linear, calibrated; lmforge.quant.smoothquant), rtn / awq / gptq (group-wise
 4-bit codes for the decoder blocks' linears), nf4 (NF4 + double quantisation, blocks of 64).
 The 4-bit methods keep the LM head in int8 by default: it is the largest matrix (49152 x 576 on
 SmolLM2), the one most sensitive to rounding, and int8 keeps it close to float. `head_bits=4` puts
@@ -17,16 +18,18 @@ from lmforge.errors import LmforgeError
 from lmforge.quant.groupwise import check_grid, group_params, int4_linear, quantize_with, rtn_linear
 from lmforge.quant.int8 import int8_linear, linear_targets, quantize_int8, replace_module
 
-METHODS = ("int8", "rtn", "awq", "gptq", "nf4")
-CALIBRATED = ("awq", "gptq")
+METHODS = ("int8", "smoothquant", "rtn", "awq", "gptq", "nf4")
+CALIBRATED = ("smoothquant", "awq", "gptq")
 GROUPWISE = ("rtn", "awq", "gptq")   # the methods with a group-wise grid (bits, group size, asym)
 HEAD = "lm_head"
 
 
 @torch.no_grad()
 def quantize_model(model, method: str, *, bits: int = 4, group_size: int = 128, asym: bool = False,
-                   calibration: torch.Tensor | None = None, act_order: bool = False, head_bits: int = 8):
-    """Quantise `model` in place; `calibration` [n, T] token ids are required by awq and gptq."""
+                   calibration: torch.Tensor | None = None, act_order: bool = False, head_bits: int = 8,
+                   alpha: float = 0.5):
+    """Quantise `model` in place; `calibration` [n, T] token ids are required by the CALIBRATED
+    methods; `alpha` is smoothquant's migration strength."""
     if method not in METHODS:
         raise LmforgeError(f"unknown quantisation method {method!r}; choose one of {', '.join(METHODS)}")
     if getattr(model, "quantization", None):
@@ -38,6 +41,9 @@ def quantize_model(model, method: str, *, bits: int = 4, group_size: int = 128, 
     check_head_bits(method, head_bits)
     if method in CALIBRATED and calibration is None:
         raise LmforgeError(f"{method} needs calibration tokens")
+    if method == "smoothquant":
+        from lmforge.quant.smoothquant import quantize_smoothquant
+        return quantize_smoothquant(model, calibration, alpha)
     body = [(name, mod) for name, mod in linear_targets(model, skip=(HEAD,))]
     if method == "nf4":
         from lmforge.quant.nf4 import BLOCK, nf4_int4_linear

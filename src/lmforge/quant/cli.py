@@ -8,7 +8,7 @@ import typer
 from lmforge.errors import LmforgeError
 from lmforge.model.cli_options import model_argument, tokenizer_option
 
-METHOD_HELP = ("int8 (per channel), rtn (group-wise round to nearest), awq or gptq (calibrated on the "
+METHOD_HELP = ("int8 (per channel), smoothquant (int8 weights and activations, calibrated), rtn (group-wise round to nearest), awq or gptq (calibrated on the "
                "stdlib train split), nf4 (NF4 + double quantisation)")
 
 
@@ -22,8 +22,11 @@ def quantize_command(
     act_order: bool = typer.Option(False, "--act-order", help="gptq: quantise the most active inputs first"),
     head_bits: int = typer.Option(8, "--head-bits", help="rtn/awq/gptq: LM head in int8 (8, per channel) or on "
                                                          "the body's 4-bit grid (4, RTN; as llama.cpp's Q4_0)"),
-    calibration_samples: int = typer.Option(16, min=1, max=4096, help="awq/gptq: calibration sequences"),
-    calibration_len: int = typer.Option(256, min=16, max=65536, help="awq/gptq: tokens per calibration sequence"),
+    alpha: float = typer.Option(0.5, min=0.0, max=1.0, help="smoothquant: share of the activations' range moved "
+                                                            "into the weights"),
+    calibration_samples: int = typer.Option(16, min=1, max=4096, help="smoothquant/awq/gptq: calibration sequences"),
+    calibration_len: int = typer.Option(256, min=16, max=65536,
+                                        help="smoothquant/awq/gptq: tokens per calibration sequence"),
     tokenizer: str = tokenizer_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="also write into a non-empty folder that is not an "
                                                               "lmforge output (its other files are kept)"),
@@ -47,7 +50,7 @@ def quantize_command(
         calibration = calibration_batch(loaded.tokenizer, calibration_samples,
                                         min(calibration_len, loaded.model.cfg.max_seq_len))
     quantize_model(loaded.model, method, bits=bits, group_size=group_size, asym=asym,
-                   calibration=calibration, act_order=act_order, head_bits=head_bits)
+                   calibration=calibration, act_order=act_order, head_bits=head_bits, alpha=alpha)
     save(loaded.model, out, tokenizer=loaded.tokenizer, overwrite=overwrite)
     typer.echo(f"wrote {out} ({method})")
 
