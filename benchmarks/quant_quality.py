@@ -1,7 +1,7 @@
 """Quality of weight quantisation: held-out perplexity of SmolLM2-135M-Instruct after each method,
 against float32, on text that no method calibrated on.
 
-    python benchmarks/quant_quality.py                  # int8, rtn, awq, gptq (g128, asymmetric), nf4
+    python benchmarks/quant_quality.py                  # int8, smoothquant, rtn, awq, gptq (g128, asym), nf4
     python benchmarks/quant_quality.py --eval-tokens 4096 --json quant_quality.json
 
 Calibration: 16 x 256 tokens of the stdlib *train* split (lmforge.quant.calibration); evaluation:
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--sym", action="store_true", help="symmetric grids for rtn/awq/gptq (default: asymmetric)")
-    ap.add_argument("--methods", default="int8,rtn,awq,gptq,nf4")
+    ap.add_argument("--methods", default="int8,smoothquant,rtn,awq,gptq,nf4")
     ap.add_argument("--head-bits", type=int, default=8, help="LM head of rtn/awq/gptq: 8 (int8) or 4 (the body's grid)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -42,7 +42,7 @@ def main() -> None:
     ids = tok.encode(heldout_text(args.eval_tokens * 6))[:args.eval_tokens]
     calib = calibration_batch(tok, 16, 256)
     grid = {"group_size": args.group_size, "asym": not args.sym, "head_bits": args.head_bits}
-    settings = {"int8": {}, "nf4": {}, "rtn": grid, "awq": grid, "gptq": {**grid, "act_order": True}}
+    settings = {"int8": {}, "smoothquant": {}, "nf4": {}, "rtn": grid, "awq": grid, "gptq": {**grid, "act_order": True}}
     rows = {"fp32": {"ppl": perplexity(base, ids), "mb": weight_bytes(base) / 2**20, "quantise_s": 0.0}}
     print(f"fp32  ppl {rows['fp32']['ppl']:.3f}", flush=True)
     for method in args.methods.split(","):

@@ -15,6 +15,7 @@ from lmforge.quant.calibration import calibration_batch
 from lmforge.quant.int8 import linear_targets, quantize_per_channel, replace_module
 from lmforge.quant.smoothquant import smooth_factors
 from lmforge.serve.perplexity import heldout_text, perplexity
+from tests.serve.helpers import tiny_model
 
 
 def int8_pair(rows, n_in, n_out, seed=0):
@@ -105,3 +106,15 @@ def test_smoothquant_keeps_smollm2_close_to_float_on_heldout_text(smollm, smollm
     back = load(tmp_path / "sq")
     assert isinstance(back.layers[3].mlp.down_proj, W8A8Linear) and isinstance(back.lm_head, W8A8Linear)
     assert perplexity(back, ids) == ppl_sq
+
+
+def test_a_w8a8_model_gives_each_sequence_the_same_logits_alone_and_batched():
+    # every linear's integer product is row by row, norms and attention are per sequence: batching
+    # equal-length sequences must not change a single bit (float GEMMs, blocked by row count, do)
+    model = tiny_model(256, seed=3, max_seq_len=64)
+    tokens = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, "smoothquant", calibration=torch.randint(0, 256, (2, 32)))
+    with torch.no_grad():
+        batched = model(tokens)
+        for i in range(3):
+            assert torch.equal(model(tokens[i:i + 1])[0], batched[i]), i

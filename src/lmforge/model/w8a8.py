@@ -11,8 +11,10 @@ activations are divided by it here, which moves outlier channels' range from the
 Weight-only int8/int4 kernels dequantise to floating point and multiply: at one row they save
 memory traffic, at 16 rows and more they cost what a float GEMM does. Here the product is an int8
 dot product with int32 accumulation (oneDNN: AMX or VNNI on x86), several times faster than float
-on a batch, and exact: each row's integer result does not depend on which other rows share the
-call, so a request decodes the same tokens alone or in any batch.
+on a batch, and exact: each row's integer result does not depend on which other rows share the call.
+(The engine's attention still differs in the last bits between a sequence alone and in a packed
+batch, as in float; rounding activations to int8 turns some of those differences into different
+tokens, so W8A8 does not promise the same greedy tokens alone and batched. See the README.)
 
 CPU: oneDNN's `qlinear_pointwise` on a weight pre-packed on first use (kept outside the module:
 it is a CPU-specific layout, not saved, repacked when the weight tensor changes). The call is

@@ -1,0 +1,85 @@
+"""One linear layer on CPU, each kernel lmforge can multiply a weight with, at decode and prefill row
+counts, on SmolLM2-135M's shapes: why weight-only int8/int4 win at one row and lose from ~16 rows,
+and what the int8 x int8 product (W8A8) costs.
+
+    python benchmarks/cpu_matmul_kernels.py                 # one thread, rows 1,16,64,256
+    python benchmarks/cpu_matmul_kernels.py --threads 2 --rows 1,4,16
+
+Kernels: fp32 and bf16 `F.linear` (bf16 runs on AMX where the CPU has it), PyTorch's weight-only
+`_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (bf16 activations; what Int8Linear and
+Int4Linear call), and lmforge's W8A8 `int8_mm` (int8 activations, oneDNN int8 GEMM on a prepacked
+weight; what W8A8Linear calls), the activation's per-row quantisation included. Median of --repeat
+timed batches of calls each; microseconds per call.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.model.w8a8 import int8_mm, quantize_rows
+
+SHAPES = {"q_proj 576x576": (576, 576), "k_proj 576x192": (576, 192), "gate 576x1536": (576, 1536),
+          "down 1536x576": (1536, 576), "lm_head 576x49152": (576, 49152)}
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    calls = max(1, int(0.05 / max(1e-6, _once(fn))))     # ~50 ms per timed batch
+    runs = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - start) / calls)
+    return statistics.median(runs) * 1e6
+
+
+def _once(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def kernels(rows: int, n_in: int, n_out: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, n_in, generator=g)
+    w = torch.randn(n_out, n_in, generator=g)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    q8 = torch.randint(-127, 128, (n_out, n_in), generator=g, dtype=torch.int8)
+    ones = torch.ones(n_out, dtype=torch.bfloat16)
+    q4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.randint(0, 16, (n_out, n_in), generator=g, dtype=torch.int32), 1)
+    sz = torch.ones(n_in // 32, n_out, 2, dtype=torch.bfloat16)
+    scale = torch.rand(n_out, generator=g)
+    return {
+        "fp32": lambda: F.linear(x, w),
+        "bf16": lambda: F.linear(xb, wb),
+        "int8 weight-only": lambda: torch._weight_int8pack_mm(xb, q8, ones),
+        "int4 weight-only g32": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, q4, 32, sz),
+        "w8a8 (incl. quantising x)": lambda: int8_mm(quantize_rows(x)[0], q8, scale),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,16,64,256")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    names = list(kernels(1, 64, 64))
+    print(f"torch {torch.__version__}, {args.threads} thread(s); microseconds per call, median of {args.repeat}")
+    print("| shape | rows | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for label, (n_in, n_out) in SHAPES.items():
+        for rows in (int(r) for r in args.rows.split(",")):
+            times = {name: timed(fn, args.repeat) for name, fn in kernels(rows, n_in, n_out).items()}
+            print(f"| {label} | {rows} | " + " | ".join(f"{t:,.0f}" for t in times.values()) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
