@@ -104,10 +104,11 @@ def main() -> None:
             return out
         return go
 
-    if args.compile:   # compile both graphs of every side before timing: one attention row, and several
-        for engine in engines.values():  # (two streams; verification; a prefix-cache hit's short prefill)
-            for prompts in workloads.values():
-                engine.generate([prompts[0]], SamplingParams(max_tokens=24, temperature=0))
+    if args.compile:   # compile every graph of every side before timing: one attention row; several rows
+        for engine in engines.values():  # of one sequence (verification, or a prefix-cache hit's short
+            for prompts in workloads.values():  # prefill: the same prompt again), and of several sequences
+                for _ in range(2):
+                    engine.generate([prompts[0]], SamplingParams(max_tokens=24, temperature=0))
                 engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))
     raw, summary = {}, {}
     print(f"SmolLM2 single stream, greedy, <= {args.max_tokens} tokens, k={args.num_tokens}, "
