@@ -88,3 +88,17 @@ def test_quantising_twice_is_refused(smollm_tokenizer):
     model = quantize_model(tiny_model(smollm_tokenizer.vocab_size, max_seq_len=64), "int8")
     with pytest.raises(LmforgeError, match="already quantised"):
         quantize_model(copy.deepcopy(model), "rtn")
+
+
+def test_quantize_command_smoothquant_records_alpha_and_refuses_one_outside_0_1(tmp_path, smollm_tokenizer):
+    model = tiny_model(smollm_tokenizer.vocab_size, seed=8, max_seq_len=64)
+    save(model, tmp_path / "m", tokenizer=smollm_tokenizer)
+    calib = ["--calibration-samples", "2", "--calibration-len", "32"]
+    assert run(["quantize", str(tmp_path / "m"), "--method", "smoothquant", "--alpha", "0.3", *calib,
+                "-o", str(tmp_path / "q")]) == 0
+    spec = json.loads((tmp_path / "q" / "lmforge_quant.json").read_text())
+    assert spec["method"] == "smoothquant" and spec["alpha"] == 0.3
+    assert isinstance(load(tmp_path / "q").layers[1].self_attn.o_proj, W8A8Linear)
+    assert run(["quantize", str(tmp_path / "m"), "--method", "smoothquant", "--alpha", "1.5", *calib,
+                "-o", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
