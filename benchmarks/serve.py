@@ -257,10 +257,10 @@ def prepare_files(args, tmp: Path, variants: list[str]) -> dict[str, Path]:
         base = load(args.model)
         for kind in need_gguf:
             files[kind] = export_gguf(base, tok, tmp / f"model-{kind}.gguf", kind, name="bench")
-    settings = {"int4": {"method": "rtn", "bits": 4, "group_size": 32, "asym": False, "head_bits": 4},
-                "w8a8": {"method": "smoothquant", "calibration": calibration_batch(tok)}}
+    settings = {"int4": lambda: {"method": "rtn", "bits": 4, "group_size": 32, "asym": False, "head_bits": 4},
+                "w8a8": lambda: {"method": "smoothquant", "calibration": calibration_batch(tok)}}
     for name in sorted(checkpoints):
-        save(quantize_model(load(args.model), **settings[name]), tmp / name, tokenizer=tok)
+        save(quantize_model(load(args.model), **settings[name]()), tmp / name, tokenizer=tok)
         files[name] = tmp / name
     return files
 

@@ -88,10 +88,6 @@ class W8A8Linear(nn.Module):
         return cls(torch.zeros(out_features, in_features, dtype=torch.int8), torch.zeros(out_features),
                    torch.ones(in_features))
 
-    def dequantized(self) -> torch.Tensor:
-        """The float32 weight [out, in] as seen by unscaled inputs: s_w q_w / s (the weight part only)."""
-        return self.qweight.float() * self.scale.float()[:, None] * self.input_scale.float()[None, :]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float() * self.input_scale
         xq, sx = quantize_rows(flat)

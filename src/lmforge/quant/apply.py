@@ -17,6 +17,7 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.quant.groupwise import check_grid, group_params, int4_linear, quantize_with, rtn_linear
 from lmforge.quant.int8 import int8_linear, linear_targets, quantize_int8, replace_module
+from lmforge.quant.smoothquant import DEFAULT_ALPHA, quantize_smoothquant
 
 METHODS = ("int8", "smoothquant", "rtn", "awq", "gptq", "nf4")
 CALIBRATED = ("smoothquant", "awq", "gptq")
@@ -27,7 +28,7 @@ HEAD = "lm_head"
 @torch.no_grad()
 def quantize_model(model, method: str, *, bits: int = 4, group_size: int = 128, asym: bool = False,
                    calibration: torch.Tensor | None = None, act_order: bool = False, head_bits: int = 8,
-                   alpha: float = 0.5):
+                   alpha: float = DEFAULT_ALPHA):
     """Quantise `model` in place; `calibration` [n, T] token ids are required by the CALIBRATED
     methods; `alpha` is smoothquant's migration strength."""
     if method not in METHODS:
@@ -42,7 +43,6 @@ def quantize_model(model, method: str, *, bits: int = 4, group_size: int = 128, 
     if method in CALIBRATED and calibration is None:
         raise LmforgeError(f"{method} needs calibration tokens")
     if method == "smoothquant":
-        from lmforge.quant.smoothquant import quantize_smoothquant
         return quantize_smoothquant(model, calibration, alpha)
     body = [(name, mod) for name, mod in linear_targets(model, skip=(HEAD,))]
     if method == "nf4":

@@ -7,9 +7,11 @@ import typer
 
 from lmforge.errors import LmforgeError
 from lmforge.model.cli_options import model_argument, tokenizer_option
+from lmforge.quant.smoothquant import DEFAULT_ALPHA
 
-METHOD_HELP = ("int8 (per channel), smoothquant (int8 weights and activations, calibrated), rtn (group-wise round to nearest), awq or gptq (calibrated on the "
-               "stdlib train split), nf4 (NF4 + double quantisation)")
+METHOD_HELP = ("int8 (per channel), smoothquant (int8 weights and activations), rtn (group-wise round to "
+               "nearest), awq or gptq (smoothquant, awq and gptq calibrate on the stdlib train split), "
+               "nf4 (NF4 + double quantisation)")
 
 
 def quantize_command(
@@ -22,7 +24,7 @@ def quantize_command(
     act_order: bool = typer.Option(False, "--act-order", help="gptq: quantise the most active inputs first"),
     head_bits: int = typer.Option(8, "--head-bits", help="rtn/awq/gptq: LM head in int8 (8, per channel) or on "
                                                          "the body's 4-bit grid (4, RTN; as llama.cpp's Q4_0)"),
-    alpha: float = typer.Option(0.5, min=0.0, max=1.0, help="smoothquant: share of the activations' range moved "
+    alpha: float = typer.Option(DEFAULT_ALPHA, min=0.0, max=1.0, help="smoothquant: share of the activations' range moved "
                                                             "into the weights"),
     calibration_samples: int = typer.Option(16, min=1, max=4096, help="smoothquant/awq/gptq: calibration sequences"),
     calibration_len: int = typer.Option(256, min=16, max=65536,

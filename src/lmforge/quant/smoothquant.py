@@ -53,8 +53,6 @@ def smooth_factors(x_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -
 
 
 def w8a8_linear(linear: nn.Linear, x_absmax: torch.Tensor, alpha: float) -> W8A8Linear:
-    if linear.bias is not None:
-        raise LmforgeError("smoothquant supports bias-free linear layers (Llama-family models)")
     s = smooth_factors(x_absmax, linear.weight, alpha)
     q, scale = quantize_per_channel(linear.weight.detach().float() * s)
     return W8A8Linear(q, scale, 1.0 / s).to(linear.weight.device)
@@ -65,11 +63,15 @@ def quantize_smoothquant(model: nn.Module, calibration: torch.Tensor, alpha: flo
     """Replace every nn.Linear with a W8A8Linear smoothed on `calibration` [n, T] token ids."""
     if not 0.0 <= alpha <= 1.0:
         raise LmforgeError(f"--alpha must lie in [0, 1], got {alpha}")
+    targets = linear_targets(model)
+    if any(mod.bias is not None for _, mod in targets):
+        raise LmforgeError("smoothquant supports bias-free linear layers (Llama-family models)")
     stats = input_absmax(model, calibration)
+    missing = [name for name, _ in targets if name not in stats]
+    if missing:   # checked before any layer is replaced: the model is left as it was
+        raise LmforgeError(f"calibration never reached {missing[0]!r} (an expert no token was routed to?)")
     layers = {}
-    for name, mod in linear_targets(model):
-        if name not in stats:
-            raise LmforgeError(f"calibration never reached {name!r} (an expert no token was routed to?)")
+    for name, mod in targets:
         replace_module(model, name, w8a8_linear(mod, stats[name], alpha))
         layers[name] = {"format": "w8a8"}
     model.quantization = {"method": "smoothquant", "alpha": alpha, "layers": layers}
