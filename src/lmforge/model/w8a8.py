@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
-_PACKED = WeakIdKeyDictionary()   # int8 weight tensor -> (its _version when packed, packed weight, zero points)
+from lmforge.model.prepack import prepacked
+
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 # oneDNN computes products of at most this many outputs (rows x out_features) with a reference
 # kernel ~1000x slower than its int8 GEMM (one decode row through a 192-wide k_proj: 2.7 ms instead
@@ -37,13 +37,9 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "ql
 ONEDNN_SLOW_OUTPUTS = 256
 
 
-def _packed(qweight: torch.Tensor):
-    entry = _PACKED.get(qweight)
-    if entry is None or entry[0] != qweight._version:
-        packed = torch.ops.onednn.qlinear_prepack(qweight, None)
-        entry = (qweight._version, packed, torch.zeros(qweight.shape[0], dtype=torch.int32))
-        _PACKED[qweight] = entry
-    return entry[1], entry[2]
+def _pack(qweight: torch.Tensor):
+    """-> (oneDNN's packed int8 weight, the int32 zero points it takes: all 0, symmetric)."""
+    return torch.ops.onednn.qlinear_prepack(qweight, None), torch.zeros(qweight.shape[0], dtype=torch.int32)
 
 
 @torch.library.custom_op("lmforge::int8_mm", mutates_args=())
@@ -51,7 +47,7 @@ def int8_mm(xq: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> tor
     """(xq [rows, in] int8 @ qweight [out, in] int8^T) * scale [out] -> float32 [rows, out]."""
     rows, n_out = xq.shape[0], qweight.shape[0]
     if xq.device.type == "cpu" and _ONEDNN and rows:
-        packed, zeros = _packed(qweight)
+        packed, zeros = prepacked(qweight, _pack)
         if rows * n_out <= ONEDNN_SLOW_OUTPUTS:
             xq = F.pad(xq, (0, 0, 0, ONEDNN_SLOW_OUTPUTS // n_out + 1 - rows))
         y = torch.ops.onednn.qlinear_pointwise(xq.contiguous(), 1.0, 0, packed, scale.float(), zeros, None,

@@ -19,6 +19,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model.context import fit_to_context
+from lmforge.model.packed_linear import pack_linears
 from lmforge.serve.block_manager import BlockManager
 from lmforge.serve.detokenizer import Detokenizer
 from lmforge.serve.model_runner import ModelRunner
@@ -44,6 +45,7 @@ class EngineConfig:
     seed: int = 0                       # for requests without a seed of their own
     speculative: SpeculativeConfig | None = None   # speculative decoding (serve/speculative)
     kv_dtype: str = "auto"              # "auto" (the model's dtype) or "int8" (per-head scales, ~2x the tokens)
+    prepack_weights: bool = True        # float32 on CPU: linears through oneDNN on packed copies (model/packed_linear.py)
 
 
 class LLMEngine:
@@ -53,6 +55,8 @@ class LLMEngine:
         param = next(model.parameters())
         self.device, dtype = param.device, model.embed_tokens.weight.dtype
         mcfg = model.cfg
+        if cfg.prepack_weights and self.device.type == "cpu" and dtype == torch.float32:
+            pack_linears(model)   # batched steps 1.2-1.4x faster; one more copy of the weights in memory
         block_bytes = PagedKVCache.bytes_per_block(mcfg, cfg.block_size, dtype, cfg.kv_dtype)
         num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_mb * 2**20 // block_bytes)
         self.cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, self.device, dtype, cfg.kv_dtype)

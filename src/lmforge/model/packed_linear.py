@@ -1,0 +1,79 @@
+"""PackedLinear: nn.Linear whose float32 CPU inference runs oneDNN's inner product on a prepacked weight.
+
+A float32 GEMM with a few rows (a decode batch, a speculative verification) is bound by reading the
+weight, yet `F.linear`'s BLAS call re-packs the weight into its blocked layout on every call once
+there are more than ~3 rows, so 4-16 rows cost 1.7-3x what one row does. oneDNN's inner product on a
+weight reordered once into its own layout (`mkldnn._reorder_linear_weight`, valid for any number of
+rows: what Inductor's weight prepacking emits for a dynamic batch) reads it as it is. Weights from
+beyond L2, one thread, SmolLM2 (`python benchmarks/cpu_matmul_kernels.py`): the 49152x576 LM head at
+4 / 16 rows 17.2 / 25.2 ms -> 8.8 / 12.9 ms, 576x1536 (gate, up) 457 / 618 us -> 398 / 532 us. oneDNN
+pays ~10 us more per call than BLAS, so it loses at 1-3 rows (those keep `F.linear`) and on small
+weights (576x576 and 576x192 are not packed: MIN_PACKED_WEIGHT).
+
+Same float32 arithmetic, a different summation order: results agree with `F.linear` to rounding
+(~1e-7 relative), not bit for bit. The packed copy is one more copy of the weight in memory (kept
+outside the module, see prepack.py). Used for inference only: with gradients enabled, or off
+float32 CPU, it is plain `F.linear`. The serving engine turns a float32 CPU model's linears into
+these (`pack_linears`)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.model.prepack import prepacked
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+MIN_PACKED_ROWS = 4           # below this, BLAS's small-batch path is at least as fast
+MIN_PACKED_WEIGHT = 1 << 19   # elements; smaller weights are faster through BLAS at every row count
+
+
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+@torch.library.custom_op("lmforge::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [rows, in] @ weight [out, in]^T (+ bias), float32 on CPU: oneDNN on the prepacked weight
+    from MIN_PACKED_ROWS rows on, F.linear below. One opaque op, so a compiled graph does not
+    specialise on the row count."""
+    if x.shape[0] < MIN_PACKED_ROWS:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), prepacked(weight, _reorder), bias, "none", [None], "")
+
+
+@packed_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+class PackedLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._packable(x):
+            return F.linear(x, self.weight, self.bias)
+        # Eager: decide here and skip the custom op's dispatch cost; compiled: the op decides (a
+        # branch on the row count here would split the graph in two).
+        if not torch.compiler.is_compiling() and x.numel() < MIN_PACKED_ROWS * self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        y = packed_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _packable(self, x: torch.Tensor) -> bool:
+        return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every plain nn.Linear of at least MIN_PACKED_WEIGHT weights in `model` by a PackedLinear
+    holding the same parameters (tied weights stay tied, the state dict is unchanged); -> how many."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.numel() >= MIN_PACKED_WEIGHT:
+                packed = PackedLinear(child.in_features, child.out_features, bias=False, device="meta")
+                packed.weight, packed.bias = child.weight, child.bias
+                setattr(parent, name, packed)
+                replaced += 1
+    return replaced

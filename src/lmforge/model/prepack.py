@@ -1,0 +1,20 @@
+"""Kernel-specific copies of weights (oneDNN's blocked layouts), made on first use and kept outside
+the module: they are a property of the CPU kernel, not of the model, so they are never saved, and
+a weight changed in place (load_state_dict, an optimiser step) is packed again."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+_PACKED = WeakIdKeyDictionary()   # weight tensor -> (its _version when packed, the packed form)
+
+
+def prepacked(weight: torch.Tensor, pack: Callable[[torch.Tensor], object]):
+    """pack(weight), computed once per weight and again whenever the weight has been modified."""
+    entry = _PACKED.get(weight)
+    if entry is None or entry[0] != weight._version:
+        entry = (weight._version, pack(weight))
+        _PACKED[weight] = entry
+    return entry[1]
