@@ -25,6 +25,8 @@ HF), so token counts match. Sides:
                             --method smoothquant`: integer dot products, as llama.cpp's Q8_0 x Q8 activations)
               gguf-int4     the --model GGUF's own Q4_0/Q4_1 matrices served as int4 layers, the rest
                             (the LM head) int8 (--gguf-int4 --int8)
+              no-prepack    the one feature that is on by default, switched off: float32 linears through
+                            F.linear instead of oneDNN on prepacked weights (--no-prepack)
   hf-batch  the strongest transformers peer at equal precision: the N prompts left-padded into one
             static `generate()` batch (the best case of an offline batch, no server around it)
   hf-seq    secondary: one `generate()` per request, one after another (a naive generate()-based
@@ -232,7 +234,8 @@ METRICS = (("tokens_per_s", "tok/s", 1, 1, ""), ("decode_tok_s", "decode tok/s/s
            ("ttft_p50", "TTFT p50", 1, 3, "s"), ("itl_mean", "ITL mean", 1000, 1, "ms"))
 # --variants: name -> the `lmforge serve` options that switch the feature on (int4: its own checkpoint)
 VARIANTS = {"int8": ["--int8"], "int4": [], "kv-int8": ["--kv-dtype", "int8"], "prefix-cache": ["--prefix-caching"],
-            "ngram": ["--speculative", "ngram"], "gguf-int4": ["--gguf-int4", "--int8"], "w8a8": []}
+            "ngram": ["--speculative", "ngram"], "gguf-int4": ["--gguf-int4", "--int8"], "w8a8": [],
+            "no-prepack": ["--no-prepack"]}
 # llama.cpp's file -> the lmforge variant with the same weights ("gguf": the --model file itself)
 LLAMA_TYPES = {"q4_0": "int4", "q8_0": "int8", "gguf": "gguf-int4"}
 

@@ -15,7 +15,8 @@ from lmforge.model.cli_options import (device_option, dtype_option, model_alias,
 
 
 def _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len, prefix_caching,
-                   compile_decode, kv_dtype="auto", speculative="off", num_speculative=4, medusa=None):
+                   compile_decode, kv_dtype="auto", speculative="off", num_speculative=4, medusa=None,
+                   prepack=True):
     from lmforge.serve.engine import EngineConfig
     from lmforge.serve.speculative import SpeculativeConfig
     from lmforge.serve.paged_cache import KV_DTYPES
@@ -29,7 +30,7 @@ def _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, ma
     return EngineConfig(block_size=block_size, kv_cache_mb=kv_cache_mb, max_num_seqs=max_num_seqs,
                         max_batched_tokens=max_batched_tokens, max_model_len=max_model_len or None,
                         prefix_caching=prefix_caching, compile_decode=compile_decode, kv_dtype=kv_dtype,
-                        speculative=spec)
+                        speculative=spec, prepack_weights=prepack)
 
 
 def serve_command(
@@ -55,6 +56,8 @@ def serve_command(
     compile_decode: bool = typer.Option(False, "--compile", help="torch.compile decode steps (CPU or GPU): "
                                         "~1.6x faster int4 decode on CPU after a minute or two of compiling"),
     threads: int = typer.Option(0, min=0, max=4096, help="CPU threads for PyTorch (0: its default)"),
+    prepack: bool = typer.Option(True, help="float32 on CPU: large linears multiply through oneDNN on packed "
+                                 "copies of their weights (faster batched steps; those weights held twice)"),
     guard: bool = typer.Option(False, "--guard", help="screen requests for prompt injection; redact PII and "
                                "system-prompt leaks in replies (blocked requests get a 400, code guard_blocked)"),
     guard_classifier: str = typer.Option("trained", help="guard scorer: trained (fit on the generated sets at "
@@ -80,7 +83,8 @@ def serve_command(
     if threads:
         torch.set_num_threads(threads)
     config = _engine_config(kv_cache_mb, max_num_seqs, max_batched_tokens, block_size, max_model_len,
-                            prefix_caching, compile_decode, kv_dtype, speculative, num_speculative, medusa)
+                            prefix_caching, compile_decode, kv_dtype, speculative, num_speculative, medusa,
+                            prepack)
     net, tok, default_name = _load(pick_model(model, model_opt), tokenizer, dtype, device, int8, gguf_int4)
     if medusa:
         from lmforge.serve.speculative.medusa import load_heads

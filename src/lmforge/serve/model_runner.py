@@ -1,9 +1,9 @@
 """Runs one scheduled step through the model: pack the batch, forward, return last-token logits.
 
-With compile_decode, pure decode steps (every sequence adds one token: the hot loop) run through
-`torch.compile` over a tensor-only view of the step (`DecodeView`), with dynamic shapes, so one
-graph serves every length and every batch size above one; steps that carry prompt chunks or
-speculative drafts run eagerly. On CPU the graph is built with Inductor's C++ wrapper and
+With compile_decode, decode steps (every sequence adds at most ROW_TOKENS tokens: decoding and
+speculative verification, the hot loop) run through `torch.compile` over a tensor-only view of the
+step (`DecodeView`), with dynamic shapes, so one graph serves every length and every batch size
+above one; steps that carry longer prompt chunks run eagerly. On CPU the graph is built with Inductor's C++ wrapper and
 autotuned kernels (the wrapper removes the per-kernel Python call; autotuning picks the int4
 matmul); compiling SmolLM2-135M takes a minute or two per graph on 2 cores, once per process
 (Inductor caches compiled code on disk, so later processes start faster).
