@@ -3,17 +3,21 @@ against float32, on text that no method calibrated on.
 
     python benchmarks/quant_quality.py                  # int8, smoothquant, rtn, awq, gptq (g128, asym), nf4
     python benchmarks/quant_quality.py --eval-tokens 4096 --json quant_quality.json
+    python benchmarks/quant_quality.py --methods gguf-q4_0,gguf-q4_k   # our GGUF exports, loaded back
 
 Calibration: 16 x 256 tokens of the stdlib *train* split (lmforge.quant.calibration); evaluation:
 the stdlib *val* split (lmforge.serve.perplexity.heldout_text), scored in windows of 512 tokens.
 The bundled model is a Q4_1 GGUF dequantised to float32: "fp32" is that float model, and every
 method re-quantises it. "gap recovered" = (ppl_rtn - ppl_method) / (ppl_rtn - ppl_fp32).
+gguf-TYPE: `lmforge export gguf --type TYPE` of the float model, loaded back (weights MB = the file).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,6 +26,7 @@ from lmforge.gguf_file import bundled_smollm2
 from lmforge.model import load
 from lmforge.quant import quantize_model
 from lmforge.quant.calibration import calibration_batch
+from lmforge.quant.gguf_export import export_gguf
 from lmforge.quant.int8 import weight_bytes
 from lmforge.serve.perplexity import heldout_text, perplexity
 from lmforge.tokenizer import load_tokenizer
@@ -46,11 +51,17 @@ def main() -> None:
     rows = {"fp32": {"ppl": perplexity(base, ids), "mb": weight_bytes(base) / 2**20, "quantise_s": 0.0}}
     print(f"fp32  ppl {rows['fp32']['ppl']:.3f}", flush=True)
     for method in args.methods.split(","):
-        model = copy.deepcopy(base)
         start = time.perf_counter()
-        quantize_model(model, method, calibration=calib, **settings[method])
+        if method.startswith("gguf-"):
+            with tempfile.TemporaryDirectory() as tmp:
+                file = export_gguf(base, tok, Path(tmp) / "model.gguf", method.removeprefix("gguf-"))
+                model, mb = load(file), file.stat().st_size / 2**20
+        else:
+            model = copy.deepcopy(base)
+            quantize_model(model, method, calibration=calib, **settings[method])
+            mb = weight_bytes(model) / 2**20
         seconds = time.perf_counter() - start
-        rows[method] = {"ppl": perplexity(model, ids), "mb": weight_bytes(model) / 2**20, "quantise_s": seconds}
+        rows[method] = {"ppl": perplexity(model, ids), "mb": mb, "quantise_s": seconds}
         print(f"{method:5s} ppl {rows[method]['ppl']:.3f}  ({seconds:.0f} s to quantise)", flush=True)
         del model
     fp = rows["fp32"]["ppl"]

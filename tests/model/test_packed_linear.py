@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import packed_linear as pl
-from lmforge.model.packed_linear import MIN_PACKED_ROWS, PackedLinear, pack_linears
+from lmforge.model.packed_linear import MAX_PACKED_ROWS, MIN_PACKED_ROWS, PackedLinear, pack_linears
 from lmforge.model.prepack import _PACKED
 from lmforge.serve import EngineConfig, LLMEngine
 from tests.serve.helpers import tiny_model
@@ -44,11 +44,12 @@ def test_equals_the_float64_product_at_every_row_count(bias):
         assert y.shape == (2, rows, 1000)
 
 
-def test_the_packed_kernel_takes_over_from_min_rows():
+def test_the_packed_kernel_takes_over_from_min_to_max_rows():
     lin = layer()
     with torch.inference_mode():
         lin(torch.randn(MIN_PACKED_ROWS - 1, 576))
-        assert lin.weight not in _PACKED, "fewer rows than MIN_PACKED_ROWS should stay on F.linear"
+        lin(torch.randn(MAX_PACKED_ROWS + 1, 576))
+        assert lin.weight not in _PACKED, "row counts outside MIN..MAX_PACKED_ROWS should stay on F.linear"
         lin(torch.randn(MIN_PACKED_ROWS, 576))
     assert lin.weight in _PACKED, "MIN_PACKED_ROWS rows did not use the prepacked weight"
 

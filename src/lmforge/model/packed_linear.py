@@ -7,8 +7,9 @@ weight reordered once into its own layout (`mkldnn._reorder_linear_weight`, vali
 rows: what Inductor's weight prepacking emits for a dynamic batch) reads it as it is. Weights from
 beyond L2, one thread, SmolLM2 (`python benchmarks/cpu_matmul_kernels.py`): the 49152x576 LM head at
 4 / 16 rows 17.2 / 25.2 ms -> 8.8 / 12.9 ms, 576x1536 (gate, up) 457 / 618 us -> 398 / 532 us. oneDNN
-pays ~10 us more per call than BLAS, so it loses at 1-3 rows (those keep `F.linear`) and on small
-weights (576x576 and 576x192 are not packed: MIN_PACKED_WEIGHT).
+pays ~10 us more per call than BLAS, so it loses at 1-3 rows and on small weights (576x576 and
+576x192 are not packed: MIN_PACKED_WEIGHT); from ~256 rows (prefill) BLAS is a few % faster again.
+Those cases keep `F.linear`.
 
 Same float32 arithmetic, a different summation order: results agree with `F.linear` to rounding
 (~1e-7 relative), not bit for bit. The packed copy is one more copy of the weight in memory (kept
@@ -27,7 +28,12 @@ from lmforge.model.prepack import prepacked
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 MIN_PACKED_ROWS = 4           # below this, BLAS's small-batch path is at least as fast
+MAX_PACKED_ROWS = 128         # above this (prefill), BLAS is as fast or a few % faster
 MIN_PACKED_WEIGHT = 1 << 19   # elements; smaller weights are faster through BLAS at every row count
+
+
+def packs(rows: int) -> bool:
+    return MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS
 
 
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
@@ -37,9 +43,9 @@ def _reorder(weight: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("lmforge::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [rows, in] @ weight [out, in]^T (+ bias), float32 on CPU: oneDNN on the prepacked weight
-    from MIN_PACKED_ROWS rows on, F.linear below. One opaque op, so a compiled graph does not
-    specialise on the row count."""
-    if x.shape[0] < MIN_PACKED_ROWS:
+    for MIN_PACKED_ROWS..MAX_PACKED_ROWS rows, F.linear otherwise. One opaque op, so a compiled
+    graph does not specialise on the row count."""
+    if not packs(x.shape[0]):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), prepacked(weight, _reorder), bias, "none", [None], "")
 
@@ -51,11 +57,10 @@ def _(x, weight, bias):
 
 class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._packable(x):
-            return F.linear(x, self.weight, self.bias)
-        # Eager: decide here and skip the custom op's dispatch cost; compiled: the op decides (a
-        # branch on the row count here would split the graph in two).
-        if not torch.compiler.is_compiling() and x.numel() < MIN_PACKED_ROWS * self.in_features:
+        rows = x.numel() // self.in_features
+        # One row is a static size in a compiled graph, so this test splits no graph; other row counts
+        # are decided here when eager (sparing the custom op's dispatch cost) and by the op when compiled.
+        if not self._packable(x) or rows == 1 or (not torch.compiler.is_compiling() and not packs(rows)):
             return F.linear(x, self.weight, self.bias)
         y = packed_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
         return y.view(*x.shape[:-1], self.out_features)

@@ -64,7 +64,8 @@ export_app = typer.Typer(help="Write a model in another program's format.", no_a
 def export_gguf_command(
     model: str = model_argument(),
     out: Path = typer.Option(..., "--out", "-o", help="the .gguf file to write"),
-    kind: str = typer.Option("f16", "--type", help="f16, q8_0 or q4_0"),
+    kind: str = typer.Option("f16", "--type", help="f16, q8_0, q4_0 or q4_k (q4_k: matrices whose rows "
+                            "are whole 256-value super-blocks; the others q4_0)"),
     tokenizer: str = tokenizer_option(),
 ):
     """Export a Llama model (lmforge or Hugging Face, float) with its tokenizer and chat template to GGUF."""

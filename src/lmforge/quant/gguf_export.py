@@ -1,9 +1,10 @@
-"""Export a Llama model and its tokenizer to a GGUF file (llama.cpp's format): F16, Q8_0 or Q4_0.
+"""Export a Llama model and its tokenizer to a GGUF file (llama.cpp's format): F16, Q8_0, Q4_0 or Q4_K.
 
 The inverse of lmforge.model.gguf: our names -> llama.cpp's, q/k rows re-interleaved per head for
 llama.cpp's RoPE, matrix shapes written innermost-first by the writer. Norm weights stay F32 (as
 llama.cpp's converter does); a matrix whose rows are not a whole number of 32-value blocks is
-written F16. The tokenizer goes in as tokenizer.ggml.* (byte-level BPE: tokens, types, merges,
+written F16. Q4_K needs rows of whole 256-value super-blocks; other matrices go Q4_0 (SmolLM2's
+576-wide rows: everything but ffn_down), where llama.cpp's quantiser would use Q5_0. The tokenizer goes in as tokenizer.ggml.* (byte-level BPE: tokens, types, merges,
 special ids, pre-tokenizer name) with the chat template, so llama.cpp, transformers' GGUF loader
 and lmforge read the model back without any other file.
 """
@@ -19,9 +20,9 @@ import numpy as np
 from lmforge.errors import LmforgeError
 from lmforge.model.gguf import BLOCK_NAMES, GLOBAL_NAMES
 from lmforge.model.hf import require_llama_layout
-from lmforge.quant.gguf_blocks import QK, quantize_q4_0, quantize_q8_0
+from lmforge.quant.gguf_blocks import QK, QK_K, quantize_q4_0, quantize_q4_k, quantize_q8_0
 
-TYPES = ("f16", "q8_0", "q4_0")
+TYPES = ("f16", "q8_0", "q4_0", "q4_k")
 
 
 def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -47,6 +48,8 @@ def _tensor(writer, name: str, w: np.ndarray, kind: str) -> None:
         writer.add_tensor(name, w.astype(np.float16))
     elif kind == "q8_0":
         writer.add_tensor(name, quantize_q8_0(w), raw_dtype=T.Q8_0)
+    elif kind == "q4_k" and w.shape[-1] % QK_K == 0:
+        writer.add_tensor(name, quantize_q4_k(w), raw_dtype=T.Q4_K)
     else:
         writer.add_tensor(name, quantize_q4_0(w), raw_dtype=T.Q4_0)
 
@@ -111,7 +114,7 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, kind: str = "f16", na
         writer = GGUFWriter(tmp, "llama")
         writer.add_name(name)
         writer.add_file_type({"f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
-                              "q4_0": LlamaFileType.MOSTLY_Q4_0}[kind])
+                              "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_k": LlamaFileType.MOSTLY_Q4_K_S}[kind])
         writer.add_block_count(cfg.n_layers)
         writer.add_context_length(cfg.max_seq_len)
         writer.add_embedding_length(cfg.dim)
