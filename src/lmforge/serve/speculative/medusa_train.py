@@ -105,7 +105,8 @@ def evaluate(heads: MedusaHeads, lm_weight: torch.Tensor, h: torch.Tensor, y: to
 
 
 def train_heads(model, h: torch.Tensor, y: torch.Tensor, config: MedusaTrainConfig,
-                heldout: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[MedusaHeads, dict]:
+                heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+                progress=lambda message: None) -> tuple[MedusaHeads, dict]:
     """Fit fresh heads to (h, y) with AdamW; the target's LM head is read, never changed."""
     config.validate()
     torch.manual_seed(config.seed)
@@ -116,7 +117,7 @@ def train_heads(model, h: torch.Tensor, y: torch.Tensor, config: MedusaTrainConf
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / config.steps))
     g = torch.Generator().manual_seed(config.seed)
     losses = []
-    for _ in range(config.steps):
+    for step in range(config.steps):
         idx = torch.randint(0, len(h), (min(config.batch_size, len(h)),), generator=g)
         loss = head_loss(heads, lm_weight, h[idx], y[idx])
         opt.zero_grad(set_to_none=True)
@@ -124,6 +125,8 @@ def train_heads(model, h: torch.Tensor, y: torch.Tensor, config: MedusaTrainConf
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+        if (step + 1) % max(1, config.steps // 10) == 0:
+            progress(f"step {step + 1}/{config.steps}: loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
     report["train_loss"] = {"first": sum(losses[:10]) / len(losses[:10]), "last": sum(losses[-10:]) / len(losses[-10:])}
     if heldout:
         report["after"] = evaluate(heads, lm_weight, *heldout)
@@ -142,7 +145,7 @@ def train_medusa(model, tokenizer, prompts: list[list[int]], config: MedusaTrain
     n_held = max(1, len(sequences) // 10)
     train_h, train_y = training_pairs(model, sequences[n_held:], config.num_heads)
     held = training_pairs(model, sequences[:n_held], config.num_heads)
-    heads, report = train_heads(model, train_h, train_y, config, held)
+    heads, report = train_heads(model, train_h, train_y, config, held, progress)
     report.update(sequences=len(sequences), positions=len(train_h),
                   generated_tokens=sum(len(t) - n for t, n in sequences))
     return heads, report
