@@ -67,6 +67,14 @@ def test_the_packed_copy_follows_an_in_place_update():
     torch.testing.assert_close(after, expected, rtol=0, atol=0)
 
 
+def test_a_weight_made_under_inference_mode_packs():   # no version counter to read
+    with torch.inference_mode():
+        lin = layer()
+        x = torch.randn(8, 576)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=2e-5)
+    assert lin.weight in _PACKED
+
+
 def test_pack_linears_keeps_parameters_ties_state_dict_and_gradients():
     model = tiny_model(VOCAB)
     plain = copy.deepcopy(model)

@@ -13,8 +13,14 @@ _PACKED = WeakIdKeyDictionary()   # weight tensor -> (its _version when packed, 
 
 def prepacked(weight: torch.Tensor, pack: Callable[[torch.Tensor], object]):
     """pack(weight), computed once per weight and again whenever the weight has been modified."""
+    version = _version(weight)
     entry = _PACKED.get(weight)
-    if entry is None or entry[0] != weight._version:
-        entry = (weight._version, pack(weight))
+    if entry is None or entry[0] != version:
+        entry = (version, pack(weight))
         _PACKED[weight] = entry
     return entry[1]
+
+
+def _version(t: torch.Tensor) -> int:
+    # Tensors made under inference_mode keep no version counter: packed once, never refreshed.
+    return -1 if t.is_inference() else t._version
