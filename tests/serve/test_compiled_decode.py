@@ -36,12 +36,16 @@ def compiled_steps(monkeypatch):
     real_compile = torch.compile
 
     def counting_compile(model, **kwargs):
+        options = dict(kwargs.get("options") or {})
+        guard_filter = options.pop("guard_filter_fn", None)
+
         def backend(gm, example_inputs):  # Inductor with the runner's options, counting graphs
             from torch._inductor.compile_fx import compile_fx
             cid = torch._guards.CompileContext.current_compile_id()
             compiled.add((cid.frame_id, cid.frame_compile_id))
-            return compile_fx(gm, example_inputs, config_patches=kwargs.get("options"))
-        return real_compile(model, dynamic=kwargs.get("dynamic"), backend=backend)
+            return compile_fx(gm, example_inputs, config_patches=options)
+        return real_compile(model, dynamic=kwargs.get("dynamic"), backend=backend,
+                            options={"guard_filter_fn": guard_filter} if guard_filter else None)
     monkeypatch.setattr(torch, "compile", counting_compile)
     yield calls, compiled
     torch._dynamo.reset()
@@ -75,6 +79,21 @@ def test_compiled_decode_of_quantised_weights(tiny, compiled_steps, method):
                              atol=3e-2)
     assert engine.runner.compile_decode, "compiling failed: the engine fell back to eager"
     assert calls and len(compiled) <= 2
+
+
+def test_each_engine_compiles_its_own_graphs(tiny, compiled_steps):
+    # the runner skips Dynamo's guards on the model's modules, which is only safe because each runner
+    # compiles a function with a code object of its own: a second model of the same class, built
+    # differently (int4 layers), in the same process must get its own graphs, not reuse the first's
+    calls, compiled = compiled_steps
+    config = EngineConfig(block_size=4, num_blocks=200, compile_decode=True)
+    run_and_compare(tiny, PROMPTS[:2], config, atol=1e-4)
+    first = len(compiled)
+    model = copy.deepcopy(tiny)
+    quantize_model(model, "rtn", bits=4, group_size=32)
+    engine = run_and_compare(model, PROMPTS[:2], EngineConfig(block_size=4, num_blocks=200, compile_decode=True),
+                             atol=3e-2)
+    assert engine.runner.compile_decode and len(compiled) > first
 
 
 def test_int4_decode_compiles_two_graphs_whatever_the_batch(tiny, compiled_steps):

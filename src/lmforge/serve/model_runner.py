@@ -11,6 +11,7 @@ matmul); compiling SmolLM2-135M takes a minute or two per graph on 2 cores, once
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 
@@ -38,8 +39,7 @@ class ModelRunner:
         step = StepBatch(self.cache, items, self.device)
         if self._decode_fn is not None and step.is_decode:
             try:
-                logits = self._decode_fn(step.tokens, step.positions, cache=step.decode_view(),
-                                         logits_index=step.logits_index)
+                logits = self._decode_fn(self.model, step.tokens, step.positions, step.decode_view(), step.logits_index)
                 return step, logits[0].float()
             except Exception:  # e.g. no C++ toolchain: serving goes on eagerly (re-running the step is safe:
                 log.exception("compiled decode failed; decoding eagerly from now on")  # writes are idempotent)
@@ -53,7 +53,9 @@ class ModelRunner:
             from torch._dynamo import mark_static
             for tensor in self.cache.tensors():
                 mark_static(tensor)
-            self._decode_fn = torch.compile(self.model, dynamic=True, options=COMPILE_OPTIONS.get(self.device.type, {}))
+            options = {**COMPILE_OPTIONS.get(self.device.type, {}),
+                       "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            self._decode_fn = torch.compile(own_decode_function(), dynamic=True, options=options)
         return step, logits[0].float()
 
     @torch.inference_mode()
@@ -63,3 +65,15 @@ class ModelRunner:
         step = StepBatch(self.cache, items, self.device)
         states = self.model(step.tokens, step.positions, cache=step, return_hidden=True)[0, step.logits_index]
         return step, self.model.lm_head(states).float(), states
+
+
+def _decode(model, tokens, positions, cache, logits_index):
+    return model(tokens, positions, cache=cache, logits_index=logits_index)
+
+
+def own_decode_function():
+    """A copy of _decode with a code object of its own, for one runner. Dynamo keeps compiled graphs
+    per code object, so this runner's graphs are only ever looked up for its own model, which lets
+    it skip Dynamo's guards on the model's modules and parameters (the engine never changes its
+    model once compiling): checking them took 1.4 ms of a 13.5 ms int4 decode step on CPU."""
+    return types.FunctionType(_decode.__code__.replace(), _decode.__globals__, "decode")
