@@ -5,7 +5,7 @@ speculative verification, the hot loop) run through `torch.compile` over a tenso
 step (`DecodeView`), with dynamic shapes, so one graph serves every length and every batch size
 above one; steps that carry longer prompt chunks run eagerly. On CPU the graph is built with Inductor's C++ wrapper and
 autotuned kernels (the wrapper removes the per-kernel Python call; autotuning picks the int4
-matmul); compiling SmolLM2-135M takes a minute or two per graph on 2 cores, once per process
+matmul); compiling SmolLM2-135M takes a minute or two per graph on 2 cores, once per engine
 (Inductor caches compiled code on disk, so later processes start faster).
 """
 from __future__ import annotations
