@@ -135,6 +135,27 @@ def test_compiled_speculative_verification_is_token_identical(smollm_tokenizer, 
     assert len(compiled) <= 2
 
 
+def test_compiled_medusa_drafts_equal_the_eager_ones(smollm_tokenizer, compiled_steps):
+    # Medusa's guesses come out of the compiled step with its logits: the same drafts as eager
+    # decoding gives (equal draft and acceptance counts), and output identical to plain decoding
+    from tests.serve.test_speculative_medusa import jittered_heads
+    calls, compiled = compiled_steps
+    target, prompts = toy_model(V), prompts_with_repeats(6)
+    greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    plain = run(LLMEngine(target, smollm_tokenizer, EngineConfig(num_blocks=256, block_size=4)),
+                [(p, greedy, None) for p in prompts])
+    spec = SpeculativeConfig("medusa", num_tokens=3, medusa_heads=jittered_heads(target, 3, 0.05))
+    stats = []
+    for compile_decode in (False, True):
+        engine = LLMEngine(target, smollm_tokenizer, EngineConfig(num_blocks=256, block_size=4, speculative=spec,
+                                                                  compile_decode=compile_decode))
+        assert run(engine, [(p, greedy, None) for p in prompts]) == plain
+        stats.append(engine.spec_stats)
+    assert engine.runner.compile_decode and max(calls) > len(prompts), "no verification step took the compiled path"
+    assert stats[0] == stats[1] and 0 < stats[1]["accepted"] < stats[1]["drafted"], stats
+    assert len(compiled) <= 2
+
+
 def test_a_failing_compiler_falls_back_to_eager(tiny, monkeypatch, caplog):
     def broken(*args, **kwargs):
         def fail(*a, **k):

@@ -13,10 +13,10 @@ def record_logits(engine: LLMEngine) -> dict[str, list[torch.Tensor]]:
     run = engine.runner.run
 
     def recording(items):
-        step, logits = run(items)
+        step, logits, guesses = run(items)
         for seq, row in zip(step.sampled, logits):
             seen.setdefault(seq.request_id, []).append(row.clone())
-        return step, logits
+        return step, logits, guesses
     engine.runner.run = recording
     return seen
 

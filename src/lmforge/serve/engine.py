@@ -62,7 +62,6 @@ class LLMEngine:
         self.cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, self.device, dtype, cfg.kv_dtype)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_batched_tokens)
-        self.runner = ModelRunner(model, self.cache, cfg.compile_decode)
         self.max_model_len = min(cfg.max_model_len or mcfg.max_seq_len, mcfg.max_seq_len, num_blocks * cfg.block_size)
         self.vocab_size = mcfg.vocab_size
         self.stop_ids = tokenizer.stop_ids() if tokenizer is not None else set()
@@ -77,8 +76,11 @@ class LLMEngine:
             heads = cfg.speculative.medusa_heads
             if cfg.speculative.method == "medusa" and heads.dim != mcfg.dim:
                 raise LmforgeError(f"the medusa heads were trained for hidden size {heads.dim}, not {mcfg.dim}")
-            self.proposer = make_proposer(cfg.speculative, num_blocks, cfg.block_size, self.device, model.lm_head)
-        self.spec_hidden = getattr(self.proposer, "needs_hidden", False)  # medusa: keep the last hidden states
+            self.proposer = make_proposer(cfg.speculative, num_blocks, cfg.block_size, self.device)
+        medusa = None   # Medusa: the runner's every step also gives the heads' guesses
+        if self.proposer is not None and cfg.speculative.method == "medusa":
+            medusa = cfg.speculative.medusa_heads.first(cfg.speculative.num_tokens)
+        self.runner = ModelRunner(model, self.cache, cfg.compile_decode, medusa)
         self.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}
 
     # --- requests ---------------------------------------------------------------------------
@@ -149,10 +151,7 @@ class LLMEngine:
             return []
         if self.proposer is not None:
             batch = self._fill_drafts(batch)
-        if self.spec_hidden:
-            step, logits, hidden = self.runner.run_hidden(batch)
-        else:
-            (step, logits), hidden = self.runner.run(batch), None
+        step, logits, guesses = self.runner.run(batch)
         for seq, n in batch:
             if seq.spec is None or not seq.spec.draft:  # speculating ones advance after verification
                 seq.num_computed += n
@@ -182,8 +181,7 @@ class LLMEngine:
             if error is None:
                 try:
                     outputs.append(self._append(seq, tokens, lps, now))
-                    if hidden is not None and seq.spec is not None and seq.finish_reason is None and \
-                            not (seq.spec.budget and seq.spec.budget.pause):  # paused: no draft next step
+                    if guesses is not None and seq.spec is not None and seq.finish_reason is None:
                         observed.append((seq, starts[i] + len(tokens) - 1))  # the row behind the newest token
                     continue
                 except Exception as e:  # e.g. detokenizing: this request fails, the batch goes on
@@ -191,7 +189,7 @@ class LLMEngine:
                     error = e
             outputs.append(self._fail(seq, error))
         if observed:
-            self.proposer.observe([s for s, _ in observed], hidden[[r for _, r in observed]])
+            self.proposer.observe([s for s, _ in observed], guesses[[r for _, r in observed]].tolist())
         return outputs
 
     # --- speculative decoding ---------------------------------------------------------------

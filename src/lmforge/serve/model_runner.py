@@ -1,4 +1,5 @@
-"""Runs one scheduled step through the model: pack the batch, forward, return last-token logits.
+"""Runs one scheduled step through the model: pack the batch, forward, return last-token logits
+(and, with Medusa heads, their guesses from the same pass).
 
 With compile_decode, decode steps (every sequence adds at most ROW_TOKENS tokens: decoding and
 speculative verification, the hot loop) run through `torch.compile` over a tensor-only view of the
@@ -26,25 +27,28 @@ COMPILE_OPTIONS = {"cpu": {"cpp_wrapper": True, "max_autotune": True}}
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, compile_decode: bool = False):
+    def __init__(self, model, cache: PagedKVCache, compile_decode: bool = False, medusa_heads=None):
         self.model = model
         self.cache = cache
+        self.medusa_heads = medusa_heads
         self.device = next(model.parameters()).device
         self.compile_decode = compile_decode
         self._decode_fn = None
 
     @torch.inference_mode()
-    def run(self, items: list[tuple[Sequence, int]]) -> tuple[StepBatch, torch.Tensor]:
-        """-> (the packed step, float32 logits [len(step.sampled), vocab])."""
+    def run(self, items: list[tuple[Sequence, int]]) -> tuple[StepBatch, torch.Tensor, torch.Tensor | None]:
+        """-> (the packed step, float32 logits [len(step.sampled), vocab], and with Medusa heads each
+        logit row's K guesses [rows, K] for the tokens after the one it samples, else None)."""
         step = StepBatch(self.cache, items, self.device)
         if self._decode_fn is not None and step.is_decode:
             try:
-                logits = self._decode_fn(self.model, step.tokens, step.positions, step.decode_view(), step.logits_index)
-                return step, logits[0].float()
+                logits, guesses = self._decode_fn(self.model, self.medusa_heads, step.tokens, step.positions,
+                                                  step.decode_view(), step.logits_index)
+                return step, logits.float(), guesses
             except Exception:  # e.g. no C++ toolchain: serving goes on eagerly (re-running the step is safe:
                 log.exception("compiled decode failed; decoding eagerly from now on")  # writes are idempotent)
                 self._decode_fn, self.compile_decode = None, False
-        logits = self.model(step.tokens, step.positions, cache=step, logits_index=step.logits_index)
+        logits, guesses = _decode(self.model, self.medusa_heads, step.tokens, step.positions, step, step.logits_index)
         if self.compile_decode and self._decode_fn is None and step.is_decode:
             # Compiled only after one eager decode step, which has built every lazily made kernel
             # layout (int4 packing), so the graph never traces their construction. The cache's
@@ -56,19 +60,18 @@ class ModelRunner:
             options = {**COMPILE_OPTIONS.get(self.device.type, {}),
                        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
             self._decode_fn = torch.compile(own_decode_function(), dynamic=True, options=options)
-        return step, logits[0].float()
-
-    @torch.inference_mode()
-    def run_hidden(self, items: list[tuple[Sequence, int]]) -> tuple[StepBatch, torch.Tensor, torch.Tensor]:
-        """As run, plus the final-norm hidden states [rows, dim] of the logit rows (Medusa heads
-        read them); eager, with the LM head applied to just those rows."""
-        step = StepBatch(self.cache, items, self.device)
-        states = self.model(step.tokens, step.positions, cache=step, return_hidden=True)[0, step.logits_index]
-        return step, self.model.lm_head(states).float(), states
+        return step, logits.float(), guesses
 
 
-def _decode(model, tokens, positions, cache, logits_index):
-    return model(tokens, positions, cache=cache, logits_index=logits_index)
+def _decode(model, medusa_heads, tokens, positions, cache, logits_index):
+    """-> (logits [rows, vocab] at logits_index, Medusa guesses [rows, K] or None). With heads, each
+    row's hidden state and its K head features go through the LM head together: one pass over the
+    head's weights, which dominate a small model's step, instead of a second one for the guesses."""
+    if medusa_heads is None:
+        return model(tokens, positions, cache=cache, logits_index=logits_index)[0], None
+    hidden = model(tokens, positions, cache=cache, return_hidden=True)[0, logits_index]
+    logits = model.logits(torch.cat([hidden[:, None], medusa_heads(hidden).to(hidden.dtype)], 1))
+    return logits[:, 0], logits[:, 1:].argmax(-1)
 
 
 def own_decode_function():

@@ -71,12 +71,12 @@ class SpecState:
         self.draft, self.draft_probs, self.want = [], None, 0
 
 
-def make_proposer(config: SpeculativeConfig, num_blocks: int, block_size: int, device, lm_head=None):
+def make_proposer(config: SpeculativeConfig, num_blocks: int, block_size: int, device):
     from lmforge.serve.speculative.draft_model import DraftModelProposer
     from lmforge.serve.speculative.medusa import MedusaProposer
     from lmforge.serve.speculative.ngram import NgramProposer
     if config.method == "ngram":
         return NgramProposer(config.ngram_max, config.ngram_min)
     if config.method == "medusa":
-        return MedusaProposer(config.medusa_heads, lm_head)
+        return MedusaProposer()
     return DraftModelProposer(config.draft_model, num_blocks, block_size, device)

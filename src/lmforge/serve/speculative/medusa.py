@@ -4,10 +4,11 @@ tokens after the next one, so the target drafts for itself without a second mode
 The target's hidden state h_t (after the final norm) gives token t+1 through its LM head; head i
 (i = 1..K) turns h_t into a feature h_t + SiLU(W_i h_t + b_i) that the same, frozen LM head reads
 as a guess for token t+1+i. W_i starts at zero, so an untrained head repeats the base head's
-guess. In the engine the hidden state of the row that produced a sequence's newest token is kept
-(`SpecState.hidden`); the heads turn it into the draft for the tokens after that one, and the
-target verifies the draft like any other (greedy: argmax matching; sampled: the draft is a point
-mass, so rejection sampling keeps the target's distribution exactly).
+guess. In the engine every step runs the heads on each logit row's hidden state, in the same
+LM-head pass as the logits (`ModelRunner`); the guesses of the row that produced a sequence's
+newest token are its draft for the tokens after that one, and the target verifies the draft like
+any other (greedy: argmax matching; sampled: the draft is a point mass, so rejection sampling keeps
+the target's distribution exactly).
 
 Heads are saved as a folder: `medusa.safetensors` (W [K, dim, dim], b [K, dim]) and
 `medusa.json` (K, dim, vocabulary size and how they were trained); `load_heads` checks that they
@@ -41,12 +42,13 @@ class MedusaHeads(nn.Module):
         h = hidden.to(self.weight.dtype)
         return h[:, None] + F.silu(torch.einsum("nd,ked->nke", h, self.weight) + self.bias)
 
-    @torch.inference_mode()
-    def propose(self, lm_head: nn.Module, hidden: torch.Tensor) -> list[list[int]]:
-        """hidden [N, dim] -> each row's K greedy guesses (tokens t+2..t+K+1), one LM-head matmul."""
-        feats = self(hidden)
-        logits = lm_head(feats.reshape(-1, self.dim).to(hidden.dtype))
-        return logits.argmax(-1).reshape(len(hidden), self.num_heads).tolist()
+    def first(self, k: int) -> MedusaHeads:
+        """The first k heads (drafts of k tokens never read the others, so the engine does not run them)."""
+        if k >= self.num_heads:
+            return self
+        heads = MedusaHeads(self.dim, k, self.vocab_size).to(self.weight)
+        heads.load_state_dict({"weight": self.weight[:k], "bias": self.bias[:k]})
+        return heads.eval()
 
 
 def save_heads(heads: MedusaHeads, path: str | Path, info: dict, overwrite: bool = False) -> Path:
@@ -86,11 +88,8 @@ def load_heads(path: str | Path, target=None) -> MedusaHeads:
 
 
 class MedusaProposer:
-    """Drafts come from the hidden state the engine stored for the sequence (SpecState.hidden)."""
-
-    def __init__(self, heads: MedusaHeads, lm_head: nn.Module):
-        self.heads, self.lm_head = heads, lm_head
-        self.needs_hidden = True
+    """Drafts are the guesses the model runner computed with the step that produced the sequence's
+    newest token (the heads run inside that step, on the same LM-head pass as its logits)."""
 
     def plan(self, seq, k: int) -> int:
         seq.spec.draft = list(seq.spec.guesses[:k])
@@ -100,9 +99,7 @@ class MedusaProposer:
     def propose(self, work, default_generator=None) -> None:
         """The drafts were set in plan(); the engine has already cut them to the scheduled size."""
 
-    def observe(self, seqs: list, hidden: torch.Tensor) -> None:
-        """hidden [len(seqs), dim]: the row that produced each sequence's newest token -> its next guesses."""
-        if not seqs:
-            return
-        for seq, guesses in zip(seqs, self.heads.propose(self.lm_head, hidden)):
-            seq.spec.guesses = guesses
+    def observe(self, seqs: list, guesses: list[list[int]]) -> None:
+        """guesses: each sequence's K guesses from the row behind its newest token."""
+        for seq, row in zip(seqs, guesses):
+            seq.spec.guesses = row
