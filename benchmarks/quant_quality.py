@@ -26,6 +26,7 @@ from lmforge.gguf_file import bundled_smollm2
 from lmforge.model import load
 from lmforge.quant import quantize_model
 from lmforge.quant.calibration import calibration_batch
+from lmforge.quant.gguf_export import TYPES as GGUF_TYPES
 from lmforge.quant.gguf_export import export_gguf
 from lmforge.quant.int8 import weight_bytes
 from lmforge.serve.perplexity import heldout_text, perplexity
@@ -41,6 +42,10 @@ def main() -> None:
     ap.add_argument("--head-bits", type=int, default=8, help="LM head of rtn/awq/gptq: 8 (int8) or 4 (the body's grid)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    known = ["int8", "smoothquant", "rtn", "awq", "gptq", "nf4"] + [f"gguf-{kind}" for kind in GGUF_TYPES]
+    unknown = [m for m in args.methods.split(",") if m not in known]
+    if unknown:   # before minutes of quantising the others
+        ap.error(f"unknown --methods {', '.join(unknown)} (known: {', '.join(known)})")
     torch.manual_seed(0)
     path = bundled_smollm2()
     tok, base = load_tokenizer(path), load(path)
