@@ -119,32 +119,19 @@ def test_int4_decode_compiles_two_graphs_whatever_the_batch(tiny, compiled_steps
     assert len(compiled) == 2, f"{len(compiled)} graphs compiled (expected 2: one row, several)"
 
 
-def test_compiled_speculative_verification_is_token_identical(smollm_tokenizer, compiled_steps):
-    # verifying a draft (1 + k tokens per sequence) runs compiled too, one attention row per token
-    calls, compiled = compiled_steps
-    target, prompts = toy_model(V), prompts_with_repeats(6)
-    greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    plain = run(LLMEngine(target, smollm_tokenizer, EngineConfig(num_blocks=256, block_size=4)),
-                [(p, greedy, None) for p in prompts])
-    spec = SpeculativeConfig("ngram", num_tokens=4)
-    engine = LLMEngine(target, smollm_tokenizer, EngineConfig(num_blocks=256, block_size=4, speculative=spec,
-                                                              compile_decode=True))
-    assert run(engine, [(p, greedy, None) for p in prompts]) == plain
-    assert engine.runner.compile_decode and engine.spec_stats["accepted"] > 0
-    assert max(calls) > len(prompts), "no verification step took the compiled path"
-    assert len(compiled) <= 2
-
-
-def test_compiled_medusa_drafts_equal_the_eager_ones(smollm_tokenizer, compiled_steps):
-    # Medusa's guesses come out of the compiled step with its logits: the same drafts as eager
-    # decoding gives (equal draft and acceptance counts), and output identical to plain decoding
+@pytest.mark.parametrize("method", ["ngram", "medusa"])
+def test_compiled_speculative_verification_is_token_identical(smollm_tokenizer, compiled_steps, method):
+    # verifying a draft (1 + k tokens per sequence) runs compiled too, one attention row per token,
+    # and Medusa's guesses come out of the compiled step with its logits: the same drafts and
+    # acceptances as eager decoding, and output identical to plain decoding
     from tests.serve.test_speculative_medusa import jittered_heads
     calls, compiled = compiled_steps
     target, prompts = toy_model(V), prompts_with_repeats(6)
     greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     plain = run(LLMEngine(target, smollm_tokenizer, EngineConfig(num_blocks=256, block_size=4)),
                 [(p, greedy, None) for p in prompts])
-    spec = SpeculativeConfig("medusa", num_tokens=3, medusa_heads=jittered_heads(target, 3, 0.05))
+    spec = SpeculativeConfig(method, num_tokens=3) if method == "ngram" else \
+        SpeculativeConfig(method, num_tokens=3, medusa_heads=jittered_heads(target, 3, 0.05))
     stats = []
     for compile_decode in (False, True):
         engine = LLMEngine(target, smollm_tokenizer, EngineConfig(num_blocks=256, block_size=4, speculative=spec,
