@@ -156,3 +156,11 @@ def test_smollm2_with_medusa_drafts_is_token_identical(smollm, smollm_tokenizer)
         "medusa", num_tokens=3, medusa_heads=heads)))
     assert run(engine, [(p, greedy, None) for p in prompts]) == plain
     assert engine.spec_stats["drafted"] > 0
+
+
+def test_built_in_prompts_are_distinct_and_bounded():
+    from lmforge.serve.speculative.medusa_train import default_prompts
+    prompts = default_prompts(800)
+    assert len(set(prompts)) == 800 and default_prompts(5, seed=1) != default_prompts(5, seed=2)
+    with pytest.raises(LmforgeError, match="800 instructions"):
+        default_prompts(801)

@@ -20,15 +20,28 @@ TEMPLATES = ["Explain {} to a beginner.", "Write a short paragraph about {}.", "
              "What are the pros and cons of {}?", "Write a Python function related to {} and explain it.",
              "Give step-by-step instructions involving {}.", "Summarise the history of {} in a few sentences.",
              "Write a short poem about {}.", "Answer briefly: why does {} matter?",
-             "Compare {} with something similar."]
+             "Compare {} with something similar.", "Describe {} in simple terms.",
+             "Write a Python class that models {} and show how to use it.",
+             "What are common misconceptions about {}?", "Explain {} to a ten-year-old.",
+             "Give three questions a student might ask about {}, with answers.",
+             "Write a short dialogue between two friends about {}.",
+             "Write a product description for something related to {}.",
+             "Summarise the key ideas of {} as bullet points.", "Write a Python script that prints facts about {}.",
+             "Write a haiku about {}, then explain it."]
 TOPICS = ["photosynthesis", "sorting algorithms", "the French Revolution", "volcanoes", "machine learning",
           "coffee", "the water cycle", "prime numbers", "electric cars", "the Moon", "recursion", "bread baking",
-          "climate change", "the human heart", "chess", "JSON files"]
+          "climate change", "the human heart", "chess", "JSON files", "the Roman Empire", "black holes",
+          "gardening", "the internet", "honeybees", "the Olympic Games", "earthquakes", "linked lists",
+          "solar panels", "the stock market", "jazz music", "vaccines", "the Amazon rainforest", "hash tables",
+          "mountain climbing", "the printing press", "ocean tides", "regular expressions", "tea",
+          "the immune system", "bicycles", "dinosaurs", "unit testing", "the Pythagorean theorem"]
 
 
 def default_prompts(n: int, seed: int = 0) -> list[str]:
-    """n instructions from the templates x topics grid, shuffled deterministically."""
+    """n instructions from the templates x topics grid (800), shuffled deterministically."""
     grid = [t.format(topic) for t in TEMPLATES for topic in TOPICS]
+    if n > len(grid):
+        raise LmforgeError(f"the built-in prompt set has {len(grid)} instructions, not {n}: pass a file of your own")
     random.Random(seed).shuffle(grid)
     return grid[:n]
 
