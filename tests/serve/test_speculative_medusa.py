@@ -64,6 +64,15 @@ def test_medusa_drafts_come_from_the_hidden_state_behind_the_newest_token(smollm
     assert 0 < engine.spec_stats["accepted"] < engine.spec_stats["drafted"]
 
 
+def test_self_distillation_in_chunks_gives_the_same_answers():
+    from lmforge.serve.speculative.medusa_train import self_distill
+    model, prompts = toy_model(V), prompts_with_repeats(5)
+    told = []
+    whole = self_distill(model, None, prompts, 12)
+    assert self_distill(model, None, prompts, 12, told.append, chunk=2) == whole
+    assert len(whole) == 5 and len(told) == 3 and told[-1].startswith("answered 5/5 prompts")
+
+
 def test_training_pairs_align_head_i_with_token_t_plus_1_plus_i():
     model = toy_model(V)
     tokens, prompt_len = list(range(10, 30)), 6
@@ -121,7 +130,7 @@ def _wider(vocab: int):
                                    max_seq_len=64))
 
 
-def test_medusa_train_command(tmp_path, monkeypatch):
+def test_medusa_train_command(tmp_path, monkeypatch, capsys):
     from lmforge.model import ModelConfig, Transformer, save
     from lmforge.tokenizer import train_tokenizer
     monkeypatch.chdir(tmp_path)
@@ -133,6 +142,7 @@ def test_medusa_train_command(tmp_path, monkeypatch):
     args = ["medusa-train", "model", "-o", "heads", "--num-prompts", "3", "--max-tokens", "8", "--steps", "5",
             "--heads", "2", "--no-chat", "--device", "cpu"]
     assert cli_run(args) == 0
+    assert "answered 3/3 prompts" in capsys.readouterr().err
     heads = load_heads(tmp_path / "heads")
     assert (heads.num_heads, heads.dim) == (2, 16)
     assert cli_run(args) == 0                                     # its own output is replaced

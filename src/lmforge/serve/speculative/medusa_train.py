@@ -63,8 +63,10 @@ class MedusaTrainConfig:
             raise LmforgeError(f"medusa lr must be in (0, 1) (got {self.lr})")
 
 
-def self_distill(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], int]]:
-    """-> (prompt + the target's greedy continuation, prompt length) per prompt."""
+def self_distill(model, tokenizer, prompts: list[list[int]], max_tokens: int,
+                 progress=lambda message: None, chunk: int = 128) -> list[tuple[list[int], int]]:
+    """-> (prompt + the target's greedy continuation, prompt length) per prompt; progress is told
+    after every `chunk` prompts."""
     from lmforge.serve.engine import EngineConfig, LLMEngine
     from lmforge.serve.sequence import SamplingParams
     engine = LLMEngine(model, tokenizer, EngineConfig(kv_cache_mb=256, max_num_seqs=32))
@@ -72,8 +74,14 @@ def self_distill(model, tokenizer, prompts: list[list[int]], max_tokens: int) ->
     kept = [(p, n) for p, n in zip(prompts, room) if n > 0]
     if not kept:
         raise LmforgeError("no prompt leaves room for generated tokens in the model's context")
-    outs = engine.generate([p for p, _ in kept], [SamplingParams(max_tokens=n, temperature=0) for _, n in kept])
-    return [(p + o["token_ids"], len(p)) for (p, _), o in zip(kept, outs)]
+    sequences = []
+    for i in range(0, len(kept), chunk):
+        part = kept[i:i + chunk]
+        outs = engine.generate([p for p, _ in part], [SamplingParams(max_tokens=n, temperature=0) for _, n in part])
+        sequences += [(p + o["token_ids"], len(p)) for (p, _), o in zip(part, outs)]
+        progress(f"answered {len(sequences)}/{len(kept)} prompts "
+                 f"({sum(len(t) - n for t, n in sequences)} tokens)")
+    return sequences
 
 
 @torch.no_grad()
@@ -153,7 +161,7 @@ def train_medusa(model, tokenizer, prompts: list[list[int]], config: MedusaTrain
     if len(prompts) < 2:
         raise LmforgeError("medusa training needs at least 2 prompts (one is held out)")
     progress(f"generating the model's greedy answers to {len(prompts)} prompts (<= {config.max_tokens} tokens each)")
-    sequences = self_distill(model, tokenizer, prompts, config.max_tokens)
+    sequences = self_distill(model, tokenizer, prompts, config.max_tokens, progress)
     progress(f"training {config.num_heads} heads for {config.steps} steps")
     n_held = max(1, len(sequences) // 10)
     train_h, train_y = training_pairs(model, sequences[n_held:], config.num_heads)
