@@ -64,13 +64,15 @@ def test_medusa_drafts_come_from_the_hidden_state_behind_the_newest_token(smollm
     assert 0 < engine.spec_stats["accepted"] < engine.spec_stats["drafted"]
 
 
-def test_self_distillation_in_chunks_gives_the_same_answers():
+def test_self_distillation_in_chunks_gives_the_same_answers(smollm_tokenizer):
     from lmforge.serve.speculative.medusa_train import self_distill
     model, prompts = toy_model(V), prompts_with_repeats(5)
     told = []
-    whole = self_distill(model, None, prompts, 12)
-    assert self_distill(model, None, prompts, 12, told.append, chunk=2) == whole
-    assert len(whole) == 5 and len(told) == 3 and told[-1].startswith("answered 5/5 prompts")
+    whole = self_distill(model, smollm_tokenizer, prompts, 12)
+    written = [len(t) - n for t, n in whole]
+    assert len(whole) == 5 and max(written) == 12     # up to max_tokens, or the model's EOS
+    assert self_distill(model, smollm_tokenizer, prompts, 12, told.append, chunk=2) == whole
+    assert len(told) == 3 and told[-1] == f"answered 5/5 prompts ({sum(written)} tokens)"
 
 
 def test_training_pairs_align_head_i_with_token_t_plus_1_plus_i():
