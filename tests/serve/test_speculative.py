@@ -294,5 +294,14 @@ def test_engine_sampling_with_speculation_matches_the_model(smollm_tokenizer):
         params = [SamplingParams(max_tokens=3, temperature=1.0, seed=i) for i in range(n)]
         paths = [tuple(r["token_ids"]) for r in engine.generate([prompt] * n, params)]
         assert engine.spec_stats["rounds"] > n / 2 and engine.spec_stats["accepted"] < engine.spec_stats["drafted"]
-        counts = [paths.count(c) for c in expected]
-        assert chisquare(counts, [e * n for e in expected.values()]).pvalue > 1e-3, method
+        assert pooled_chisquare_pvalue([paths.count(c) for c in expected], [e * n for e in expected.values()]) > 1e-3, \
+            method
+
+
+def pooled_chisquare_pvalue(counts: list[int], expected: list[float], min_expected: float = 5.0) -> float:
+    """Chi-squared with the cells expected fewer than min_expected times pooled into one (the test's
+    approximation fails on near-empty cells: a single hit in a cell expected 0.15 times adds ~5)."""
+    rare = [i for i, e in enumerate(expected) if e < min_expected]
+    kept = [i for i in range(len(expected)) if i not in rare]
+    return chisquare([counts[i] for i in kept] + [sum(counts[i] for i in rare)],
+                     [expected[i] for i in kept] + [sum(expected[i] for i in rare)]).pvalue
