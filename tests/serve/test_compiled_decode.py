@@ -18,6 +18,7 @@ from lmforge.serve.paged_cache import StepBatch
 from lmforge.serve.speculative import SpeculativeConfig
 from tests.serve.test_paged_cache import PROMPTS, no_detokenizer, run_and_compare  # noqa: F401
 from tests.serve.test_speculative import V, prompts_with_repeats, run, toy_model
+from tests.serve.test_speculative_medusa import jittered_heads
 
 pytestmark = pytest.mark.slow   # each graph takes seconds to compile on 2 cores
 
@@ -124,7 +125,6 @@ def test_compiled_speculative_verification_is_token_identical(smollm_tokenizer, 
     # verifying a draft (1 + k tokens per sequence) runs compiled too, one attention row per token,
     # and Medusa's guesses come out of the compiled step with its logits: the same drafts and
     # acceptances as eager decoding, and output identical to plain decoding
-    from tests.serve.test_speculative_medusa import jittered_heads
     calls, compiled = compiled_steps
     target, prompts = toy_model(V), prompts_with_repeats(6)
     greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)

@@ -70,16 +70,15 @@ class LLMEngine:
         self.detoks: dict[str, Detokenizer] = {}
         self._ids = itertools.count()
         self.num_steps = 0
-        self.proposer = None
+        self.proposer, medusa = None, None   # medusa: heads whose guesses the runner's every step gives
         if cfg.speculative is not None:
             cfg.speculative.validate(self.vocab_size)
-            heads = cfg.speculative.medusa_heads
-            if cfg.speculative.method == "medusa" and heads.dim != mcfg.dim:
-                raise LmforgeError(f"the medusa heads were trained for hidden size {heads.dim}, not {mcfg.dim}")
+            if cfg.speculative.method == "medusa":
+                heads = cfg.speculative.medusa_heads
+                if heads.dim != mcfg.dim:
+                    raise LmforgeError(f"the medusa heads were trained for hidden size {heads.dim}, not {mcfg.dim}")
+                medusa = heads.first(cfg.speculative.num_tokens)
             self.proposer = make_proposer(cfg.speculative, num_blocks, cfg.block_size, self.device)
-        medusa = None   # Medusa: the runner's every step also gives the heads' guesses
-        if self.proposer is not None and cfg.speculative.method == "medusa":
-            medusa = cfg.speculative.medusa_heads.first(cfg.speculative.num_tokens)
         self.runner = ModelRunner(model, self.cache, cfg.compile_decode, medusa)
         self.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}
 
