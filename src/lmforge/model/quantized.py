@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.model import int4_cpu
 from lmforge.model.w8a8 import W8A8Linear
 
 _CPU_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
@@ -110,9 +111,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("zeros", torch.zeros(out_features, self.n_groups))
         self.register_buffer("codebook", torch.zeros(16) if codebook else None)
         self.bias = None
-        self._kernel_cache = None   # (packed int4 weight, bf16 scales-and-zeros) for the CPU kernel
+        self._kernel_cache = None   # the CPU kernel's layout of this layer (_int4_kernel_layout)
         self._generation = 0        # bumped whenever the weights may have changed (fused kernels check it)
-        self._fused = None          # (key, weight, scales-and-zeros, widths): this layer + siblings in one kernel
+        self._fused = None          # (key, layout, widths): this layer + siblings in one kernel
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
@@ -162,17 +163,17 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_cpu_kernel(x):
-            return _int4_kernel_mm(x, *self._kernel_weights(), self.group_size,
-                                   self.n_groups * self.group_size - self.in_features)
+            return _int4_kernel_mm(x, self._kernel_weights(), self.group_size,
+                                   self.n_groups * self.group_size - self.in_features, self.out_features)
         return F.linear(x, self.dequantized().to(x.dtype))
 
     def fused_forward(self, layers: tuple["Int4Linear", ...], x: torch.Tensor) -> list[torch.Tensor]:
         """`[layer(x) for layer in layers]` (self first) with one kernel call over their stacked rows."""
         key = tuple((id(layer), layer._generation) for layer in layers)
         if self._fused is None or self._fused[0] != key:
-            self._fused = (key, *_int4_kernel_layout(layers), [layer.out_features for layer in layers])
-        _, weight, sz, widths = self._fused
-        y = _int4_kernel_mm(x, weight, sz, self.group_size, self.n_groups * self.group_size - self.in_features)
+            self._fused = (key, _int4_kernel_layout(layers), [layer.out_features for layer in layers])
+        _, layout, widths = self._fused
+        y = _int4_kernel_mm(x, layout, self.group_size, self.n_groups * self.group_size - self.in_features, sum(widths))
         return list(y.split(widths, dim=-1))
 
     def extra_repr(self) -> str:
@@ -180,28 +181,43 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{self.group_size} {grid}"
 
 
-def _int4_kernel_layout(layers) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU kernel's packed weight and bf16 scales-and-zeros for the layers' rows stacked in order.
+def _int4_kernel_layout(layers) -> tuple:
+    """The CPU kernel's weight for the layers' rows stacked in order: ("lmforge", packed, asym) for
+    lmforge's int4 x int8 kernel (int4_cpu) where it runs, else ("torch", int4pack weight, bf16
+    scales-and-zeros) for PyTorch's.
 
-    Both are marked static for torch.compile: as plain attributes (not buffers) their sizes would be
-    symbolic, and duck sizing would tie the trailing 2 of the scales-and-zeros to a batch of 2 rows,
+    The tensors are marked static for torch.compile: as plain attributes (not buffers) their sizes would
+    be symbolic, and duck sizing would tie the trailing 2 of the scales-and-zeros to a batch of 2 rows,
     recompiling when the batch grows."""
     from torch._dynamo import mark_static
-    q = torch.cat([unpack_nibbles(layer.packed) for layer in layers]).to(torch.int32)
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+    q = torch.cat([unpack_nibbles(layer.packed) for layer in layers])
     scales = torch.cat([layer.scales.float() for layer in layers])
-    zero = scales * (8 - torch.cat([layer.zeros.float() for layer in layers]))   # (q - 8) s + zero = s (q - Z)
-    sz = torch.stack([scales.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-    mark_static(weight)
-    mark_static(sz)
-    return weight, sz
+    zeros = torch.cat([layer.zeros.float() for layer in layers])
+    layout = None
+    if int4_cpu.available():
+        per_block = layers[0].group_size // int4_cpu.BLOCK
+        packed = int4_cpu.pack(q, scales.repeat_interleave(per_block, 1), zeros.repeat_interleave(per_block, 1))
+        layout = packed and ("lmforge", *packed)
+    if layout is None:
+        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        sz = torch.stack([scales.t(), (scales * (8 - zeros)).t()], dim=-1)   # (q - 8) s + zero = s (q - Z)
+        layout = ("torch", weight, sz.to(torch.bfloat16).contiguous())
+    for tensor in layout[1:]:
+        if isinstance(tensor, torch.Tensor):
+            mark_static(tensor)
+    return layout
 
 
-def _int4_kernel_mm(x, weight, sz, group_size: int, padding: int) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-    if padding:
-        flat = F.pad(flat, (0, padding))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, group_size, sz)
+def _int4_kernel_mm(x, layout: tuple, group_size: int, padding: int, out_features: int) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    if layout[0] == "lmforge":
+        flat = F.pad(flat.float(), (0, padding)) if padding else flat.float()
+        y = int4_cpu.mm(flat, layout[1], out_features, layout[2])
+    else:
+        flat = flat.to(torch.bfloat16)
+        if padding:
+            flat = F.pad(flat, (0, padding))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layout[1], group_size, layout[2])
     return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
 

@@ -1,0 +1,79 @@
+"""lmforge's own int4 x int8 CPU matmul (int4_cpu.cpp): built with the local C++ compiler on first use,
+cached by torch.utils.cpp_extension, and used by Int4Linear instead of PyTorch's
+`_weight_int4pack_mm_for_cpu` where the CPU has AVX512-VNNI.
+
+Why: decoding is bound by the bytes of weight read per token. PyTorch's kernel reads bf16 scale and
+zero per 32 weights (5 bits a weight) and multiplies in bf16; this one reads fp16 scales only for
+symmetric weights (4.5 bits, as llama.cpp's Q4_0), quantises the activations to int8 per 32 inputs (as
+llama.cpp does for Q4_0 x Q8_0) and multiplies in integers, 16 output rows per instruction. The int8
+activations are its one approximation (~3 significant digits per block, like bf16's); the perplexity
+cost is measured in the README.
+
+LMFORGE_INT4_KERNEL=torch keeps PyTorch's kernel (for comparisons); a failed build warns once and
+falls back to it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+TILE_ROWS, BLOCK = 16, 32
+
+
+@functools.cache
+def available() -> bool:
+    """Whether lmforge's kernel serves Int4Linear here (built and loaded on the first call)."""
+    if os.environ.get("LMFORGE_INT4_KERNEL", "auto") == "torch" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        _build()
+    except Exception as exc:   # no compiler, no ninja, a compiler error: PyTorch's kernel still works
+        warnings.warn(f"lmforge's int4 CPU kernel did not build ({exc}); using PyTorch's int4 kernel", stacklevel=2)
+        return False
+    if not torch.ops.lmforge_int4.supported():
+        return False
+    torch.library.register_fake("lmforge_int4::mm")(_mm_shape)   # for torch.compile
+    return True
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+    try:   # cpp_extension runs `ninja` from PATH; the pip package's binary may not be on it
+        import ninja
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+    except ImportError:
+        pass
+    source = Path(__file__).with_name("int4_cpu.cpp")
+    cpp_extension.load(name="lmforge_int4_cpu", sources=[str(source)], extra_cflags=["-O3"],
+                       is_python_module=False, verbose=False)
+
+
+def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> tuple[torch.Tensor, bool] | None:
+    """The kernel's layout for w = scales * (codes - zeros): codes 0..15 [out, in] (in a multiple of 32),
+    scales/zeros [out, in / 32] (one per 32-input block; None or all 8 = symmetric) -> (packed, asym),
+    or None when the scales do not fit fp16."""
+    out, n_in = codes.shape
+    tiles, blocks = out // TILE_ROWS, n_in // BLOCK
+    q = codes.to(torch.uint8).view(tiles, TILE_ROWS, blocks, 4, 2, 4).permute(0, 2, 3, 1, 4, 5)
+    nibbles = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(tiles, blocks, 256)   # [tile, block, octet, row, 4]
+    asym = zeros is not None and bool((zeros != 8).any())
+    per_block = [scales] + ([-scales * zeros] if asym else [])
+    halves = [t.half() for t in per_block]
+    if not all(torch.isfinite(h).all() for h in halves):
+        return None
+    tails = [h.view(tiles, TILE_ROWS, blocks).transpose(1, 2).contiguous().view(torch.uint8) for h in halves]
+    return torch.cat([nibbles, *tails], dim=-1).contiguous(), asym
+
+
+def mm(x: torch.Tensor, packed: torch.Tensor, out_features: int, asym: bool) -> torch.Tensor:
+    """x float32 [rows, in] @ the packed weight^T -> float32 [rows, out_features]."""
+    return torch.ops.lmforge_int4.mm(x, packed, out_features, asym)
+
+
+def _mm_shape(x, packed, out_features, asym):
+    return x.new_empty(x.shape[0], out_features)
