@@ -1,10 +1,16 @@
-"""Group-wise int4 (r = S (q - Z)): the round trip against the formula, the packed layout, and the
-CPU int4 kernel against the dequantised reference matmul."""
+"""Group-wise int4 (r = S (q - Z)): the round trip against the formula, the packed layout, and both
+CPU int4 kernels (PyTorch's, lmforge's int4 x int8) against reference matmuls."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lmforge.model.quantized import Int4Linear, project
+from lmforge.model import int4_cpu
+from lmforge.model.quantized import Int4Linear, project, unpack_nibbles
 from lmforge.quant.groupwise import dequantize, group_params, quantize_with, rtn, rtn_linear
 
 
@@ -54,16 +60,37 @@ def test_int4_linear_stores_the_codes_and_reconstructs_r_equals_s_q_minus_z():
     torch.testing.assert_close(layer.dequantized(), ref, rtol=0, atol=0)
 
 
+def _has_avx512_vnni() -> bool:
+    try:
+        return "avx512_vnni" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["torch", "lmforge"])
+def kernel(request, monkeypatch):
+    """Run the test on PyTorch's int4 kernel, then on lmforge's (which must build where the CPU has VNNI)."""
+    if request.param == "torch":
+        monkeypatch.setattr(int4_cpu, "available", lambda: False)
+    elif not _has_avx512_vnni():
+        pytest.skip("CPU without AVX512-VNNI: lmforge's int4 kernel does not run here")
+    else:
+        assert int4_cpu.available(), "lmforge's int4 kernel failed to build on a CPU that has AVX512-VNNI"
+    return request.param
+
+
 @pytest.mark.parametrize("group_size,n_in", [(32, 96), (64, 576), (128, 576)])
 @pytest.mark.parametrize("asym", [False, True])
-def test_cpu_int4_kernel_equals_the_dequantised_reference_matmul(group_size, n_in, asym):
+def test_pytorch_int4_kernel_equals_the_dequantised_reference_matmul(group_size, n_in, asym, monkeypatch):
     """576 is not a multiple of 128: the kernel path pads the input to whole groups."""
+    monkeypatch.setattr(int4_cpu, "available", lambda: False)
     torch.manual_seed(3)
     lin = nn.Linear(n_in, 64, bias=False)
     layer = rtn_linear(lin, 4, group_size, asym)
     x = torch.randn(3, n_in)
     assert layer.uses_cpu_kernel(x)
     got = layer(x)
+    assert layer._kernel_cache[0] == "torch"
     # reference in float64 with the same bfloat16 rounding of activations and scales the kernel uses
     s = layer.scales.to(torch.bfloat16).double()
     zero = (layer.scales * (8 - layer.zeros)).to(torch.bfloat16).double()
@@ -76,7 +103,58 @@ def test_cpu_int4_kernel_equals_the_dequantised_reference_matmul(group_size, n_i
     assert (got.double() - exact).abs().max() <= 3e-2 * exact.abs().max()
 
 
-def test_fused_projection_equals_the_separate_layers_and_follows_reloads():
+def _int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations as lmforge's kernel quantises them: per 32 inputs, d = max|x| / 127, xq = round(x / d)."""
+    blocks = x.view(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return torch.round(blocks * inv), d
+
+
+@pytest.mark.parametrize("group_size,n_in", [(32, 96), (64, 576), (128, 576)])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_lmforge_int4_kernel_equals_int8_activation_reference(group_size, n_in, asym, rows):
+    """lmforge's kernel is exact given its one approximation (int8 activations per 32 inputs) and fp16
+    scales: compare with that arithmetic in float64. 9 rows = two 4-row passes and a remainder."""
+    if not _has_avx512_vnni():
+        pytest.skip("CPU without AVX512-VNNI: lmforge's int4 kernel does not run here")
+    torch.manual_seed(rows)
+    layer = rtn_linear(nn.Linear(n_in, 48, bias=False), 4, group_size, asym)
+    x = torch.randn(rows, n_in)
+    x[:, 5] *= 40   # an outlier channel, as residual streams have: only its own block loses precision
+    got = layer(x)
+    assert layer._kernel_cache[0] == "lmforge" and layer._kernel_cache[2] == asym
+    padded = layer.n_groups * group_size
+    xq, d = _int8_blocks(F.pad(x, (0, padded - n_in)))
+    per_block = group_size // 32
+    s = layer.scales.repeat_interleave(per_block, 1).half().double()
+    q = unpack_nibbles(layer.packed).double().view(48, -1, 32)
+    if asym:
+        m = (-layer.scales * layer.zeros).repeat_interleave(per_block, 1).half().double()
+        w = s[..., None] * q + m[..., None]
+    else:
+        w = s[..., None] * (q - 8)
+    ref = torch.einsum("rbi,obi->ro", xq.double() * d.double(), w)
+    assert got.shape == (rows, 48) and got.dtype == torch.float32
+    assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    exact = x.double() @ layer.dequantized().double().t()
+    assert (got.double() - exact).abs().max() <= 3e-2 * exact.abs().max()
+
+
+def test_int4_kernel_choice_follows_the_environment():
+    """LMFORGE_INT4_KERNEL=torch keeps PyTorch's kernel (for comparisons), whatever the CPU."""
+    code = "from lmforge.model import int4_cpu; print(int4_cpu.available())"
+    env = {**os.environ, "LMFORGE_INT4_KERNEL": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    if _has_avx512_vnni():
+        env["LMFORGE_INT4_KERNEL"] = "auto"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "True"
+
+
+def test_fused_projection_equals_the_separate_layers_and_follows_reloads(kernel):
     """q/k/v (and gate/up) share one kernel call over stacked rows: same outputs as one call per layer,
     and reloading one layer's weights (or moving it) rebuilds the fused kernel."""
     torch.manual_seed(5)
@@ -84,7 +162,7 @@ def test_fused_projection_equals_the_separate_layers_and_follows_reloads():
     x = torch.randn(1, 3, 96)
     for got, want in zip(project(x, *layers), [layer(x) for layer in layers]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert layers[0]._fused is not None
+    assert layers[0]._fused[1][0] == kernel
     other = rtn_linear(nn.Linear(96, 32, bias=False), 4, 32, True)
     layers[2].load_state_dict(other.state_dict())
     torch.testing.assert_close(project(x, *layers)[2], other(x), rtol=0, atol=0)
