@@ -17,7 +17,9 @@ HF), so token counts match. Sides:
               int8          per-channel INT8 weights (--int8)
               int4          RTN int4 g32 symmetric, LM head included (`lmforge quantize --method rtn
                             --group-size 32 --head-bits 4`: the grid and precision of llama.cpp's Q4_0,
-                            whose tied output matrix is 4-bit too)
+                            whose tied output matrix is 4-bit too), through lmforge's int4 x int8 kernel
+              int4-pt       the same checkpoint through PyTorch's int4 kernel (LMFORGE_INT4_KERNEL=torch),
+                            also compared with lmforge-int4: the kernel's own speed-up
               kv-int8       int8 KV cache (--kv-dtype int8)
               prefix-cache  prefix caching on (later rounds hit the cache: the repeated-prompt case)
               ngram         prompt-lookup speculative decoding (--speculative ngram)
@@ -93,7 +95,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, model: Path, port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(args, model: Path, port: int, extra: list[str], env: dict[str, str]) -> subprocess.Popen:
     cmd = [sys.executable, "-c", "from lmforge.cli import main; main()", "serve", str(model),
            "--port", str(port), "--name", "bench", "--device", args.device, "--dtype", args.dtype,
            "--max-num-seqs", "64", "--max-queue", "1024", "--kv-cache-mb", str(args.kv_cache_mb),
@@ -104,7 +106,7 @@ def start_server(args, model: Path, port: int, extra: list[str]) -> subprocess.P
         cmd += ["--threads", str(args.threads)]
     cmd += extra
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would stall the server
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env={**os.environ, **env})
     start = time.monotonic()
     while time.monotonic() < start + 600:
         if proc.poll() is not None:
@@ -112,7 +114,7 @@ def start_server(args, model: Path, port: int, extra: list[str]) -> subprocess.P
             raise SystemExit(f"server exited: {log.read()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                print(f"server {' '.join(extra) or '(fp)'} up in {time.monotonic() - start:.0f} s", flush=True)
+                print(f"server {' '.join(extra + [f'{k}={v}' for k, v in env.items()]) or '(fp)'} up in {time.monotonic() - start:.0f} s", flush=True)
                 return proc
         except httpx.HTTPError:
             pass
@@ -235,7 +237,8 @@ METRICS = (("tokens_per_s", "tok/s", 1, 1, ""), ("decode_tok_s", "decode tok/s/s
 # --variants: name -> the `lmforge serve` options that switch the feature on (int4: its own checkpoint)
 VARIANTS = {"int8": ["--int8"], "int4": [], "kv-int8": ["--kv-dtype", "int8"], "prefix-cache": ["--prefix-caching"],
             "ngram": ["--speculative", "ngram"], "gguf-int4": ["--gguf-int4", "--int8"], "w8a8": [],
-            "no-prepack": ["--no-prepack"]}
+            "no-prepack": ["--no-prepack"], "int4-pt": []}
+VARIANT_ENV = {"int4-pt": {"LMFORGE_INT4_KERNEL": "torch"}}
 # llama.cpp's file -> the lmforge variant with the same weights ("gguf": the --model file itself)
 LLAMA_TYPES = {"q4_0": "int4", "q8_0": "int8", "gguf": "gguf-int4"}
 
@@ -251,7 +254,7 @@ def prepare_files(args, tmp: Path, variants: list[str]) -> dict[str, Path]:
     if "gguf" in need_gguf:
         files["gguf"] = args.model
         need_gguf.remove("gguf")
-    checkpoints = {"int4", "w8a8"} & set(variants)
+    checkpoints = {"int4", "w8a8"} & {v.removesuffix("-pt") for v in variants}
     if not checkpoints and not need_gguf:
         return files
     tok = load_tokenizer(args.model)
@@ -265,6 +268,7 @@ def prepare_files(args, tmp: Path, variants: list[str]) -> dict[str, Path]:
     for name in sorted(checkpoints):
         save(quantize_model(load(args.model), **settings[name]()), tmp / name, tokenizer=tok)
         files[name] = tmp / name
+    files["int4-pt"] = files.get("int4")
     return files
 
 
@@ -318,15 +322,15 @@ def main():
         print("llama.cpp peer skipped: it is compared with the int4/int8/gguf-int4 variants; add one of them")
     tmp = tempfile.TemporaryDirectory(prefix="serve-bench-")
     files = prepare_files(args, Path(tmp.name), variants)
-    servers = {"lmforge": (args.model, ["--no-prefix-caching"])}
+    servers = {"lmforge": (args.model, ["--no-prefix-caching"], {})}
     for v in variants:
         prefix = [] if v == "prefix-cache" else ["--no-prefix-caching"]
-        servers[f"lmforge-{v}"] = (files.get(v, args.model), VARIANTS[v] + prefix)
+        servers[f"lmforge-{v}"] = (files.get(v) or args.model, VARIANTS[v] + prefix, VARIANT_ENV.get(v, {}))
     procs, urls, peers = {}, {}, {}
     try:
-        for name, (model, extra) in servers.items():
+        for name, (model, extra, env) in servers.items():
             port = free_port()
-            procs[name] = start_server(args, model, port, extra)
+            procs[name] = start_server(args, model, port, extra, env)
             urls[name] = f"http://127.0.0.1:{port}"
         for kind in LLAMA_TYPES:
             if kind in files:
@@ -393,6 +397,7 @@ def main():
                 compare(mine, peer, n)
         for v in variants:   # each feature on vs off
             compare(f"lmforge-{v}", "lmforge", n)
+        compare("lmforge-int4", "lmforge-int4-pt", n)   # lmforge's int4 kernel vs PyTorch's
         for kind, v in LLAMA_TYPES.items():
             compare(f"lmforge-{v}", f"llama.cpp-{kind}", n)
             compare(f"lmforge-{v}", f"llama.cpp-{kind}", n, "decode_tok_s", "decode tok/s")
