@@ -11,10 +11,12 @@ round, so weights come from beyond the core's L2 as in a model's decode step (on
 alone would sit in the 2 MB L2 and make small-row BLAS calls look far cheaper than in a model).
 Kernels: fp32 and bf16 `F.linear` (bf16 runs on AMX where the CPU has it), fp32 on a oneDNN-prepacked
 weight (`lmforge::packed_linear`, what the engine's float32 CPU linears call from 4 rows on), PyTorch's weight-only
-`_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (bf16 activations; what Int8Linear and
-Int4Linear call), and lmforge's W8A8 `int8_mm` (int8 activations, oneDNN int8 GEMM on a prepacked
-weight; what W8A8Linear calls), the activation's per-row quantisation included. Median of --repeat
-timed batches of calls each; microseconds per call.
+`_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (bf16 activations; what Int8Linear calls, and
+Int4Linear where lmforge's kernel does not run), lmforge's int4 x int8 kernel (`lmforge.model.int4_cpu`:
+activations quantised to int8 per 32 inputs, VNNI dot products; what Int4Linear calls on AVX512-VNNI
+CPUs; the last column is its speed-up over PyTorch's int4 kernel), and lmforge's W8A8 `int8_mm` (int8
+activations, oneDNN int8 GEMM on a prepacked weight; what W8A8Linear calls), each activation
+quantisation included. Median of --repeat timed batches of calls each; microseconds per call.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lmforge.model import int4_cpu
 from lmforge.model.packed_linear import packed_linear
 from lmforge.model.w8a8 import int8_mm, quantize_rows
 
@@ -65,6 +68,11 @@ def kernels(rows: int, n_in: int, n_out: int, copies: int) -> dict:
     sz = torch.ones(n_in // 32, n_out, 2, dtype=torch.bfloat16)
     scale = torch.rand(n_out, generator=g)
     each = lambda fn, weights: lambda: [fn(w) for w in weights]  # noqa: E731
+    ours = {}
+    if int4_cpu.available():
+        packs = [int4_cpu.pack(torch.randint(0, 16, (n_out, n_in), generator=g), torch.rand(n_out, n_in // 32) / 50,
+                               None)[0] for _ in range(copies)]
+        ours["int4 lmforge (int8 x)"] = each(lambda w: int4_cpu.mm(x, w, n_out, False), packs)
     return {
         "fp32": each(lambda w: F.linear(x, w), ws),
         "fp32 prepacked": each(lambda w: packed_linear(x, w, None), ws),
@@ -72,6 +80,7 @@ def kernels(rows: int, n_in: int, n_out: int, copies: int) -> dict:
         "int8 weight-only": each(lambda q: torch._weight_int8pack_mm(xb, q, ones), q8s),
         "int4 weight-only g32": each(lambda q: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, q, 32, sz), q4s),
         "w8a8 (incl. quantising x)": each(lambda q: int8_mm(quantize_rows(x)[0], q, scale), q8s),
+        **ours,
     }
 
 
@@ -84,6 +93,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = list(kernels(1, 64, 64, 1))
+    speedup = "int4 lmforge (int8 x)" in names
+    names += ["lmforge / PyTorch int4"] if speedup else []
     print(f"torch {torch.__version__}, {args.threads} thread(s); microseconds per call, median of {args.repeat}; "
           f"{args.weights_mb:g} MB of fp32 weights cycled through")
     print("| shape | rows | " + " | ".join(names) + " |")
@@ -92,7 +103,10 @@ def main() -> None:
         for rows in (int(r) for r in args.rows.split(",")):
             copies = max(1, math.ceil(args.weights_mb * 2**20 / (4 * n_in * n_out)))
             times = {name: timed(fn, args.repeat) / copies for name, fn in kernels(rows, n_in, n_out, copies).items()}
-            print(f"| {label} | {rows} | " + " | ".join(f"{t:,.0f}" for t in times.values()) + " |", flush=True)
+            cells = [f"{t:,.0f}" for t in times.values()]
+            if speedup:
+                cells.append(f"{times['int4 weight-only g32'] / times['int4 lmforge (int8 x)']:.2f}x")
+            print(f"| {label} | {rows} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
