@@ -9,9 +9,10 @@ weights and activations, is lmforge.model.w8a8):
   scale applied in float32 afterwards); elsewhere (x @ q^T) * s.
 - Int4Linear: 4-bit codes q in 0..15, groups of `group_size` inputs, one scale S and one zero
   point Z per (row, group). Uniform grid: r = S (q - Z). Codebook grid (NF4): r = S codebook[q].
-  CPU, uniform grid: PyTorch's int4 kernel `_weight_int4pack_mm_for_cpu`, which computes
-  (q - 8) * scale + zero, so it is fed zero = S (8 - Z) (bfloat16 scales, activations, output).
-  The kernel's packed layout is built on first use and not saved (it is CPU-specific); the
+  CPU, uniform grid: lmforge's int4 x int8 kernel (int4_cpu: int8 activations per 32 inputs, VNNI
+  dot products) where the CPU has AVX512-VNNI, else PyTorch's `_weight_int4pack_mm_for_cpu`, which
+  computes (q - 8) * scale + zero, so it is fed zero = S (8 - Z) (bfloat16 scales, activations,
+  output). Either kernel's layout is built on first use and not saved (it is CPU-specific); the
   checkpoint holds two codes per byte, low nibble first. `in` is padded up to a whole number of
   groups (the padding codes meet zero activations). The kernel serves decode steps and prompt
   chunks up to INT4_KERNEL_MAX_ROWS rows; longer inputs use the dequantised float weight.
