@@ -198,7 +198,8 @@ def _int4_kernel_layout(layers) -> tuple:
     if int4_cpu.available():
         per_block = layers[0].group_size // int4_cpu.BLOCK
         packed = int4_cpu.pack(q, scales.repeat_interleave(per_block, 1), zeros.repeat_interleave(per_block, 1))
-        layout = packed and ("lmforge", *packed)
+        if packed is not None:   # None: a scale beyond fp16's range
+            layout = ("lmforge", *packed)
     if layout is None:
         weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         sz = torch.stack([scales.t(), (scales * (8 - zeros)).t()], dim=-1)   # (q - 8) s + zero = s (q - Z)
