@@ -13,8 +13,9 @@ Kernels: fp32 and bf16 `F.linear` (bf16 runs on AMX where the CPU has it), fp32 
 weight (`lmforge::packed_linear`, what the engine's float32 CPU linears call from 4 rows on), PyTorch's weight-only
 `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (bf16 activations; what Int8Linear calls, and
 Int4Linear where lmforge's kernel does not run), lmforge's int4 x int8 kernel (`lmforge.model.int4_cpu`:
-activations quantised to int8 per 32 inputs, VNNI dot products; what Int4Linear calls on AVX512-VNNI
-CPUs; the last column is its speed-up over PyTorch's int4 kernel), and lmforge's W8A8 `int8_mm` (int8
+activations quantised to int8 per 32 inputs, integer dot products; what Int4Linear calls on x86), on each
+instruction set this CPU has (AVX512-VNNI, AVX2; the last column is the best one's speed-up over
+PyTorch's int4 kernel), and lmforge's W8A8 `int8_mm` (int8
 activations, oneDNN int8 GEMM on a prepacked weight; what W8A8Linear calls), each activation
 quantisation included. Median of --repeat timed batches of calls each; microseconds per call.
 """
@@ -69,10 +70,12 @@ def kernels(rows: int, n_in: int, n_out: int, copies: int) -> dict:
     scale = torch.rand(n_out, generator=g)
     each = lambda fn, weights: lambda: [fn(w) for w in weights]  # noqa: E731
     ours = {}
-    if int4_cpu.available():
+    if int4_cpu.isa():
         packs = [int4_cpu.pack(torch.randint(0, 16, (n_out, n_in), generator=g), torch.rand(n_out, n_in // 32) / 50,
                                None)[0] for _ in range(copies)]
-        ours["int4 lmforge (int8 x)"] = each(lambda w: int4_cpu.mm(x, w, n_out, False), packs)
+        for name, code in int4_cpu.ISAS.items():   # the best path first (the speed-up column's)
+            if code <= int4_cpu.isa():
+                ours[f"int4 lmforge {name}"] = each(lambda w, code=code: int4_cpu.mm(x, w, n_out, False, code), packs)
     return {
         "fp32": each(lambda w: F.linear(x, w), ws),
         "fp32 prepacked": each(lambda w: packed_linear(x, w, None), ws),
@@ -93,8 +96,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = list(kernels(1, 64, 64, 1))
-    speedup = "int4 lmforge (int8 x)" in names
-    names += ["lmforge / PyTorch int4"] if speedup else []
+    best = next((name for name in names if name.startswith("int4 lmforge")), None)
+    names += ["lmforge / PyTorch int4"] if best else []
     print(f"torch {torch.__version__}, {args.threads} thread(s); microseconds per call, median of {args.repeat}; "
           f"{args.weights_mb:g} MB of fp32 weights cycled through")
     print("| shape | rows | " + " | ".join(names) + " |")
@@ -104,8 +107,8 @@ def main() -> None:
             copies = max(1, math.ceil(args.weights_mb * 2**20 / (4 * n_in * n_out)))
             times = {name: timed(fn, args.repeat) / copies for name, fn in kernels(rows, n_in, n_out, copies).items()}
             cells = [f"{t:,.0f}" for t in times.values()]
-            if speedup:
-                cells.append(f"{times['int4 weight-only g32'] / times['int4 lmforge (int8 x)']:.2f}x")
+            if best:
+                cells.append(f"{times['int4 weight-only g32'] / times[best]:.2f}x")
             print(f"| {label} | {rows} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -60,22 +60,28 @@ def test_int4_linear_stores_the_codes_and_reconstructs_r_equals_s_q_minus_z():
     torch.testing.assert_close(layer.dequantized(), ref, rtol=0, atol=0)
 
 
-def _has_avx512_vnni() -> bool:
+CPU_FLAGS = {"avx512-vnni": "avx512_vnni", "avx2": "avx2"}   # lmforge's kernel paths -> /proc/cpuinfo flag
+
+
+def _use_kernel(name: str, monkeypatch) -> None:
+    """Int4Linear layers built from here on use this kernel: "torch" or one of lmforge's (int4_cpu.ISAS),
+    which must build and run on every CPU with the flag (a CPU without it skips, on the allowlist)."""
+    if name == "torch":
+        monkeypatch.setattr(int4_cpu, "isa", lambda: 0)
+        return
     try:
-        return "avx512_vnni" in open("/proc/cpuinfo").read()
+        has_flag = CPU_FLAGS[name] in open("/proc/cpuinfo").read().split()
     except OSError:
-        return False
+        has_flag = False
+    if not has_flag:
+        pytest.skip(f"CPU without {name.upper()}: lmforge's {name} int4 kernel does not run here")
+    assert int4_cpu.isa() >= int4_cpu.ISAS[name], f"lmforge's int4 kernel did not build on a CPU with {name}"
+    monkeypatch.setattr(int4_cpu, "isa", lambda: int4_cpu.ISAS[name])
 
 
-@pytest.fixture(params=["torch", "lmforge"])
+@pytest.fixture(params=["torch", *int4_cpu.ISAS])
 def kernel(request, monkeypatch):
-    """Run the test on PyTorch's int4 kernel, then on lmforge's (which must build where the CPU has VNNI)."""
-    if request.param == "torch":
-        monkeypatch.setattr(int4_cpu, "available", lambda: False)
-    elif not _has_avx512_vnni():
-        pytest.skip("CPU without AVX512-VNNI: lmforge's int4 kernel does not run here")
-    else:
-        assert int4_cpu.available(), "lmforge's int4 kernel failed to build on a CPU that has AVX512-VNNI"
+    _use_kernel(request.param, monkeypatch)
     return request.param
 
 
@@ -83,7 +89,7 @@ def kernel(request, monkeypatch):
 @pytest.mark.parametrize("asym", [False, True])
 def test_pytorch_int4_kernel_equals_the_dequantised_reference_matmul(group_size, n_in, asym, monkeypatch):
     """576 is not a multiple of 128: the kernel path pads the input to whole groups."""
-    monkeypatch.setattr(int4_cpu, "available", lambda: False)
+    _use_kernel("torch", monkeypatch)
     torch.manual_seed(3)
     lin = nn.Linear(n_in, 64, bias=False)
     layer = rtn_linear(lin, 4, group_size, asym)
@@ -111,20 +117,20 @@ def _int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(blocks * inv), d
 
 
+@pytest.mark.parametrize("isa", list(int4_cpu.ISAS))
 @pytest.mark.parametrize("group_size,n_in", [(32, 96), (64, 576), (128, 576)])
 @pytest.mark.parametrize("asym", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 9])
-def test_lmforge_int4_kernel_equals_int8_activation_reference(group_size, n_in, asym, rows):
+def test_lmforge_int4_kernel_equals_int8_activation_reference(isa, group_size, n_in, asym, rows, monkeypatch):
     """lmforge's kernel is exact given its one approximation (int8 activations per 32 inputs) and fp16
     scales: compare with that arithmetic in float64. 9 rows = two 4-row passes and a remainder."""
-    if not _has_avx512_vnni():
-        pytest.skip("CPU without AVX512-VNNI: lmforge's int4 kernel does not run here")
+    _use_kernel(isa, monkeypatch)
     torch.manual_seed(rows)
     layer = rtn_linear(nn.Linear(n_in, 48, bias=False), 4, group_size, asym)
     x = torch.randn(rows, n_in)
     x[:, 5] *= 40   # an outlier channel, as residual streams have: only its own block loses precision
     got = layer(x)
-    assert layer._kernel_cache[0] == "lmforge" and layer._kernel_cache[2] == asym
+    assert layer._kernel_cache == ("lmforge", layer._kernel_cache[1], asym, int4_cpu.ISAS[isa])
     padded = layer.n_groups * group_size
     xq, d = _int8_blocks(F.pad(x, (0, padded - n_in)))
     per_block = group_size // 32
@@ -142,16 +148,46 @@ def test_lmforge_int4_kernel_equals_int8_activation_reference(group_size, n_in, 
     assert (got.double() - exact).abs().max() <= 3e-2 * exact.abs().max()
 
 
+@pytest.mark.parametrize("asym", [False, True])
+def test_lmforge_int4_kernel_paths_agree_bit_for_bit(asym, monkeypatch):
+    """The AVX2 path (VPMADDUBSW + VPMADDWD) and the AVX512-VNNI path (VPDPBUSD) sum the same integers
+    in the same float order: identical outputs."""
+    torch.manual_seed(7)
+    layer = rtn_linear(nn.Linear(576, 96, bias=False), 4, 32, asym)
+    x = torch.randn(6, 576)
+    outputs = []
+    for isa in int4_cpu.ISAS:
+        _use_kernel(isa, monkeypatch)
+        layer._invalidate()
+        outputs.append(layer(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_scales_beyond_fp16_take_the_pytorch_kernel():
+    """lmforge's layout stores fp16 scales: a weight whose scales overflow fp16 keeps PyTorch's kernel."""
+    torch.manual_seed(6)
+    layer = rtn_linear(nn.Linear(64, 32, bias=False), 4, 32, False)
+    layer.scales.mul_(1e8)   # scales of ~1e6: beyond fp16's 65504
+    x = torch.randn(2, 64)
+    got = layer(x)
+    assert layer._kernel_cache[0] == "torch"
+    exact = x.double() @ layer.dequantized().double().t()
+    assert (got.double() - exact).abs().max() <= 3e-2 * exact.abs().max()
+
+
 def test_int4_kernel_choice_follows_the_environment():
-    """LMFORGE_INT4_KERNEL=torch keeps PyTorch's kernel (for comparisons), whatever the CPU."""
-    code = "from lmforge.model import int4_cpu; print(int4_cpu.available())"
-    env = {**os.environ, "LMFORGE_INT4_KERNEL": "torch"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-    if _has_avx512_vnni():
-        env["LMFORGE_INT4_KERNEL"] = "auto"
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == "True"
+    """LMFORGE_INT4_KERNEL=torch keeps PyTorch's kernel (for comparisons), avx2 forces the AVX2 path, auto
+    takes the best the CPU has, anything else is an error that names the choices."""
+    code = "from lmforge.model import int4_cpu; print(int4_cpu.isa())"
+    cpu = open("/proc/cpuinfo").read().split()
+    best = 2 if "avx512_vnni" in cpu else 1 if "avx2" in cpu else 0
+    for choice, want in (("torch", "0"), ("avx2", str(min(best, 1))), ("auto", str(best))):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LMFORGE_INT4_KERNEL": choice},
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want, choice
+    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LMFORGE_INT4_KERNEL": "fast"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "must be one of auto, avx2, torch" in bad.stderr
 
 
 def test_fused_projection_equals_the_separate_layers_and_follows_reloads(kernel):
@@ -162,7 +198,7 @@ def test_fused_projection_equals_the_separate_layers_and_follows_reloads(kernel)
     x = torch.randn(1, 3, 96)
     for got, want in zip(project(x, *layers), [layer(x) for layer in layers]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert layers[0]._fused[1][0] == kernel
+    assert layers[0]._fused[1][0] == ("torch" if kernel == "torch" else "lmforge")
     other = rtn_linear(nn.Linear(96, 32, bias=False), 4, 32, True)
     layers[2].load_state_dict(other.state_dict())
     torch.testing.assert_close(project(x, *layers)[2], other(x), rtol=0, atol=0)

@@ -1,16 +1,16 @@
 """lmforge's own int4 x int8 CPU matmul (int4_cpu.cpp): built with the local C++ compiler on first use,
 cached by torch.utils.cpp_extension, and used by Int4Linear instead of PyTorch's
-`_weight_int4pack_mm_for_cpu` where the CPU has AVX512-VNNI.
+`_weight_int4pack_mm_for_cpu` on x86 CPUs with AVX512-VNNI (or AVX2, a slower path with the same results).
 
 Why: decoding is bound by the bytes of weight read per token. PyTorch's kernel reads bf16 scale and
 zero per 32 weights (5 bits a weight) and multiplies in bf16; this one reads fp16 scales only for
 symmetric weights (4.5 bits, as llama.cpp's Q4_0), quantises the activations to int8 per 32 inputs (as
 llama.cpp does for Q4_0 x Q8_0) and multiplies in integers, 16 output rows per instruction. The int8
-activations are its one approximation (~3 significant digits per block, like bf16's); the perplexity
-cost is measured in the README.
+activations are its one approximation; the perplexity cost is measured in the README.
 
-LMFORGE_INT4_KERNEL=torch keeps PyTorch's kernel (for comparisons); a failed build warns once and
-falls back to it.
+LMFORGE_INT4_KERNEL: auto (default: the best instruction set the CPU has), avx2 (the AVX2 path even
+where AVX512-VNNI is there: for tests and comparisons), torch (PyTorch's kernel). A failed build warns
+once and falls back to PyTorch's kernel.
 """
 from __future__ import annotations
 
@@ -22,23 +22,31 @@ from pathlib import Path
 
 import torch
 
+from lmforge.errors import LmforgeError
+
 TILE_ROWS, BLOCK = 16, 32
+ISAS = {"avx512-vnni": 2, "avx2": 1}   # the C++ op's instruction-set codes
+CHOICES = ("auto", "avx2", "torch")
 
 
 @functools.cache
-def available() -> bool:
-    """Whether lmforge's kernel serves Int4Linear here (built and loaded on the first call)."""
-    if os.environ.get("LMFORGE_INT4_KERNEL", "auto") == "torch" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+def isa() -> int:
+    """The instruction set lmforge's kernel runs with here (an ISAS code), or 0: PyTorch's kernel serves
+    Int4Linear. Builds and loads the kernel on the first call."""
+    choice = os.environ.get("LMFORGE_INT4_KERNEL", "auto")
+    if choice not in CHOICES:
+        raise LmforgeError(f"LMFORGE_INT4_KERNEL must be one of {', '.join(CHOICES)}, got {choice!r}")
+    if choice == "torch" or platform.machine() not in ("x86_64", "AMD64"):
+        return 0
     try:
         _build()
     except Exception as exc:   # no compiler, no ninja, a compiler error: PyTorch's kernel still works
         warnings.warn(f"lmforge's int4 CPU kernel did not build ({exc}); using PyTorch's int4 kernel", stacklevel=2)
-        return False
-    if not torch.ops.lmforge_int4.supported():
-        return False
-    torch.library.register_fake("lmforge_int4::mm")(_mm_shape)   # for torch.compile
-    return True
+        return 0
+    best = torch.ops.lmforge_int4.supported_isa()
+    if best:
+        torch.library.register_fake("lmforge_int4::mm")(_mm_shape)   # for torch.compile
+    return min(best, ISAS["avx2"]) if choice == "avx2" else best
 
 
 def _build() -> None:
@@ -70,10 +78,10 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) 
     return torch.cat([nibbles, *tails], dim=-1).contiguous(), asym
 
 
-def mm(x: torch.Tensor, packed: torch.Tensor, out_features: int, asym: bool) -> torch.Tensor:
+def mm(x: torch.Tensor, packed: torch.Tensor, out_features: int, asym: bool, isa_code: int) -> torch.Tensor:
     """x float32 [rows, in] @ the packed weight^T -> float32 [rows, out_features]."""
-    return torch.ops.lmforge_int4.mm(x, packed, out_features, asym)
+    return torch.ops.lmforge_int4.mm(x, packed, out_features, asym, isa_code)
 
 
-def _mm_shape(x, packed, out_features, asym):
+def _mm_shape(x, packed, out_features, asym, isa_code):
     return x.new_empty(x.shape[0], out_features)

@@ -183,7 +183,7 @@ class Int4Linear(nn.Module):
 
 
 def _int4_kernel_layout(layers) -> tuple:
-    """The CPU kernel's weight for the layers' rows stacked in order: ("lmforge", packed, asym) for
+    """The CPU kernel's weight for the layers' rows stacked in order: ("lmforge", packed, asym, isa) for
     lmforge's int4 x int8 kernel (int4_cpu) where it runs, else ("torch", int4pack weight, bf16
     scales-and-zeros) for PyTorch's.
 
@@ -195,11 +195,11 @@ def _int4_kernel_layout(layers) -> tuple:
     scales = torch.cat([layer.scales.float() for layer in layers])
     zeros = torch.cat([layer.zeros.float() for layer in layers])
     layout = None
-    if int4_cpu.available():
+    if int4_cpu.isa():
         per_block = layers[0].group_size // int4_cpu.BLOCK
         packed = int4_cpu.pack(q, scales.repeat_interleave(per_block, 1), zeros.repeat_interleave(per_block, 1))
         if packed is not None:   # None: a scale beyond fp16's range
-            layout = ("lmforge", *packed)
+            layout = ("lmforge", *packed, int4_cpu.isa())
     if layout is None:
         weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         sz = torch.stack([scales.t(), (scales * (8 - zeros)).t()], dim=-1)   # (q - 8) s + zero = s (q - Z)
@@ -214,7 +214,7 @@ def _int4_kernel_mm(x, layout: tuple, group_size: int, padding: int, out_feature
     flat = x.reshape(-1, x.shape[-1])
     if layout[0] == "lmforge":
         flat = F.pad(flat.float(), (0, padding)) if padding else flat.float()
-        y = int4_cpu.mm(flat, layout[1], out_features, layout[2])
+        y = int4_cpu.mm(flat, layout[1], out_features, layout[2], layout[3])
     else:
         flat = flat.to(torch.bfloat16)
         if padding:
