@@ -163,6 +163,19 @@ def test_lmforge_int4_kernel_paths_agree_bit_for_bit(asym, monkeypatch):
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("isa", list(int4_cpu.ISAS))
+def test_lmforge_int4_kernel_rows_do_not_depend_on_the_batch(isa, monkeypatch):
+    """Each row is quantised and summed on its own, in the same order whatever the other rows: a
+    sequence decodes to the same bits alone, in a batch, or as one of k+1 speculative rows."""
+    _use_kernel(isa, monkeypatch)
+    torch.manual_seed(8)
+    layer = rtn_linear(nn.Linear(576, 64, bias=False), 4, 32, True)
+    x = torch.randn(9, 576)
+    together = layer(x)
+    for i in range(9):
+        torch.testing.assert_close(layer(x[i:i + 1]), together[i:i + 1], rtol=0, atol=0)
+
+
 def test_scales_beyond_fp16_take_the_pytorch_kernel():
     """lmforge's layout stores fp16 scales: a weight whose scales overflow fp16 keeps PyTorch's kernel."""
     torch.manual_seed(6)
