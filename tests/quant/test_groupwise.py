@@ -191,16 +191,26 @@ def test_scales_beyond_fp16_take_the_pytorch_kernel():
 def test_int4_kernel_choice_follows_the_environment():
     """LMFORGE_INT4_KERNEL=torch keeps PyTorch's kernel (for comparisons), avx2 forces the AVX2 path, auto
     takes the best the CPU has, anything else is an error that names the choices."""
-    code = "from lmforge.model import int4_cpu; print(int4_cpu.isa())"
+    code = "from lmforge.model import int4_cpu; print(int4_cpu.isa(), int4_cpu.describe())"
     cpu = open("/proc/cpuinfo").read().split()
     best = 2 if "avx512_vnni" in cpu else 1 if "avx2" in cpu else 0
-    for choice, want in (("torch", "0"), ("avx2", str(min(best, 1))), ("auto", str(best))):
+    names = {0: "PyTorch's int4 kernel", 1: "lmforge's int4 x int8 kernel (avx2)",
+             2: "lmforge's int4 x int8 kernel (avx512-vnni)"}
+    for choice, want in (("torch", 0), ("avx2", min(best, 1)), ("auto", best)):
         out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LMFORGE_INT4_KERNEL": choice},
                              capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == want, choice
+        assert out.stdout.startswith(f"{want} {names[want]}"), (choice, out.stdout)
     bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LMFORGE_INT4_KERNEL": "fast"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "must be one of auto, avx2, torch" in bad.stderr
+
+
+def test_serve_names_the_int4_kernel_only_for_int4_models(capsys):
+    from lmforge.serve.cli import _say_int4_kernel
+    _say_int4_kernel(nn.Sequential(nn.Linear(64, 32)))
+    assert capsys.readouterr().out == ""
+    _say_int4_kernel(nn.Sequential(rtn_linear(nn.Linear(64, 32, bias=False), 4, 32, False)))
+    assert capsys.readouterr().out.startswith(f"int4 layers on CPU: {int4_cpu.describe()}")
 
 
 def test_fused_projection_equals_the_separate_layers_and_follows_reloads(kernel):

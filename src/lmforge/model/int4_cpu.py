@@ -49,6 +49,13 @@ def isa() -> int:
     return min(best, ISAS["avx2"]) if choice == "avx2" else best
 
 
+def describe() -> str:
+    """Which kernel CPU int4 layers use here, in words (builds lmforge's on the first call)."""
+    code = isa()
+    names = {v: k for k, v in ISAS.items()}
+    return f"lmforge's int4 x int8 kernel ({names[code]})" if code else "PyTorch's int4 kernel (bf16 activations)"
+
+
 def _build() -> None:
     from torch.utils import cpp_extension
     try:   # cpp_extension runs `ninja` from PATH; the pip package's binary may not be on it

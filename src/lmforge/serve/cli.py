@@ -86,6 +86,7 @@ def serve_command(
                             prefix_caching, compile_decode, kv_dtype, speculative, num_speculative, medusa,
                             prepack)
     net, tok, default_name = _load(pick_model(model, model_opt), tokenizer, dtype, device, int8, gguf_int4)
+    _say_int4_kernel(net)
     if medusa:
         from lmforge.serve.speculative.medusa import load_heads
         config.speculative.medusa_heads = load_heads(medusa, net)
@@ -98,6 +99,14 @@ def serve_command(
     finally:
         engine.shutdown()
         sock.close()
+
+
+def _say_int4_kernel(net) -> None:
+    """Name the kernel CPU int4 layers will use (and build lmforge's now, not on the first request)."""
+    from lmforge.model import int4_cpu
+    from lmforge.model.quantized import Int4Linear
+    if any(isinstance(m, Int4Linear) and m.codebook is None and m.packed.device.type == "cpu" for m in net.modules()):
+        typer.echo(f"int4 layers on CPU: {int4_cpu.describe()} (LMFORGE_INT4_KERNEL=auto|avx2|torch)")
 
 
 def _guard_config(input_policy: str, output_policy: str):
