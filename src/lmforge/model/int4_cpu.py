@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import warnings
 from pathlib import Path
 
@@ -64,8 +65,9 @@ def _build() -> None:
     except ImportError:
         pass
     source = Path(__file__).with_name("int4_cpu.cpp")
-    cpp_extension.load(name="lmforge_int4_cpu", sources=[str(source)], extra_cflags=["-O3"],
-                       is_python_module=False, verbose=False)
+    # torch's cache rebuilds when the source or flags change, not when torch does: the version is in the name
+    name = "lmforge_int4_cpu_" + re.sub(r"\W", "_", torch.__version__)
+    cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3"], is_python_module=False, verbose=False)
 
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> tuple[torch.Tensor, bool] | None:
