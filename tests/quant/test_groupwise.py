@@ -176,6 +176,22 @@ def test_lmforge_int4_kernel_rows_do_not_depend_on_the_batch(isa, monkeypatch):
         torch.testing.assert_close(layer(x[i:i + 1]), together[i:i + 1], rtol=0, atol=0)
 
 
+def test_lmforge_int4_kernel_threads_split_tiles_without_changing_a_bit(monkeypatch):
+    _use_kernel("avx512-vnni", monkeypatch)
+    torch.manual_seed(9)
+    layer = rtn_linear(nn.Linear(576, 1024, bias=False), 4, 32, False)   # 64 tiles: several per thread
+    x = torch.randn(5, 576)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = layer(x)
+        torch.set_num_threads(4)
+        torch.testing.assert_close(layer(x), alone, rtol=0, atol=0)
+        torch.testing.assert_close(alone, x @ layer.dequantized().t(), rtol=3e-2, atol=3e-2 * alone.abs().max().item())
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_scales_beyond_fp16_take_the_pytorch_kernel():
     """lmforge's layout stores fp16 scales: a weight whose scales overflow fp16 keeps PyTorch's kernel."""
     torch.manual_seed(6)
