@@ -67,7 +67,10 @@ def _build() -> None:
     source = Path(__file__).with_name("int4_cpu.cpp")
     # torch's cache rebuilds when the source or flags change, not when torch does: the version is in the name
     name = "lmforge_int4_cpu_" + re.sub(r"\W", "_", torch.__version__)
-    cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3"], is_python_module=False, verbose=False)
+    # -fopenmp: at::parallel_for is inline OpenMP (without it the kernel runs on one thread); the library it
+    # links, libgomp.so.1, is the one torch has already loaded
+    cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                       is_python_module=False, verbose=False)
 
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> tuple[torch.Tensor, bool] | None:
