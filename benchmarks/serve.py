@@ -268,7 +268,8 @@ def prepare_files(args, tmp: Path, variants: list[str]) -> dict[str, Path]:
     for name in sorted(checkpoints):
         save(quantize_model(load(args.model), **settings[name]()), tmp / name, tokenizer=tok)
         files[name] = tmp / name
-    files["int4-pt"] = files.get("int4")
+    if "int4-pt" in variants:
+        files["int4-pt"] = files["int4"]
     return files
 
 
@@ -325,7 +326,7 @@ def main():
     servers = {"lmforge": (args.model, ["--no-prefix-caching"], {})}
     for v in variants:
         prefix = [] if v == "prefix-cache" else ["--no-prefix-caching"]
-        servers[f"lmforge-{v}"] = (files.get(v) or args.model, VARIANTS[v] + prefix, VARIANT_ENV.get(v, {}))
+        servers[f"lmforge-{v}"] = (files.get(v, args.model), VARIANTS[v] + prefix, VARIANT_ENV.get(v, {}))
     procs, urls, peers = {}, {}, {}
     try:
         for name, (model, extra, env) in servers.items():

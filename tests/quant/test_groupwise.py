@@ -63,17 +63,20 @@ def test_int4_linear_stores_the_codes_and_reconstructs_r_equals_s_q_minus_z():
 CPU_FLAGS = {"avx512-vnni": "avx512_vnni", "avx2": "avx2"}   # lmforge's kernel paths -> /proc/cpuinfo flag
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        return set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return set()
+
+
 def _use_kernel(name: str, monkeypatch) -> None:
     """Int4Linear layers built from here on use this kernel: "torch" or one of lmforge's (int4_cpu.ISAS),
     which must build and run on every CPU with the flag (a CPU without it skips, on the allowlist)."""
     if name == "torch":
         monkeypatch.setattr(int4_cpu, "isa", lambda: 0)
         return
-    try:
-        has_flag = CPU_FLAGS[name] in open("/proc/cpuinfo").read().split()
-    except OSError:
-        has_flag = False
-    if not has_flag:
+    if CPU_FLAGS[name] not in _cpu_flags():
         pytest.skip(f"CPU without {name.upper()}: lmforge's {name} int4 kernel does not run here")
     assert int4_cpu.isa() >= int4_cpu.ISAS[name], f"lmforge's int4 kernel did not build on a CPU with {name}"
     monkeypatch.setattr(int4_cpu, "isa", lambda: int4_cpu.ISAS[name])
@@ -208,7 +211,7 @@ def test_int4_kernel_choice_follows_the_environment():
     """LMFORGE_INT4_KERNEL=torch keeps PyTorch's kernel (for comparisons), avx2 forces the AVX2 path, auto
     takes the best the CPU has, anything else is an error that names the choices."""
     code = "from lmforge.model import int4_cpu; print(int4_cpu.isa(), int4_cpu.describe())"
-    cpu = open("/proc/cpuinfo").read().split()
+    cpu = _cpu_flags()
     best = 2 if "avx512_vnni" in cpu else 1 if "avx2" in cpu else 0
     names = {0: "PyTorch's int4 kernel", 1: "lmforge's int4 x int8 kernel (avx2)",
              2: "lmforge's int4 x int8 kernel (avx512-vnni)"}
