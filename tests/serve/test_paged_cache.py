@@ -93,21 +93,3 @@ def test_paged_logits_equal_contiguous_smollm2(smollm):
     prompts = [[1, 4093, 198, 19556, 905, 28, 638, 359, 346, 47, 2, 198, 1, 520, 9531, 198], [504, 3458, 282]]
     run_and_compare(smollm, prompts, EngineConfig(block_size=16, num_blocks=16, max_batched_tokens=8), max_tokens=6,
                     atol=2e-4)
-
-
-def test_a_lone_sequence_in_consecutive_blocks_reads_its_cache_as_a_view(tiny, monkeypatch):
-    # Single-stream decode reads the sequence's K/V as a slice of the cache (no gather copy) when its
-    # blocks are consecutive; with several sequences, or scattered blocks, it gathers. Same logits.
-    from lmforge.serve.paged_cache import PagedKVCache
-    reads = []
-    real = PagedKVCache.read
-
-    def spy(self, layer, index):
-        reads.append(isinstance(index, slice))
-        return real(self, layer, index)
-    monkeypatch.setattr(PagedKVCache, "read", spy)
-    run_and_compare(tiny, PROMPTS[:1], EngineConfig(block_size=4, num_blocks=200, max_batched_tokens=512))
-    assert reads and all(reads)
-    reads.clear()
-    run_and_compare(tiny, PROMPTS[:2], EngineConfig(block_size=4, num_blocks=200, max_batched_tokens=512))
-    assert not any(reads)

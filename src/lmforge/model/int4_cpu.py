@@ -1,6 +1,5 @@
-"""lmforge's own int4 x int8 CPU matmul (int4_cpu.cpp): built with the local C++ compiler on first use,
-cached by torch.utils.cpp_extension, and used by Int4Linear instead of PyTorch's
-`_weight_int4pack_mm_for_cpu` on x86 CPUs with AVX512-VNNI (or AVX2, a slower path with the same results).
+"""lmforge's own int4 x int8 CPU matmul (int4_cpu.cpp, built by cpu_kernels.py on first use), used by
+Int4Linear instead of PyTorch's `_weight_int4pack_mm_for_cpu` on x86 CPUs with AVX512-VNNI (or AVX2, a slower path with the same results).
 
 Why: decoding is bound by the bytes of weight read per token. PyTorch's kernel reads bf16 scale and
 zero per 32 weights (5 bits a weight) and multiplies in bf16; this one reads fp16 scales only for
@@ -9,21 +8,18 @@ llama.cpp does for Q4_0 x Q8_0) and multiplies in integers, 16 output rows per i
 activations are its one approximation; the perplexity cost is measured in the README.
 
 LMFORGE_INT4_KERNEL: auto (default: the best instruction set the CPU has), avx2 (the AVX2 path even
-where AVX512-VNNI is there: for tests and comparisons), torch (PyTorch's kernel). A failed build warns
-once and falls back to PyTorch's kernel.
+where AVX512-VNNI is there: for tests and comparisons), torch (PyTorch's kernel). Without the built
+kernels (a failed build, not x86) PyTorch's kernel serves.
 """
 from __future__ import annotations
 
 import functools
 import os
-import platform
-import re
-import warnings
-from pathlib import Path
 
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.model import cpu_kernels
 
 TILE_ROWS, BLOCK = 16, 32
 ISAS = {"avx512-vnni": 2, "avx2": 1}   # the C++ op's instruction-set codes
@@ -37,16 +33,9 @@ def isa() -> int:
     choice = os.environ.get("LMFORGE_INT4_KERNEL", "auto")
     if choice not in CHOICES:
         raise LmforgeError(f"LMFORGE_INT4_KERNEL must be one of {', '.join(CHOICES)}, got {choice!r}")
-    if choice == "torch" or platform.machine() not in ("x86_64", "AMD64"):
-        return 0
-    try:
-        _build()
-    except Exception as exc:   # no compiler, no ninja, a compiler error: PyTorch's kernel still works
-        warnings.warn(f"lmforge's int4 CPU kernel did not build ({exc}); using PyTorch's int4 kernel", stacklevel=2)
+    if choice == "torch" or not cpu_kernels.load():
         return 0
     best = torch.ops.lmforge_int4.supported_isa()
-    if best:
-        torch.library.register_fake("lmforge_int4::mm")(_mm_shape)   # for torch.compile
     return min(best, ISAS["avx2"]) if choice == "avx2" else best
 
 
@@ -55,22 +44,6 @@ def describe() -> str:
     code = isa()
     names = {v: k for k, v in ISAS.items()}
     return f"lmforge's int4 x int8 kernel ({names[code]})" if code else "PyTorch's int4 kernel (bf16 activations)"
-
-
-def _build() -> None:
-    from torch.utils import cpp_extension
-    try:   # cpp_extension runs `ninja` from PATH; the pip package's binary may not be on it
-        import ninja
-        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-    except ImportError:
-        pass
-    source = Path(__file__).with_name("int4_cpu.cpp")
-    # torch's cache rebuilds when the source or flags change, not when torch does: the version is in the name
-    name = "lmforge_int4_cpu_" + re.sub(r"\W", "_", torch.__version__)
-    # -fopenmp: at::parallel_for is inline OpenMP (without it the kernel runs on one thread); the library it
-    # links, libgomp.so.1, is the one torch has already loaded
-    cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                       is_python_module=False, verbose=False)
 
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> tuple[torch.Tensor, bool] | None:
@@ -93,7 +66,3 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) 
 def mm(x: torch.Tensor, packed: torch.Tensor, out_features: int, asym: bool, isa_code: int) -> torch.Tensor:
     """x float32 [rows, in] @ the packed weight^T -> float32 [rows, out_features]."""
     return torch.ops.lmforge_int4.mm(x, packed, out_features, asym, isa_code)
-
-
-def _mm_shape(x, packed, out_features, asym, isa_code):
-    return x.new_empty(x.shape[0], out_features)

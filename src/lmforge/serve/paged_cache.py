@@ -5,9 +5,12 @@ the end. A step's ragged batch (many sequences, each contributing one or more ne
 into a single row: q is [1, H, T, D] and k/v are [1, Hkv, T, D], RoPE-rotated at explicit
 positions. `StepBatch.attend` writes the new K/V into their slots and computes each sequence's
 attention over its own blocks only:
-- single-token items (decode steps) are gathered into one padded batch and done in one SDPA call;
-- multi-token items (prompt chunks) are done one by one with a causal mask, reading any earlier
-  part of the sequence (prefix-cache hits, earlier chunks) from the cache.
+- each token of a short item (a decode step, a speculative draft being verified: up to ROW_TOKENS
+  tokens) is one attention row over its own keys, all rows in one call (DecodeView); on CPU through
+  a kernel that gives a row the same bits however the step is batched, so speculative and batched
+  decoding reproduce plain single-stream decoding exactly, quantised models included;
+- longer items (prompt chunks) are done one by one with a causal mask, reading any earlier part of
+  the sequence (prefix-cache hits, earlier chunks) from the cache.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
+from lmforge.model import cpu_kernels
 from lmforge.model.config import ModelConfig
 from lmforge.model.layers import causal_attention
 from lmforge.serve.sequence import Sequence
@@ -55,6 +59,7 @@ class PagedKVCache:
             self.k_scale, self.v_scale = layers(torch.float32, shape[:-1]), layers(torch.float32, shape[:-1])
         self.num_blocks, self.block_size = num_blocks, block_size
         self.gqa = cfg.n_heads != cfg.n_kv_heads   # a Python bool: shapes are symbolic when compiled
+        self.row_kernel = torch.device(device or "cpu").type == "cpu" and dtype == torch.float32 and cpu_kernels.load()
 
     def tensors(self) -> list[torch.Tensor]:
         """Every storage tensor (their shapes never change)."""
@@ -94,16 +99,28 @@ class PagedKVCache:
             v = dequantize_per_head(v, take(self.v_scale[layer]), self.dtype)
         return k, v
 
-    def decode_attention(self, layer: int, q: torch.Tensor, index, batch: int, width: int, mask) -> torch.Tensor:
-        """Attention of the first `batch` queries of q [1, H, T, D] (one row per query) over
-        their keys: `index` holds each sequence's `width` key slots in a row (padded; `mask`
-        [batch, 1, 1, width] hides the padding, or None) -> [H, batch, D]."""
-        qs = q[0, :, :batch].transpose(0, 1)[:, :, None]                   # [batch, H, 1, D]
-        ks, vs = self.read(layer, index)
-        ks = ks.view(batch, width, *ks.shape[1:]).transpose(1, 2)
-        vs = vs.view(batch, width, *vs.shape[1:]).transpose(1, 2)
-        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=self.gqa)
-        return out[:, :, 0].transpose(0, 1)
+    def row_attention(self, layer: int, q: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Attention of q [rows, H, D], one query per row, over its sequence's keys: `keys` holds each
+        row's key slots, `width` per row (padded, flattened), `lengths` [rows] how many of them it
+        sees -> [rows, H, D]. On CPU in float32 through lmforge's row kernel, which gives each row the
+        same bits whatever it is batched with (see row_attention.cpp); elsewhere SDPA over the padded
+        batch, whose last bits depend on the padding."""
+        rows = q.shape[0]
+        if self.row_kernel:
+            keys = keys.view(rows, -1)
+            if self.quantized:   # the kernel reads float K/V: dequantise this step's keys first
+                k, v = self.read(layer, keys.reshape(-1))
+                keys = torch.arange(keys.numel(), device=keys.device).view(rows, -1)
+            else:
+                k, v = self.k[layer], self.v[layer]
+            return torch.ops.lmforge_rows.attention(q.contiguous(), k, v, keys, lengths)
+        width = keys.shape[0] // rows
+        ks, vs = self.read(layer, keys)
+        ks = ks.view(rows, width, *ks.shape[1:]).transpose(1, 2)
+        vs = vs.view(rows, width, *vs.shape[1:]).transpose(1, 2)
+        mask = None if rows == 1 else (torch.arange(width, device=q.device) < lengths[:, None])[:, None, None]
+        out = F.scaled_dot_product_attention(q[:, :, None], ks, vs, attn_mask=mask, enable_gqa=self.gqa)
+        return out[:, :, 0]
 
 
 def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,8 +170,8 @@ class StepBatch:
         self.cache = cache
         bs = cache.block_size
         items = [it if isinstance(it, StepItem) else StepItem.scheduled(*it) for it in items]
-        # Decode-like items first: they share one batched attention call.
-        self.items = sorted(items, key=lambda it: len(it.tokens) != 1)
+        # Short items first: their tokens are attention rows, done in one call (see DecodeView).
+        self.items = sorted(items, key=lambda it: len(it.tokens) > ROW_TOKENS)
         tokens, positions, slots, logits_rows = [], [], [], []
         self.sampled: list[Sequence] = []   # sequences that get logits, in row order
         self.num_logits: list[int] = []     # rows of each (1, or 1 + draft length when verifying)
@@ -174,29 +191,22 @@ class StepBatch:
         self.logits_index = as_long(logits_rows)
         self.length = 0  # protocol attribute; positions are always explicit here
 
-        singles = [it for it in self.items if len(it.tokens) == 1]
-        self.n_single = len(singles)
-        self.single_gather = self.single_mask = self.single_slots = None
-        if singles:
-            lengths = [it.start + 1 for it in singles]
-            width = max(lengths)
+        short = [it for it in self.items if len(it.tokens) <= ROW_TOKENS]
+        self.n_rows = sum(len(it.tokens) for it in short)
+        self.rows = None
+        if short:
+            width = max(it.start + len(it.tokens) for it in short)
             n_blocks = -(-width // bs)
             tables = as_long([it.seq.block_table[:n_blocks] + [0] * (n_blocks - len(it.seq.block_table[:n_blocks]))
-                              for it in singles])
-            offsets = torch.arange(bs, device=device)
-            self.single_gather = (tables[:, :, None] * bs + offsets).reshape(len(singles), -1)[:, :width]
-            first = singles[0].seq.block_table[0]
-            if len(singles) == 1 and singles[0].seq.block_table[:n_blocks] == list(range(first, first + n_blocks)):
-                self.single_slots = slice(first * bs, first * bs + width)   # one sequence in consecutive blocks
-            else:
-                self.single_slots = self.single_gather.reshape(-1)
-            if min(lengths) != width:  # ragged: mask the padding
-                lens = as_long(lengths)
-                self.single_mask = (torch.arange(width, device=device)[None] < lens[:, None])[:, None, None]
+                              for it in short])
+            keys = (tables[:, :, None] * bs + torch.arange(bs, device=device)).reshape(len(short), -1)[:, :width]
+            keys = keys.repeat_interleave(as_long([len(it.tokens) for it in short]), dim=0)     # [rows, width]
+            lengths = self.positions[0, :self.n_rows] + 1
+            self.rows = DecodeView(cache, self.slots[:self.n_rows], keys.reshape(-1), lengths)
 
         self.chunks: list[Chunk] = []
-        start = self.n_single
-        for it in self.items[self.n_single:]:
+        start = self.n_rows
+        for it in self.items[len(short):]:
             cached, n, table = it.start, len(it.tokens), it.seq.block_table
             gather = None
             if cached:
@@ -213,9 +223,8 @@ class StepBatch:
         kt, vt = self.cache.write(layer, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
         k, v = kt.transpose(0, 1)[None], vt.transpose(0, 1)[None]
         outs = []
-        if self.n_single:
-            b, width = self.single_gather.shape
-            outs.append(self.cache.decode_attention(layer, q, self.single_slots, b, width, self.single_mask))
+        if self.rows is not None:
+            outs.append(self.rows.attention(layer, q[:, :, :self.n_rows]))
         for c in self.chunks:
             qc = q[:, :, c.start:c.start + c.n]
             if c.gather is None:
@@ -232,43 +241,37 @@ class StepBatch:
     @property
     def is_decode(self) -> bool:
         """Every sequence adds at most ROW_TOKENS tokens (decoding, or verifying a speculative draft):
-        the step can run as decode_view's rows."""
-        return all(len(it.tokens) <= ROW_TOKENS for it in self.items)
+        the whole step is rows (decode_view)."""
+        return not self.chunks
 
     def decode_view(self) -> "DecodeView":
-        """This step as tensors only (see DecodeView): each new token is one attention row over its
-        sequence's key slots up to its own position."""
-        bs, device = self.cache.block_size, self.slots.device
-        width = max(it.start + len(it.tokens) for it in self.items)
-        n_blocks = -(-width // bs)
-        tables = torch.tensor([it.seq.block_table[:n_blocks] + [0] * (n_blocks - len(it.seq.block_table[:n_blocks]))
-                               for it in self.items], dtype=torch.long, device=device)
-        keys = (tables[:, :, None] * bs + torch.arange(bs, device=device)).reshape(len(self.items), -1)[:, :width]
-        counts = torch.tensor([len(it.tokens) for it in self.items], device=device)
-        keys = keys.repeat_interleave(counts, dim=0)                        # [rows, width]
-        mask = None
-        if keys.shape[0] > 1:   # always a mask with several rows (even when none is padded): one graph for them
-            mask = (torch.arange(width, device=device)[None] <= self.positions[0][:, None])[:, None, None]
-        return DecodeView(self.cache, self.slots, keys.reshape(-1), mask)
+        """This step as tensors only (see DecodeView)."""
+        assert self.is_decode, "a step with long prompt chunks has no decode view"
+        return self.rows
 
 
 class DecodeView:
-    """The cache protocol for a step of short items (decoding, speculative verification), held as
-    tensors only: each of the step's r new tokens is one attention row. Write slots [r], each row's
-    key slots flattened [r * width] (flat, because a [1, width] tensor's stride would be guarded as
-    a constant), and the mask [r, 1, 1, width] of the keys each row sees (its sequence's, up to its
-    own position; None for a lone row). No Python number changes from step to step, so
-    `torch.compile` traces it once for every batch size and length (one graph for one row, one for
-    several), where StepBatch's per-step ints would recompile."""
+    """The attention rows of a step: each new token of its short items (decoding, speculative
+    verification, short prompt chunks) is one query over its sequence's key slots up to its own
+    position, so a token's attention is the same computation whether it is decoded alone, batched with
+    other streams, or verified with a draft. Held as tensors only: write slots [r], each row's key
+    slots flattened [r * width] (flat, because a [1, width] tensor's stride would be guarded as a
+    constant) and each row's number of keys [r]. No Python number changes from step to step, so
+    `torch.compile` traces a whole-rows step once for every batch size and length (one graph for
+    one row, one for several), where StepBatch's per-step ints would recompile; it is also the cache
+    protocol for such a step."""
     length = 0
 
-    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None):
-        self.cache, self.slots, self.keys, self.mask = cache, slots, keys, mask
+    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor):
+        self.cache, self.slots, self.keys, self.lengths = cache, slots, keys, lengths
+
+    def attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q [1, H, r, D] (the rows' queries; their K/V already written) -> [H, r, D]."""
+        return self.cache.row_attention(layer, q[0].transpose(0, 1), self.keys, self.lengths).transpose(0, 1)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
-        b = self.slots.shape[0]
-        return self.cache.decode_attention(layer, q, self.keys, b, self.keys.shape[0] // b, self.mask)[None]
+        return self.attention(layer, q)[None]
 
     def advance(self, n: int) -> None:
         pass
