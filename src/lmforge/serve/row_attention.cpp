@@ -9,10 +9,13 @@
 //
 // q [rows, H, D], k and v [slots, Hkv, D] (a layer of the paged cache), keys [rows, width] (int64 slots),
 // lengths [rows] (keys each row sees, 1..width) -> out [rows, H, D]. float32 throughout; scale 1/sqrt(D).
+// An AVX2 + FMA path (head_dim a multiple of 8) and a portable one; either gives each row fixed bits.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
+#include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -63,6 +66,75 @@ void attend_group(const float* q, const float* k, const float* v, const int64_t*
   std::copy(acc.begin(), acc.end(), out);
 }
 
+#define AVX2 __attribute__((target("avx2,fma")))
+
+// e^x for x <= 0 (softmax arguments): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
+// (error < 2e-7 relative), times 2^n built in the exponent bits; below -87 (and -inf) gives 0.
+AVX2 __m256 exp_nonpositive(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);     // ln2 in two parts: exact n * hi
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 poly = _mm256_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 out = _mm256_mul_ps(poly, _mm256_castsi256_ps(bits));
+  return _mm256_and_ps(out, _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_GE_OQ));
+}
+
+AVX2 float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// The same as attend_group, 8 floats at a time (d a multiple of 8). Scores: four keys per pass, one
+// accumulator each (a short key list is padded with key 0, whose scores are dropped), so a score's bits
+// depend only on q and its key. Softmax: 8 lanes of partial sums, padded with e^-inf = 0.
+AVX2 void attend_group_avx2(const float* q, const float* k, const float* v, const int64_t* slots, int64_t len,
+                            int64_t n_slots, int64_t kv_heads, int64_t group, int64_t d, int64_t kv_head,
+                            float scale, float* out) {
+  const int64_t padded = (len + 7) / 8 * 8;
+  std::vector<float> p(group * padded, -std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < len; ++j) {
+    TORCH_CHECK(slots[j] >= 0 && slots[j] < n_slots, "row attention: key slot ", slots[j], " is outside the cache");
+  }
+  const int64_t stride = kv_heads * d;
+  for (int64_t j = 0; j < len; j += 4) {
+    const float* kj[4];
+    for (int u = 0; u < 4; ++u) kj[u] = k + slots[j + u < len ? j + u : 0] * stride + kv_head * d;
+    for (int64_t h = 0; h < group; ++h) {
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t i = 0; i < d; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + h * d + i);
+        for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj[u] + i), a[u]);
+      }
+      for (int u = 0; u < 4 && j + u < len; ++u) p[h * padded + j + u] = sum8(a[u]) * scale;
+    }
+  }
+  for (int64_t h = 0; h < group; ++h) {
+    float* ph = p.data() + h * padded;
+    const float top = *std::max_element(ph, ph + len);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 8) {
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(ph + j), _mm256_set1_ps(top)));
+      _mm256_storeu_ps(ph + j, e);
+      total = _mm256_add_ps(total, e);
+    }
+    const float inv = 1.f / sum8(total);
+    for (int64_t i = 0; i < d; i += 64) {   // 8 registers of the output at a time
+      const int64_t n = std::min<int64_t>(8, (d - i) / 8);
+      __m256 acc[8];
+      for (int64_t u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < len; ++j) {
+        const __m256 w = _mm256_set1_ps(ph[j]);
+        const float* vj = v + slots[j] * stride + kv_head * d + i;
+        for (int64_t u = 0; u < n; ++u) acc[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8 * u), acc[u]);
+      }
+      for (int64_t u = 0; u < n; ++u) _mm256_storeu_ps(out + h * d + i + 8 * u, _mm256_mul_ps(acc[u], _mm256_set1_ps(inv)));
+    }
+  }
+}
+
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& keys,
                      const at::Tensor& lengths) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes(), "row attention: q [rows, H, D], k/v [slots, Hkv, D]");
@@ -82,11 +154,13 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const int64_t* kx = keys.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  const bool avx2 = d % 8 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, g = task % kv_heads;
       const int64_t offset = (r * heads + g * group) * d;
-      attend_group(qp + offset, kp, vp, kx + r * width, lens[r], n_slots, kv_heads, group, d, g, scale, op + offset);
+      (avx2 ? attend_group_avx2 : attend_group)(qp + offset, kp, vp, kx + r * width, lens[r], n_slots, kv_heads,
+                                                 group, d, g, scale, op + offset);
     }
   });
   return out;
