@@ -34,8 +34,10 @@ def exact_product(xq, w, scale):
 def test_int8_mm_is_the_exact_integer_product_row_by_row(monkeypatch, kernel, shape):
     if kernel == "fallback":
         monkeypatch.setattr(w8a8, "_ONEDNN", False)
-    elif not w8a8._ONEDNN:
+    elif not w8a8.ONEDNN_INT8_OP:
         pytest.fail("this PyTorch has no oneDNN int8 linear: the CPU kernel path is untested")
+    elif not w8a8._ONEDNN:
+        pytest.skip("CPU without VNNI: oneDNN's int8 GEMM saturates here, so W8A8 takes the float path (tested)")
     x, w, scale = int8_pair(300, *shape)
     full = int8_mm(x, w, scale)
     torch.testing.assert_close(full, exact_product(x, w, scale), rtol=1e-6, atol=0)

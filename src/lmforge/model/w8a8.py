@@ -12,14 +12,15 @@ Weight-only int8/int4 kernels dequantise to floating point and multiply: at one 
 memory traffic, at 16 rows and more they cost what a float GEMM does. Here the product is an int8
 dot product with int32 accumulation (oneDNN: AMX or VNNI on x86), several times faster than float
 on a batch, and exact: each row's integer result does not depend on which other rows share the call.
-(The engine's attention still differs in the last bits between a sequence alone and in a packed
-batch, as in float; rounding activations to int8 turns some of those differences into different
-tokens, so W8A8 does not promise the same greedy tokens alone and batched. See the README.)
+(The engine's decode rows attend with the same bits alone and batched on CPU, serve/row_attention.cpp;
+prefill's float parts still round according to the step's size, and rounding activations to int8 can
+turn such a difference into a different token. See the README.)
 
-CPU: oneDNN's `qlinear_pointwise` on a weight pre-packed on first use (kept outside the module:
+CPU with VNNI or AMX: oneDNN's `qlinear_pointwise` on a weight pre-packed on first use (kept outside the module:
 it is a CPU-specific layout, not saved, repacked when the weight tensor changes). The call is
-wrapped in a custom op so that torch.compile treats it as one opaque kernel. Other devices, or a
-PyTorch without oneDNN: the same integer product computed in float32 (exact while the dot
+wrapped in a custom op so that torch.compile treats it as one opaque kernel. Other devices, a
+PyTorch without oneDNN, or a CPU where oneDNN's int8 GEMM is not exact (AVX2 without VNNI adds pairs of
+u8 x s8 products in saturating int16: seen on an AMD EPYC, every large product wrong): the same integer product computed in float32 (exact while the dot
 products stay below 2^24, far above what per-row scaling produces in practice).
 """
 from __future__ import annotations
@@ -30,16 +31,32 @@ from torch import nn
 
 from lmforge.model.prepack import prepacked
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+ONEDNN_INT8_OP = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 # oneDNN computes products of at most this many outputs (rows x out_features) with a reference
 # kernel ~1000x slower than its int8 GEMM (one decode row through a 192-wide k_proj: 2.7 ms instead
 # of 40 us); such calls get zero rows appended, which cost nothing and change no other row.
 ONEDNN_SLOW_OUTPUTS = 256
 
 
+def _onednn_int8_is_exact() -> bool:
+    """Whether oneDNN's int8 GEMM returns the exact product on this CPU: one call whose pairs of products
+    overflow int16 (127 x 127 everywhere) tells, 512 outputs so that it takes the GEMM, not the
+    reference kernel."""
+    if not ONEDNN_INT8_OP:
+        return False
+    x, w = torch.full((16, 64), 127, dtype=torch.int8), torch.full((32, 64), 127, dtype=torch.int8)
+    packed, zeros = _pack(w)
+    y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(32), zeros, None, 1.0, 0, torch.float32,
+                                           "none", [], "")
+    return bool((y == 127 * 127 * 64).all())
+
+
 def _pack(qweight: torch.Tensor):
     """-> (oneDNN's packed int8 weight, the int32 zero points it takes: all 0, symmetric)."""
     return torch.ops.onednn.qlinear_prepack(qweight, None), torch.zeros(qweight.shape[0], dtype=torch.int32)
+
+
+_ONEDNN = _onednn_int8_is_exact()
 
 
 @torch.library.custom_op("lmforge::int8_mm", mutates_args=())
