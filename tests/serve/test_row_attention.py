@@ -43,7 +43,9 @@ def reference(q, k, v, keys, lengths):
     return torch.stack(out).float()
 
 
-@pytest.mark.parametrize("heads,kv_heads,d", [(6, 2, 64), (4, 4, 32), (9, 3, 70)])
+# head_dim 64 and 32: the AVX2 path's whole 64-float chunks and a short one; 72: a chunk of 64 and one
+# of 8; 70: not a multiple of 8, the portable path
+@pytest.mark.parametrize("heads,kv_heads,d", [(6, 2, 64), (4, 4, 32), (8, 2, 72), (9, 3, 70)])
 def test_row_attention_equals_float64_softmax_attention(heads, kv_heads, d):
     case = random_case(heads=heads, kv_heads=kv_heads, d=d)
     torch.testing.assert_close(attention(*case), reference(*case), rtol=0, atol=2e-6)
