@@ -59,9 +59,17 @@ def decode(args) -> None:
           f"{fmt(ratios(times['sdpa'], times['kernel']))}x | same tokens: {same}")
 
 
+def cases(text: str) -> list[tuple[int, int]]:
+    """'1x100,16x200' -> [(1, 100), (16, 200)] (argparse turns the ValueError into a usage error)."""
+    out = [tuple(int(n) for n in case.split("x")) for case in text.split(",")]
+    if not all(len(c) == 2 and min(c) >= 1 for c in out):
+        raise ValueError(text)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="1x100,1x400,1x1500,4x300,16x200,16x800")
+    ap.add_argument("--cases", type=cases, default="1x100,1x400,1x1500,4x300,16x200,16x800")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--model", default=None, help="time whole decoding of this model instead ('bundled': SmolLM2)")
@@ -76,8 +84,8 @@ def main() -> None:
     bs, g = 16, torch.Generator().manual_seed(0)
     print(f"one layer, 9/3 heads x 64, float32 cache, {args.threads} thread(s); microseconds per call")
     print(f"{'rows x keys':>12} {'kernel':>9} {'gather+SDPA':>12} {'speed-up':>9}")
-    for case in args.cases.split(","):
-        rows, n = map(int, case.split("x"))
+    for rows, n in args.cases:
+        case = f"{rows}x{n}"
         blocks_per_row = -(-n // bs)
         cache = PagedKVCache(cfg, num_blocks=rows * blocks_per_row * 2, block_size=bs)
         assert cache.row_kernel, "lmforge's CPU kernels did not build"

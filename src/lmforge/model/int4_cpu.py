@@ -1,5 +1,6 @@
 """lmforge's own int4 x int8 CPU matmul (int4_cpu.cpp, built by cpu_kernels.py on first use), used by
-Int4Linear instead of PyTorch's `_weight_int4pack_mm_for_cpu` on x86 CPUs with AVX512-VNNI (or AVX2, a slower path with the same results).
+Int4Linear instead of PyTorch's `_weight_int4pack_mm_for_cpu` on x86 CPUs with AVX512-VNNI (or AVX2, a
+slower path with the same results).
 
 Why: decoding is bound by the bytes of weight read per token. PyTorch's kernel reads bf16 scale and
 zero per 32 weights (5 bits a weight) and multiplies in bf16; this one reads fp16 scales only for

@@ -16,12 +16,13 @@ on a batch, and exact: each row's integer result does not depend on which other 
 prefill's float parts still round according to the step's size, and rounding activations to int8 can
 turn such a difference into a different token. See the README.)
 
-CPU with VNNI or AMX: oneDNN's `qlinear_pointwise` on a weight pre-packed on first use (kept outside the module:
-it is a CPU-specific layout, not saved, repacked when the weight tensor changes). The call is
-wrapped in a custom op so that torch.compile treats it as one opaque kernel. Other devices, a
-PyTorch without oneDNN, or a CPU where oneDNN's int8 GEMM is not exact (AVX2 without VNNI adds pairs of
-u8 x s8 products in saturating int16: seen on an AMD EPYC, every large product wrong): the same integer product computed in float32 (exact while the dot
-products stay below 2^24, far above what per-row scaling produces in practice).
+CPU with VNNI or AMX: oneDNN's `qlinear_pointwise` on a weight pre-packed on first use (kept outside
+the module: it is a CPU-specific layout, not saved, repacked when the weight tensor changes). The call
+is wrapped in a custom op so that torch.compile treats it as one opaque kernel. Other devices, a
+PyTorch without oneDNN, or a CPU where oneDNN's int8 GEMM is not exact (AVX2 without VNNI adds pairs
+of u8 x s8 products in saturating int16: seen on an AMD EPYC, every large product wrong): the same
+integer product computed in float32 (exact while the dot products stay below 2^24, far above what
+per-row scaling produces in practice).
 """
 from __future__ import annotations
 

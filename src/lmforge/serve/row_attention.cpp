@@ -38,13 +38,10 @@ float dot(const float* a, const float* b, int64_t n) {
 
 // One row and one KV head: its group of query heads share each key and value read.
 void attend_group(const float* q, const float* k, const float* v, const int64_t* slots, int64_t len,
-                  int64_t n_slots, int64_t kv_heads, int64_t group, int64_t d, int64_t kv_head, float scale,
-                  float* out) {
+                  int64_t kv_heads, int64_t group, int64_t d, int64_t kv_head, float scale, float* out) {
   std::vector<float> p(group * len), acc(group * d, 0.f);
   for (int64_t j = 0; j < len; ++j) {
-    const int64_t slot = slots[j];
-    TORCH_CHECK(slot >= 0 && slot < n_slots, "row attention: key slot ", slot, " is outside the cache");
-    const float* kj = k + (slot * kv_heads + kv_head) * d;
+    const float* kj = k + (slots[j] * kv_heads + kv_head) * d;
     for (int64_t h = 0; h < group; ++h) p[h * len + j] = dot(q + h * d, kj, d) * scale;
   }
   for (int64_t h = 0; h < group; ++h) {
@@ -91,13 +88,9 @@ AVX2 float sum8(__m256 v) {
 // accumulator each (a short key list is padded with key 0, whose scores are dropped), so a score's bits
 // depend only on q and its key. Softmax: 8 lanes of partial sums, padded with e^-inf = 0.
 AVX2 void attend_group_avx2(const float* q, const float* k, const float* v, const int64_t* slots, int64_t len,
-                            int64_t n_slots, int64_t kv_heads, int64_t group, int64_t d, int64_t kv_head,
-                            float scale, float* out) {
+                            int64_t kv_heads, int64_t group, int64_t d, int64_t kv_head, float scale, float* out) {
   const int64_t padded = (len + 7) / 8 * 8;
   std::vector<float> p(group * padded, -std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < len; ++j) {
-    TORCH_CHECK(slots[j] >= 0 && slots[j] < n_slots, "row attention: key slot ", slots[j], " is outside the cache");
-  }
   const int64_t stride = kv_heads * d;
   for (int64_t j = 0; j < len; j += 4) {
     const float* kj[4];
@@ -147,11 +140,16 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
               "row attention: keys int64 [rows, width], lengths int64 [rows]");
   const int64_t width = keys.size(1), group = heads / kv_heads, n_slots = k.size(0);
   const int64_t* lens = lengths.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r)
+  const int64_t* kx = keys.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {   // checked here, once, so the kernels read only valid slots
     TORCH_CHECK(lens[r] >= 1 && lens[r] <= width, "row attention: row ", r, " sees ", lens[r], " of ", width, " keys");
+    for (int64_t j = 0; j < lens[r]; ++j) {
+      const int64_t slot = kx[r * width + j];
+      TORCH_CHECK(slot >= 0 && slot < n_slots, "row attention: key slot ", slot, " is outside the cache");
+    }
+  }
   at::Tensor out = at::empty_like(q);
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const int64_t* kx = keys.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   const bool avx2 = d % 8 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -159,8 +157,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, g = task % kv_heads;
       const int64_t offset = (r * heads + g * group) * d;
-      (avx2 ? attend_group_avx2 : attend_group)(qp + offset, kp, vp, kx + r * width, lens[r], n_slots, kv_heads,
-                                                 group, d, g, scale, op + offset);
+      (avx2 ? attend_group_avx2 : attend_group)(qp + offset, kp, vp, kx + r * width, lens[r], kv_heads, group, d, g,
+                                                 scale, op + offset);
     }
   });
   return out;
