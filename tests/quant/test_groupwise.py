@@ -151,6 +151,25 @@ def test_lmforge_int4_kernel_equals_int8_activation_reference(isa, group_size, n
     assert (got.double() - exact).abs().max() <= 3e-2 * exact.abs().max()
 
 
+@pytest.mark.parametrize("isa", list(int4_cpu.ISAS))
+@pytest.mark.parametrize("rows", [1, 4])
+def test_lmforge_int4_kernel_extreme_codes_and_activations_sum_exactly(isa, rows, monkeypatch):
+    """The largest block sums the kernel meets: every code 15 (or 0) against activations that all quantise
+    to +-127. The AVX2 path sums a block's products in int16 lanes (16 products of <= 15 * 127 each), so
+    this is the case that would saturate if a lane held more; all integers here, so the result is exact."""
+    _use_kernel(isa, monkeypatch)
+    n_in, out = 96, 32
+    codes = torch.full((out, n_in), 15)
+    codes[out // 2:] = 0                                 # the other extreme: q - 8 = -8
+    scales = torch.ones(out, n_in // 32)
+    packed, asym = int4_cpu.pack(codes, scales, None)
+    x = torch.full((rows, n_in), 3.0)
+    x[:, 64:] *= -1                                      # two positive blocks, then a negative one
+    got = int4_cpu.mm(x, packed, out, asym, int4_cpu.isa())
+    ref = (x / 3 * 127).double() @ (codes.double() - 8).t() * (3 / 127)   # d = 3 / 127, xq = +-127
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("asym", [False, True])
 def test_lmforge_int4_kernel_paths_agree_bit_for_bit(asym, monkeypatch):
     """The AVX2 path (VPMADDUBSW + VPMADDWD) and the AVX512-VNNI path (VPDPBUSD) sum the same integers

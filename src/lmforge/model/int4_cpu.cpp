@@ -107,28 +107,29 @@ AVX2 void tile_avx2(const uint8_t* w, int64_t block_bytes, const int8_t* xq, con
     __m256i dot[R][2];
     for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
     for (int j = 0; j < 4; ++j) {
-      for (int h = 0; h < 2; ++h) {   // rows 0-7, rows 8-15
-        const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j + 32 * h));
-        const __m256i lo = _mm256_and_si256(codes, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble);
-        for (int r = 0; r < R; ++r) {
-          const int32_t* xb = reinterpret_cast<const int32_t*>(xq + r * in + 32 * b);
-          // pairs of code x activation in int16 (|sum| <= 4 * 15 * 128: no saturation), then groups of 4 in int32
-          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xb[2 * j])),
-                                                 _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xb[2 * j + 1])));
-          dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_madd_epi16(pairs, ones));
-        }
+      const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j));
+      const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j + 32));
+      const __m256i lo0 = _mm256_and_si256(c0, nibble), hi0 = _mm256_and_si256(_mm256_srli_epi16(c0, 4), nibble);
+      const __m256i lo1 = _mm256_and_si256(c1, nibble), hi1 = _mm256_and_si256(_mm256_srli_epi16(c1, 4), nibble);
+      for (int r = 0; r < R; ++r) {
+        const int32_t* xb = reinterpret_cast<const int32_t*>(xq + r * in + 32 * b);
+        const __m256i x0 = _mm256_set1_epi32(xb[2 * j]), x1 = _mm256_set1_epi32(xb[2 * j + 1]);
+        dot[r][0] = _mm256_add_epi16(dot[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, x0), _mm256_maddubs_epi16(hi0, x1)));
+        dot[r][1] = _mm256_add_epi16(dot[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, x0), _mm256_maddubs_epi16(hi1, x1)));
+        asm("" : "+x"(dot[r][0]), "+x"(dot[r][1]));
       }
     }
     for (int h = 0; h < 2; ++h) {
       const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + kCodeBytes + 16 * h)));
       for (int r = 0; r < R; ++r) {
+        const __m256i dot32 = _mm256_madd_epi16(dot[r][h], ones);
         const __m256 d = _mm256_set1_ps(xd[r * blocks + b]);
         if constexpr (Asym) {
           const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + kCodeBytes + 32 + 16 * h)));
           const __m256 sum = _mm256_set1_ps(static_cast<float>(xsum[r * blocks + b]));
-          acc[r][h] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][h]), s, _mm256_mul_ps(m, sum)), d, acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32), s, _mm256_mul_ps(m, sum)), d, acc[r][h]);
         } else {
-          const __m256i centred = _mm256_sub_epi32(dot[r][h], _mm256_set1_epi32(8 * xsum[r * blocks + b]));
+          const __m256i centred = _mm256_sub_epi32(dot32, _mm256_set1_epi32(8 * xsum[r * blocks + b]));
           acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(centred), _mm256_mul_ps(s, d), acc[r][h]);
         }
       }
