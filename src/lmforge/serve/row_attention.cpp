@@ -84,6 +84,20 @@ AVX2 float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// out[0, 8N) = inv * sum_j w[j] v[slots[j]][0, 8N), in key order: N registers of the output, in registers.
+template <int N>
+AVX2 void weighted_sum(const float* w, const float* v, const int64_t* slots, int64_t len, int64_t stride, float inv,
+                       float* out) {
+  __m256 acc[N];
+  for (int u = 0; u < N; ++u) acc[u] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < len; ++j) {
+    const __m256 wj = _mm256_set1_ps(w[j]);
+    const float* vj = v + slots[j] * stride;
+    for (int u = 0; u < N; ++u) acc[u] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vj + 8 * u), acc[u]);
+  }
+  for (int u = 0; u < N; ++u) _mm256_storeu_ps(out + 8 * u, _mm256_mul_ps(acc[u], _mm256_set1_ps(inv)));
+}
+
 // The same as attend_group, 8 floats at a time (d a multiple of 8). Scores: four keys per pass, one
 // accumulator each (a short key list is padded with key 0, whose scores are dropped), so a score's bits
 // depend only on q and its key. Softmax: 8 lanes of partial sums, padded with e^-inf = 0.
@@ -101,9 +115,14 @@ AVX2 void attend_group_avx2(const float* q, const float* k, const float* v, cons
         const __m256 qv = _mm256_loadu_ps(q + h * d + i);
         for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj[u] + i), a[u]);
       }
-      for (int u = 0; u < 4 && j + u < len; ++u) p[h * padded + j + u] = sum8(a[u]) * scale;
+      // the four keys' sums at once: pairs of lanes, then quads, then the two halves
+      const __m256 quads = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+      const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(quads), _mm256_extractf128_ps(quads, 1));
+      _mm_storeu_ps(p.data() + h * padded + j, _mm_mul_ps(sums, _mm_set1_ps(scale)));
     }
   }
+  for (int64_t h = 0; h < group; ++h)   // the padding keys' scores (key 0's) back to -inf
+    std::fill(p.begin() + h * padded + len, p.begin() + (h + 1) * padded, -std::numeric_limits<float>::infinity());
   for (int64_t h = 0; h < group; ++h) {
     float* ph = p.data() + h * padded;
     const float top = *std::max_element(ph, ph + len);
@@ -114,17 +133,10 @@ AVX2 void attend_group_avx2(const float* q, const float* k, const float* v, cons
       total = _mm256_add_ps(total, e);
     }
     const float inv = 1.f / sum8(total);
-    for (int64_t i = 0; i < d; i += 64) {   // 8 registers of the output at a time
-      const int64_t n = std::min<int64_t>(8, (d - i) / 8);
-      __m256 acc[8];
-      for (int64_t u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
-      for (int64_t j = 0; j < len; ++j) {
-        const __m256 w = _mm256_set1_ps(ph[j]);
-        const float* vj = v + slots[j] * stride + kv_head * d + i;
-        for (int64_t u = 0; u < n; ++u) acc[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8 * u), acc[u]);
-      }
-      for (int64_t u = 0; u < n; ++u) _mm256_storeu_ps(out + h * d + i + 8 * u, _mm256_mul_ps(acc[u], _mm256_set1_ps(inv)));
-    }
+    // each output lane sums its values in key order, whichever of these loops computes it
+    int64_t i = 0;
+    for (; i + 64 <= d; i += 64) weighted_sum<8>(ph, v + kv_head * d + i, slots, len, stride, inv, out + h * d + i);
+    for (; i < d; i += 8) weighted_sum<1>(ph, v + kv_head * d + i, slots, len, stride, inv, out + h * d + i);
   }
 }
 
