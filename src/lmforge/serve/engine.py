@@ -24,7 +24,7 @@ from lmforge.serve.block_manager import BlockManager
 from lmforge.serve.detokenizer import Detokenizer
 from lmforge.serve.model_runner import ModelRunner
 from lmforge.serve.paged_cache import PagedKVCache
-from lmforge.serve.sampler import choose_tokens
+from lmforge.serve.sampler import choose_tokens, take_rows
 from lmforge.serve.scheduler import Scheduler
 from lmforge.serve.sequence import RequestOutput, SamplingParams, Sequence
 from lmforge.serve.speculative import DraftBudget, SpeculativeConfig, SpecState, make_proposer
@@ -164,7 +164,7 @@ class LLMEngine:
         plain = [i for i, n in enumerate(step.num_logits) if n == 1]
         chosen = {}
         if plain:
-            rows = logits[[starts[i] for i in plain]]
+            rows = take_rows(logits, [starts[i] for i in plain])
             for i, *picked in zip(plain, *choose_tokens(rows, [step.sampled[i] for i in plain], self.generator)):
                 chosen[i] = picked
         now = time.monotonic()

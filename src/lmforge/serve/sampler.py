@@ -69,6 +69,14 @@ def _pick(row: torch.Tensor, seq: Sequence, generator: torch.Generator | None) -
     return int(sample(row[None], p.temperature, p.top_k, p.top_p, generator)[0])
 
 
+def take_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows] as whole-row copies, or logits itself when rows are all of them in order. (Indexing by a
+    list copies element by element on CPU: 1 ms for 16 rows of a 49k vocabulary, 0.1 ms this way.)"""
+    if rows == list(range(logits.shape[0])):
+        return logits
+    return logits.index_select(0, torch.tensor(rows, device=logits.device))
+
+
 def choose_tokens(logits: torch.Tensor, seqs: list[Sequence],
                   default_generator: torch.Generator | None = None
                   ) -> tuple[list[int | None], list[TokenLogprob | None], list[Exception | None]]:
@@ -82,7 +90,7 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence],
     errors: list[Exception | None] = [None] * len(seqs)
     greedy = [i for i, s in enumerate(seqs) if s.params.greedy_only]
     if greedy:
-        picked = logits[greedy].argmax(-1).tolist()
+        picked = take_rows(logits, greedy).argmax(-1).tolist()
         for i, t in zip(greedy, picked):
             tokens[i] = t
     plain = [i for i, s in enumerate(seqs) if tokens[i] is None and _plain(s)]
@@ -121,8 +129,8 @@ def _choose_plain(logits: torch.Tensor, seqs: list[Sequence], rows: list[int],
                   default_generator: torch.Generator | None, tokens: list, logprobs: list, errors: list) -> None:
     """choose_tokens for rows with nothing to adjust, batched: the same tokens and logprobs as `_pick`
     and `_logprob` row by row (the same ops on each row, the same uniform from each generator)."""
-    block = logits if len(rows) == logits.shape[0] else logits[rows]
-    top = block.max(-1).values  # NaN when the row has one
+    block = take_rows(logits, rows)
+    top = block.amax(-1)  # NaN when the row has one (amax is vectorised on CPU, max(-1) is not: 50 vs 800 us)
     nan = torch.isnan(top).tolist()
     temps = torch.tensor([seqs[i].params.temperature for i in rows], dtype=block.dtype, device=block.device)
     finite = torch.isfinite(top / temps).tolist()
