@@ -69,6 +69,23 @@ def _pick(row: torch.Tensor, seq: Sequence, generator: torch.Generator | None) -
     return int(sample(row[None], p.temperature, p.top_k, p.top_p, generator)[0])
 
 
+ARGMAX_CHUNK = 128
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax, exactly torch.argmax's (the first index of the maximum; a NaN counts as the
+    maximum). On CPU in two stages: the maximum of each 128-wide chunk (amax, vectorised), the first
+    chunk holding the row's maximum, then the first maximum within it. torch.argmax's own CPU loop is
+    scalar: 0.8 ms for 16 rows of a 49k vocabulary, against ~0.1 ms this way."""
+    rows, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab % ARGMAX_CHUNK:
+        return logits.argmax(-1).tolist()
+    chunks = logits.reshape(rows, vocab // ARGMAX_CHUNK, ARGMAX_CHUNK)
+    best = chunks.amax(-1).argmax(-1)
+    within = chunks[torch.arange(rows), best].argmax(-1)
+    return (best * ARGMAX_CHUNK + within).tolist()
+
+
 def take_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """logits[rows] as whole-row copies, or logits itself when rows are all of them in order. (Indexing by a
     list copies element by element on CPU: 1 ms for 16 rows of a 49k vocabulary, 0.1 ms this way.)"""
@@ -90,7 +107,7 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence],
     errors: list[Exception | None] = [None] * len(seqs)
     greedy = [i for i, s in enumerate(seqs) if s.params.greedy_only]
     if greedy:
-        picked = take_rows(logits, greedy).argmax(-1).tolist()
+        picked = argmax_rows(take_rows(logits, greedy))
         for i, t in zip(greedy, picked):
             tokens[i] = t
     plain = [i for i, s in enumerate(seqs) if tokens[i] is None and _plain(s)]
@@ -146,7 +163,7 @@ def _choose_plain(logits: torch.Tensor, seqs: list[Sequence], rows: list[int],
         else:
             greedy.append(j)
     if greedy:
-        for j, t in zip(greedy, block[greedy].argmax(-1).tolist()):
+        for j, t in zip(greedy, argmax_rows(take_rows(block, greedy))):
             tokens[rows[j]] = t
     for (top_k, top_p), js in groups.items():
         sub, t = (block, temps) if len(js) == block.shape[0] else (block[js], temps[js])
