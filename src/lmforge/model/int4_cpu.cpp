@@ -104,6 +104,8 @@ AVX2 void tile_avx2(const uint8_t* w, int64_t block_bytes, const int8_t* xq, con
     const uint8_t* wb = w + b * block_bytes;
     for (int64_t line = 0; line < block_bytes; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(wb + 4 * block_bytes + line), _MM_HINT_T0);
+    // the block's 32 products per row summed in int16 lanes: a VPMADDUBSW lane is two code x activation
+    // products, |.| <= 2 * 15 * 127, and 8 of them per lane stay below 2^15 (one VPMADDWD per block)
     __m256i dot[R][2];
     for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
     for (int j = 0; j < 4; ++j) {
@@ -116,6 +118,8 @@ AVX2 void tile_avx2(const uint8_t* w, int64_t block_bytes, const int8_t* xq, con
         const __m256i x0 = _mm256_set1_epi32(xb[2 * j]), x1 = _mm256_set1_epi32(xb[2 * j + 1]);
         dot[r][0] = _mm256_add_epi16(dot[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, x0), _mm256_maddubs_epi16(hi0, x1)));
         dot[r][1] = _mm256_add_epi16(dot[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, x0), _mm256_maddubs_epi16(hi1, x1)));
+        // keep the sums in registers: left alone, GCC reorders the integer adds, computes all the
+        // products first and spills them to the stack
         asm("" : "+x"(dot[r][0]), "+x"(dot[r][1]));
       }
     }
