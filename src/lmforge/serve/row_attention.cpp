@@ -99,7 +99,7 @@ AVX2 void weighted_sum(const float* w, const float* v, const int64_t* slots, int
 }
 
 // The same as attend_group, 8 floats at a time (d a multiple of 8). Scores: four keys per pass, one
-// accumulator each (a short key list is padded with key 0, whose scores are dropped), so a score's bits
+// accumulator each (a short key list is padded with key 0, whose scores are reset to -inf), so a score's bits
 // depend only on q and its key. Softmax: 8 lanes of partial sums, padded with e^-inf = 0.
 AVX2 void attend_group_avx2(const float* q, const float* k, const float* v, const int64_t* slots, int64_t len,
                             int64_t kv_heads, int64_t group, int64_t d, int64_t kv_head, float scale, float* out) {
