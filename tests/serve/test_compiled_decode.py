@@ -120,6 +120,29 @@ def test_int4_decode_compiles_two_graphs_whatever_the_batch(tiny, compiled_steps
     assert len(compiled) == 2, f"{len(compiled)} graphs compiled (expected 2: one row, several)"
 
 
+def test_a_short_prompt_joining_decodes_reuses_the_graph(tiny, compiled_steps):
+    # the several-rows graph is first compiled on a two-stream decode, where the step's tokens and its
+    # logits rows are both 2; a short prompt (<= ROW_TOKENS) arriving while others decode makes a
+    # rows step with more tokens than logits rows. Duck sizing had tied the two sizes: such a step
+    # recompiled (a minute's stall on SmolLM2, in the middle of serving 16 streams)
+    calls, compiled = compiled_steps
+    engine = LLMEngine(copy.deepcopy(tiny), None, EngineConfig(block_size=4, num_blocks=200, compile_decode=True))
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    engine.generate(PROMPTS[:2], greedy)
+    engine.generate(PROMPTS[:1], greedy)
+    assert len(compiled) == 2
+    short = PROMPTS[2][:5]
+    for p in PROMPTS[:2]:
+        engine.add_request(None, p, greedy)
+    engine.step(), engine.step()          # both prompts in, decoding
+    engine.add_request(None, short, greedy)
+    rows = len(calls)
+    while engine.has_work:
+        engine.step()
+    assert 2 + len(short) in calls[rows:], "the short prompt's step did not take the compiled path"
+    assert len(compiled) == 2, f"{len(compiled)} graphs compiled (expected 2: one row, several)"
+
+
 @pytest.mark.parametrize("method", ["ngram", "medusa"])
 def test_compiled_speculative_verification_is_token_identical(smollm_tokenizer, compiled_steps, method):
     # verifying a draft (1 + k tokens per sequence) runs compiled too, one attention row per token,

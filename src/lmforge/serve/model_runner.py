@@ -11,10 +11,12 @@ matmul); compiling SmolLM2-135M takes a minute or two per graph on 2 cores, once
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 from lmforge.serve.paged_cache import PagedKVCache, StepBatch
 from lmforge.serve.sequence import Sequence
@@ -42,8 +44,9 @@ class ModelRunner:
         step = StepBatch(self.cache, items, self.device)
         if self._decode_fn is not None and step.is_decode:
             try:
-                logits, guesses = self._decode_fn(self.model, self.medusa_heads, step.tokens, step.positions,
-                                                  step.decode_view(), step.logits_index)
+                with distinct_sizes():
+                    logits, guesses = self._decode_fn(self.model, self.medusa_heads, step.tokens, step.positions,
+                                                      step.decode_view(), step.logits_index)
                 return step, logits.float(), guesses
             except Exception:  # e.g. no C++ toolchain: serving goes on eagerly (re-running the step is safe:
                 log.exception("compiled decode failed; decoding eagerly from now on")  # writes are idempotent)
@@ -61,6 +64,19 @@ class ModelRunner:
                        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
             self._decode_fn = torch.compile(own_decode_function(), dynamic=True, options=options)
         return step, logits.float(), guesses
+
+
+@contextlib.contextmanager
+def distinct_sizes():
+    """Dynamo traces with duck sizing off: by default, sizes that are equal when a graph is traced
+    become one symbol, and a two-stream decode has 2 tokens and 2 logits rows, so the first step with
+    a short prompt among the decodes (more tokens than logits rows) recompiled: a minute's stall in the
+    middle of serving. Read only while tracing; set per call, as it is process-wide (9 us)."""
+    old, fx_config.use_duck_shape = fx_config.use_duck_shape, False
+    try:
+        yield
+    finally:
+        fx_config.use_duck_shape = old
 
 
 def _decode(model, medusa_heads, tokens, positions, cache, logits_index):
