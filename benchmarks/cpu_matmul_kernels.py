@@ -78,7 +78,7 @@ def kernels(rows: int, n_in: int, n_out: int, copies: int) -> dict:
                 ours[f"int4 lmforge {name}"] = each(lambda w, code=code: int4_cpu.mm(x, w, n_out, False, code), packs)
     return {
         "fp32": each(lambda w: F.linear(x, w), ws),
-        "fp32 prepacked": each(lambda w: packed_linear(x, w, None), ws),
+        "fp32 prepacked": each(lambda w: packed_linear(x, [w], None), ws),
         "bf16": each(lambda w: F.linear(xb, w), wbs),
         "int8 weight-only": each(lambda q: torch._weight_int8pack_mm(xb, q, ones), q8s),
         "int4 weight-only g32": each(lambda q: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, q, 32, sz), q4s),

@@ -1,7 +1,8 @@
 """PackedLinear (float32 CPU inference through oneDNN on a prepacked weight) against the float64
 product and F.linear: the same numbers to float32 rounding, the packed kernel really taking over
-from MIN_PACKED_ROWS rows, the packed copy following in-place updates, and the swap leaving the
-model's parameters, ties, state dict and gradients as they were."""
+from MIN_PACKED_ROWS rows, sibling layers (q/k/v) sharing one packed copy, the packed copy following
+in-place updates of any of its weights, and the swap leaving the model's parameters, ties, state dict
+and gradients as they were."""
 import copy
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from lmforge.model import packed_linear as pl
 from lmforge.model.packed_linear import MAX_PACKED_ROWS, MIN_PACKED_ROWS, PackedLinear, pack_linears
+from lmforge.model.quantized import project
 from lmforge.model.prepack import _PACKED
 from lmforge.serve import EngineConfig, LLMEngine
 from tests.serve.helpers import tiny_model
@@ -75,11 +77,40 @@ def test_a_weight_made_under_inference_mode_packs():   # no version counter to r
     assert lin.weight in _PACKED
 
 
+def qkv():   # SmolLM2's shapes: each under MIN_PACKED_WEIGHT alone, over it together
+    return layer(n_out=576, seed=0), layer(n_out=192, seed=1), layer(n_out=192, seed=2)
+
+
+@pytest.mark.parametrize("rows", [1, 3, MIN_PACKED_ROWS, 16, MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1])
+def test_siblings_projected_together_equal_each_alone(rows):
+    layers = qkv()
+    x = torch.randn(rows, 576)
+    with torch.inference_mode():
+        outs = project(x, *layers)
+    for out, lin in zip(outs, layers):
+        torch.testing.assert_close(out.double(), F.linear(x.double(), lin.weight.double()), rtol=1e-5, atol=2e-5)
+    # alone, each is too small to pack; together they share one packed copy, kept under q's weight
+    assert [w for w in _PACKED.keys() if any(w is lin.weight for lin in layers)] == (
+        [layers[0].weight] if pl.packs(rows) else [])
+
+
+def test_the_shared_packed_copy_follows_an_update_of_any_sibling():
+    layers = qkv()
+    x = torch.randn(8, 576)
+    with torch.inference_mode():
+        project(x, *layers)
+    layers[2].load_state_dict(layer(n_out=192, seed=3).state_dict())   # v only, in place
+    with torch.inference_mode():
+        v = project(x, *layers)[2]
+    torch.testing.assert_close(v, F.linear(x, layers[2].weight), rtol=1e-5, atol=2e-5)
+
+
 def test_pack_linears_keeps_parameters_ties_state_dict_and_gradients():
     model = tiny_model(VOCAB)
     plain = copy.deepcopy(model)
     state = {k: v for k, v in model.state_dict().items()}
-    assert pack_linears(model) == 1                         # the LM head only (64-wide layers are small)
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert pack_linears(model) == linears
     assert isinstance(model.lm_head, PackedLinear)
     assert model.lm_head.weight is model.embed_tokens.weight  # still tied
     after = model.state_dict()
@@ -98,6 +129,7 @@ def test_the_engine_packs_float32_cpu_models_only():
     def packed(model, **kw):
         LLMEngine(model, None, EngineConfig(num_blocks=8, **kw))
         return sum(isinstance(m, PackedLinear) for m in model.modules())
-    assert packed(tiny_model(VOCAB)) == 1
+    linears = sum(type(m) is torch.nn.Linear for m in tiny_model(VOCAB).modules())
+    assert packed(tiny_model(VOCAB)) == linears
     assert packed(tiny_model(VOCAB), prepack_weights=False) == 0
     assert packed(tiny_model(VOCAB).double()) == 0

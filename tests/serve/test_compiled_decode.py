@@ -121,16 +121,16 @@ def test_int4_decode_compiles_two_graphs_whatever_the_batch(tiny, compiled_steps
 
 
 def test_a_short_prompt_joining_decodes_reuses_the_graph(tiny, compiled_steps):
-    # the several-rows graph is first compiled on a two-stream decode, where the step's tokens and its
-    # logits rows are both 2; a short prompt (<= ROW_TOKENS) arriving while others decode makes a
-    # rows step with more tokens than logits rows. Duck sizing had tied the two sizes: such a step
-    # recompiled (a minute's stall on SmolLM2, in the middle of serving 16 streams)
+    # the several-rows graph is first compiled (by the server's warm-up) on a decode of several
+    # streams, where the step's tokens and its logits rows are equal; a short prompt (<= ROW_TOKENS)
+    # arriving while others decode makes a rows step with more tokens than logits rows. Duck sizing
+    # had tied the two sizes: such a step recompiled (a minute's stall on SmolLM2, in the middle of
+    # serving 16 streams)
     calls, compiled = compiled_steps
     engine = LLMEngine(copy.deepcopy(tiny), None, EngineConfig(block_size=4, num_blocks=200, compile_decode=True))
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    engine.generate(PROMPTS[:2], greedy)
-    engine.generate(PROMPTS[:1], greedy)
-    assert len(compiled) == 2
+    engine.warm_up()
+    assert len(compiled) == 2, "the warm-up did not compile both graphs"
     short = PROMPTS[2][:5]
     for p in PROMPTS[:2]:
         engine.add_request(None, p, greedy)

@@ -34,6 +34,20 @@ def test_greedy_identical_alone_and_batched_with_7_others(smollm, smollm_tokeniz
     assert engine.blocks.num_used == 0
 
 
+def test_warm_up_leaves_no_trace(tiny, smollm_tokenizer):
+    # after the warm-up (which decodes prompts of token 0), the engine serves as a fresh one does:
+    # the same unseeded samples, no prefix-cache hits from the warm-up's blocks, counters from zero
+    config = EngineConfig(num_blocks=64, block_size=4)
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    prompt = [0] * 9
+    fresh = LLMEngine(tiny, smollm_tokenizer, config)
+    warmed = LLMEngine(tiny, smollm_tokenizer, config)
+    assert warmed.warm_up() > 0
+    assert warmed.generate([prompt], sampled) == fresh.generate([prompt], sampled)
+    assert warmed.blocks.prefix_hits == 0 and warmed.num_steps == fresh.num_steps
+    assert warmed.add_request(None, prompt, sampled) == fresh.add_request(None, prompt, sampled)  # request ids
+
+
 def test_seeded_sampling_reproducible_alone_and_batched(tiny, smollm_tokenizer):
     engine = LLMEngine(tiny, smollm_tokenizer, EngineConfig(num_blocks=128))
     sampled = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)

@@ -8,16 +8,18 @@ from typing import Callable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-_PACKED = WeakIdKeyDictionary()   # weight tensor -> (its _version when packed, the packed form)
+_PACKED = WeakIdKeyDictionary()   # (first) weight -> ((id, _version) of each weight when packed, the packed form)
 
 
-def prepacked(weight: torch.Tensor, pack: Callable[[torch.Tensor], object]):
-    """pack(weight), computed once per weight and again whenever the weight has been modified."""
-    version = _version(weight)
-    entry = _PACKED.get(weight)
-    if entry is None or entry[0] != version:
-        entry = (version, pack(weight))
-        _PACKED[weight] = entry
+def prepacked(weights, pack: Callable):
+    """pack(weights), for one tensor or a tuple packed as one group: computed once and again whenever
+    any of them has been modified. A group is kept under its first tensor, with its members' ids."""
+    group = weights if isinstance(weights, tuple) else (weights,)
+    stamp = tuple((id(w), _version(w)) for w in group)
+    entry = _PACKED.get(group[0])
+    if entry is None or entry[0] != stamp:
+        entry = (stamp, pack(weights))
+        _PACKED[group[0]] = entry
     return entry[1]
 
 

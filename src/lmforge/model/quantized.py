@@ -20,7 +20,8 @@ weights and activations, is lmforge.model.w8a8):
 `project(x, *layers)` applies several layers that read the same input (q/k/v, gate/up): Int4Linear
 layers on the kernel path share one kernel call over their concatenated rows (built on first use,
 rebuilt when any of them is reloaded or moved), which saves the per-call overhead that dominates
-a 135M model's decode step on one CPU thread.
+a 135M model's decode step on one CPU thread; float32 PackedLinear layers likewise share one
+oneDNN call (packed_linear.py).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model import int4_cpu
+from lmforge.model.packed_linear import fusable, packed_project
 from lmforge.model.w8a8 import W8A8Linear
 
 _CPU_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
@@ -225,7 +227,10 @@ def _int4_kernel_mm(x, layout: tuple, group_size: int, padding: int, out_feature
 
 def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     """`[layer(x) for layer in layers]`, fused into one int4 kernel call when every layer is an
-    Int4Linear on the CPU kernel path with the same input width and groups."""
+    Int4Linear on the CPU kernel path with the same input width and groups, into one oneDNN call when
+    every layer is a bias-free PackedLinear of the same input width."""
+    if fusable(layers):
+        return packed_project(x, layers)
     first = layers[0]
     if all(isinstance(layer, Int4Linear) and layer.uses_cpu_kernel(x) and layer.group_size == first.group_size
            and layer.in_features == first.in_features for layer in layers):

@@ -19,7 +19,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model.context import fit_to_context
-from lmforge.model.packed_linear import pack_linears
+from lmforge.model.packed_linear import MIN_PACKED_ROWS, pack_linears
 from lmforge.serve.block_manager import BlockManager
 from lmforge.serve.detokenizer import Detokenizer
 from lmforge.serve.model_runner import ModelRunner
@@ -31,6 +31,7 @@ from lmforge.serve.speculative import DraftBudget, SpeculativeConfig, SpecState,
 from lmforge.serve.speculative.verify import sampling_probs, verify_greedy, verify_sampled
 
 log = logging.getLogger(__name__)
+WARM_UP_STREAMS = MIN_PACKED_ROWS   # decoding together: the several-rows graph and the packed weights
 
 @dataclass
 class EngineConfig:
@@ -60,8 +61,7 @@ class LLMEngine:
         block_bytes = PagedKVCache.bytes_per_block(mcfg, cfg.block_size, dtype, cfg.kv_dtype)
         num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_mb * 2**20 // block_bytes)
         self.cache = PagedKVCache(mcfg, num_blocks, cfg.block_size, self.device, dtype, cfg.kv_dtype)
-        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.prefix_caching)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_batched_tokens)
+        self._fresh_allocator(num_blocks)
         self.max_model_len = min(cfg.max_model_len or mcfg.max_seq_len, mcfg.max_seq_len, num_blocks * cfg.block_size)
         self.vocab_size = mcfg.vocab_size
         self.stop_ids = tokenizer.stop_ids() if tokenizer is not None else set()
@@ -81,6 +81,11 @@ class LLMEngine:
             self.proposer = make_proposer(cfg.speculative, num_blocks, cfg.block_size, self.device)
         self.runner = ModelRunner(model, self.cache, cfg.compile_decode, medusa)
         self.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}
+
+    def _fresh_allocator(self, num_blocks: int) -> None:
+        cfg = self.config
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.prefix_caching)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_batched_tokens)
 
     # --- requests ---------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -298,6 +303,22 @@ class LLMEngine:
                              seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_prompt)
 
     # --- offline use ----------------------------------------------------------------------------
+    def warm_up(self) -> float:
+        """Meet the shapes serving will meet before the first request does: one stream decoding alone
+        and WARM_UP_STREAMS together (with compile_decode, both graphs compiled; on float32 CPU, the
+        packed weights built), so that a server answers its first requests at full speed. Leaves no
+        trace: the prefix cache, step counters, request ids and seed generator start afresh.
+        -> seconds taken."""
+        start = time.monotonic()
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        self.generate([[0] * 4], params)
+        self.generate([[i] * 4 for i in range(WARM_UP_STREAMS)], params)
+        self._fresh_allocator(self.blocks.num_blocks)
+        self.num_steps, self._ids = 0, itertools.count()
+        self.spec_stats = dict.fromkeys(self.spec_stats, 0)
+        self.generator.manual_seed(self.config.seed)
+        return time.monotonic() - start
+
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
                  ) -> list[dict]:
         """Run all prompts as one continuously batched workload; results in prompt order."""
