@@ -7,6 +7,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.serve import EngineConfig, LLMEngine, SamplingParams, complete
+from lmforge.serve.speculative import SpeculativeConfig
 
 CHAT_QUESTIONS = ["What is the capital of France?", "Write a haiku about autumn.", "Explain what a CPU does.",
                   "Give me three tips for learning to code.", "What is 12 times 12?", "Name a famous painter.",
@@ -35,9 +36,10 @@ def test_greedy_identical_alone_and_batched_with_7_others(smollm, smollm_tokeniz
 
 
 def test_warm_up_leaves_no_trace(tiny, smollm_tokenizer):
-    # after the warm-up (which decodes prompts of token 0), the engine serves as a fresh one does:
-    # the same unseeded samples, no prefix-cache hits from the warm-up's blocks, counters from zero
-    config = EngineConfig(num_blocks=64, block_size=4)
+    # after the warm-up (which decodes prompts of token 0, drafting from them), the engine serves as a
+    # fresh one does: the same unseeded samples, no prefix-cache hits from the warm-up's blocks,
+    # counters from zero
+    config = EngineConfig(num_blocks=64, block_size=4, speculative=SpeculativeConfig("ngram", num_tokens=3))
     sampled = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
     prompt = [0] * 9
     fresh = LLMEngine(tiny, smollm_tokenizer, config)
@@ -45,6 +47,7 @@ def test_warm_up_leaves_no_trace(tiny, smollm_tokenizer):
     assert warmed.warm_up() > 0
     assert warmed.generate([prompt], sampled) == fresh.generate([prompt], sampled)
     assert warmed.blocks.prefix_hits == 0 and warmed.num_steps == fresh.num_steps
+    assert warmed.spec_stats == fresh.spec_stats
     assert warmed.add_request(None, prompt, sampled) == fresh.add_request(None, prompt, sampled)  # request ids
 
 

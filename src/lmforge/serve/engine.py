@@ -307,8 +307,8 @@ class LLMEngine:
         """Meet the shapes serving will meet before the first request does: one stream decoding alone
         and WARM_UP_STREAMS together (with compile_decode, both graphs compiled; on float32 CPU, the
         packed weights built), so that a server answers its first requests at full speed. Leaves no
-        trace: the prefix cache, step counters, request ids and seed generator start afresh.
-        -> seconds taken."""
+        trace: the prefix cache, step counters and request ids start afresh, and greedy decoding
+        draws nothing from the seed generator. -> seconds taken."""
         start = time.monotonic()
         params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
         self.generate([[0] * 4], params)
@@ -316,7 +316,6 @@ class LLMEngine:
         self._fresh_allocator(self.blocks.num_blocks)
         self.num_steps, self._ids = 0, itertools.count()
         self.spec_stats = dict.fromkeys(self.spec_stats, 0)
-        self.generator.manual_seed(self.config.seed)
         return time.monotonic() - start
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
