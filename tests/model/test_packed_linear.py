@@ -125,6 +125,20 @@ def test_pack_linears_keeps_parameters_ties_state_dict_and_gradients():
         assert torch.equal(p.grad, q.grad), name
 
 
+def test_hooks_on_packed_siblings_still_fire():
+    # calibration (smoothquant, AWQ, GPTQ) hooks each linear; a model an engine has packed must not
+    # route around them
+    model = tiny_model(VOCAB)
+    pack_linears(model)
+    seen = []
+    for name, module in model.named_modules():
+        if name.endswith(("q_proj", "v_proj", "up_proj")):
+            module.register_forward_pre_hook(lambda m, args, name=name: seen.append(name))
+    with torch.inference_mode():
+        model(torch.randint(0, VOCAB, (2, 8)))
+    assert sorted(seen) == sorted(n for n, _ in model.named_modules() if n.endswith(("q_proj", "v_proj", "up_proj")))
+
+
 def test_the_engine_packs_float32_cpu_models_only():
     def packed(model, **kw):
         LLMEngine(model, None, EngineConfig(num_blocks=8, **kw))

@@ -228,7 +228,10 @@ def _int4_kernel_mm(x, layout: tuple, group_size: int, padding: int, out_feature
 def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     """`[layer(x) for layer in layers]`, fused into one int4 kernel call when every layer is an
     Int4Linear on the CPU kernel path with the same input width and groups, into one oneDNN call when
-    every layer is a bias-free PackedLinear of the same input width."""
+    every layer is a bias-free PackedLinear of the same input width. Layers with forward hooks
+    (calibration, interpretability) are called one by one, so that their hooks see the call."""
+    if any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers):
+        return [layer(x) for layer in layers]
     if fusable(layers):
         return packed_project(x, layers)
     first = layers[0]
