@@ -56,8 +56,9 @@ def serve_command(
     compile_decode: bool = typer.Option(False, "--compile", help="torch.compile decode steps (CPU or GPU): "
                                         "~1.6x faster int4 decode on CPU after a minute or two of compiling"),
     threads: int = typer.Option(0, min=0, max=4096, help="CPU threads for PyTorch (0: its default)"),
-    prepack: bool = typer.Option(True, help="float32 on CPU: large linears multiply through oneDNN on packed "
-                                 "copies of their weights (faster batched steps; those weights held twice)"),
+    prepack: bool = typer.Option(True, help="float32 on CPU: linears multiply through oneDNN on packed "
+                                 "copies of their weights, q/k/v and gate/up stacked (faster batched steps; "
+                                 "those weights held twice)"),
     guard: bool = typer.Option(False, "--guard", help="screen requests for prompt injection; redact PII and "
                                "system-prompt leaks in replies (blocked requests get a 400, code guard_blocked)"),
     guard_classifier: str = typer.Option("trained", help="guard scorer: trained (fit on the generated sets at "
