@@ -93,7 +93,9 @@ def serve_command(
         config.speculative.medusa_heads = load_heads(medusa, net)
     screen = _guard(guard_classifier, guard_config) if guard else None
     llm = LLMEngine(net, tok, config)
-    typer.echo(f"warmed up in {llm.warm_up():.1f} s" + (" (compiled decode graphs)" if compile_decode else ""))
+    if compile_decode:
+        typer.echo("compiling the decode graphs (a minute or more; cached on disk for later starts)")
+    typer.echo(f"warmed up in {llm.warm_up():.1f} s")
     engine = AsyncEngine(llm, max_queue=max_queue)
     app = create_app(engine, tok, name or default_name, api_key, default_max_tokens, guard=screen)
     typer.echo(f"serving {name or default_name} on http://{host}:{sock.getsockname()[1]}  (chat page at /, API at /v1)")
