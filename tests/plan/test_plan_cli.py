@@ -37,6 +37,8 @@ def test_plan_params_memory_inference_time(app):
     assert "does not fit" in out and "offload" in out
     out = invoke(app, "plan", "inference", "7b", "--batch", "8", "--seq-len", "4096", "--gpu", "a100-80gb")
     assert "512.0 KiB" in out and "largest batch" in out   # 2 x 32 layers x 4096 x 2 bytes per token
+    # 13.21 GB of weights + 8 x 2.15 GB of K/V read at 2,039 GB/s
+    assert "14.91 ms (memory-bound" in out and "67 per sequence, 537 for the batch" in out
     out = invoke(app, "plan", "time", "--params", "70B", "--tokens", "1.4T", "--gpus", "1024",
                  "--gpu", "a100-80gb", "--mfu", "0.45", "--price", "2")
     assert "5.880e+23" in out and "47.34 days" in out and "$2,326,686" in out

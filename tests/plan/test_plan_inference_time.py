@@ -2,7 +2,7 @@ import pytest
 
 from lmforge.errors import LmforgeError
 from lmforge.model.config import preset
-from lmforge.plan import get_gpu, inference_memory, max_batch, resolve_model, training_time
+from lmforge.plan import decode_bound, get_gpu, inference_memory, max_batch, resolve_model, training_time
 from lmforge.plan.inference import WEIGHT_BYTES
 
 LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
@@ -70,3 +70,37 @@ def test_training_time_errors(kwargs, message):
     args = dict(n_params=7e9, tokens=1e12, gpus=8, peak_flops=989e12) | kwargs
     with pytest.raises(LmforgeError, match=message):
         training_time(**args)
+
+
+def test_decode_floor_is_the_weights_and_kv_read_at_the_data_sheet_bandwidth():
+    cfg, h100 = preset("7b"), get_gpu("h100")   # Llama-2-7B shapes, untied head
+    d, layer = 4096, 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    weights = 2 * (32 * layer + d + 32000 * d)        # bf16, the head included, the embedding table not
+    kv = 2 * 32 * 4096 * 2 * 4096                     # one sequence's K and V at 4096 tokens, bf16
+    b = decode_bound(cfg, 1, 4096, h100.bandwidth, h100.peak_flops)
+    assert b.memory_bound and b.weight_bytes == weights and b.kv_bytes == kv
+    assert b.seconds == pytest.approx((weights + kv) / 3.35e12)
+    assert 200 < b.tokens_per_s < 250                 # the folk figure: ~13.5 GB per token at 3.35 TB/s
+    int4 = decode_bound(cfg, 1, 4096, h100.bandwidth, h100.peak_flops, weights="int4")
+    assert int4.weight_bytes == pytest.approx(weights / 2 * (0.5 + 2 / 128))
+
+
+def test_decode_turns_compute_bound_at_the_ridge_batch():
+    # bf16 weights, 2 FLOPs per weight per sequence: the ridge is peak / bandwidth ~ 295 sequences on
+    # an H100 (short context, so K/V reads do not matter)
+    cfg, h100 = preset("7b"), get_gpu("h100")
+    assert decode_bound(cfg, 280, 1, h100.bandwidth, h100.peak_flops).memory_bound
+    high = decode_bound(cfg, 310, 1, h100.bandwidth, h100.peak_flops)
+    assert not high.memory_bound and high.seconds == pytest.approx(high.flops / h100.peak_flops)
+
+
+def test_decode_reads_the_tied_head_and_the_routed_experts():
+    tied = preset("125m")
+    assert decode_bound(tied, 1, 1, 1e12, 1e15).weight_bytes == 2 * tied.num_params()   # table read once, as the head
+    moe = resolve_model({**LLAMA3_8B, "model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2})
+    expert = 3 * 4096 * 14336
+    one = decode_bound(moe, 1, 1, 1e12, 1e15)
+    many = decode_bound(moe, 4096, 1, 1e12, 1e15)
+    assert many.weight_bytes - one.weight_bytes == pytest.approx(2 * 32 * 6 * expert)   # 2 of 8 -> all 8
+    with pytest.raises(LmforgeError, match="at least 1"):
+        decode_bound(moe, 0, 1, 1e12, 1e15)

@@ -2,7 +2,7 @@
 
 - model arithmetic: `resolve_model`, `summarize` (params total/active, FLOPs/token, KV bytes)
 - training memory: `TrainingPlan`, `training_memory`, `model_state_bytes`, `comm_bytes_per_step`; fit and advice: `check_fit`
-- inference memory: `inference_memory`, `max_batch`
+- inference memory: `inference_memory`, `max_batch`; the decode roofline: `decode_bound`
 - time and cost: `training_time`
 - compute-optimal sizing: `ScalingLaw`, `PUBLISHED`, `optimal_by_ratio`
 - scaling-law fits: `fit_chinchilla`, `fit_power_law`, `read_runs`, `plot_chinchilla_fit`
@@ -13,7 +13,7 @@ from lmforge.plan.advice import Verdict, check_fit
 from lmforge.plan.arithmetic import ModelSummary, kv_cache_bytes_per_token, resolve_model, summarize
 from lmforge.plan.fitting import FitResult, PowerLaw, fit_chinchilla, fit_power_law, predict_interval
 from lmforge.plan.gpus import GPUS, custom_gpu, get_gpu
-from lmforge.plan.inference import inference_memory, max_batch
+from lmforge.plan.inference import decode_bound, inference_memory, max_batch
 from lmforge.plan.laws import PUBLISHED, ScalingLaw, get_law, optimal_by_ratio
 from lmforge.plan.memory import TrainingPlan, comm_bytes_per_step, model_state_bytes, training_memory
 from lmforge.train.noise_scale import NoiseScale, NoiseScaleTracker, measure_noise_scale, noise_scale
@@ -25,7 +25,7 @@ from lmforge.plan.timing import TrainingTime, training_time
 __all__ = [
     "Verdict", "check_fit", "ModelSummary", "kv_cache_bytes_per_token", "resolve_model", "summarize",
     "FitResult", "PowerLaw", "fit_chinchilla", "fit_power_law", "predict_interval", "GPUS", "custom_gpu",
-    "get_gpu", "inference_memory", "max_batch", "PUBLISHED", "ScalingLaw", "get_law", "optimal_by_ratio",
+    "get_gpu", "decode_bound", "inference_memory", "max_batch", "PUBLISHED", "ScalingLaw", "get_law", "optimal_by_ratio",
     "TrainingPlan", "comm_bytes_per_step", "model_state_bytes", "training_memory", "NoiseScale", "NoiseScaleTracker",
     "measure_noise_scale", "noise_scale", "plot_chinchilla_fit", "plot_power_law", "Runs", "read_runs",
     "write_runs", "SweepConfig", "run_sweep", "TrainingTime", "training_time",

@@ -112,10 +112,11 @@ def inference_command(
     gpu: str = typer.Option("h100"),
     headroom: float = typer.Option(0.10, help="fraction of GPU memory kept free"),
 ):
-    """Inference memory: weights at a precision plus the KV cache, and the largest batch that fits."""
+    """Inference memory: weights at a precision plus the KV cache, and the largest batch that fits;
+    the decode roofline: the fastest a step can be (every weight and the batch's K/V read once)."""
     from lmforge.plan.arithmetic import resolve_model
     from lmforge.plan.gpus import get_gpu
-    from lmforge.plan.inference import inference_memory, max_batch
+    from lmforge.plan.inference import decode_bound, inference_memory, max_batch
     from lmforge.plan.tables import inference_table
     if not 0 <= headroom < 1:
         raise LmforgeError("headroom is a fraction in [0, 1)")
@@ -124,7 +125,8 @@ def inference_command(
     estimate = inference_memory(cfg, batch, seq_len, weights, kv, tp)
     usable = device.memory_bytes * (1 - headroom)
     biggest = max_batch(cfg, usable, seq_len, weights=weights, kv=kv, tp=tp)
-    Console().print(inference_table(model, estimate, batch, seq_len, device, usable, biggest))
+    bound = decode_bound(cfg, batch, seq_len, device.bandwidth, device.peak_flops, weights, kv, tp)
+    Console().print(inference_table(model, estimate, batch, seq_len, device, usable, biggest, bound))
 
 
 @plan_app.command("time")
@@ -180,15 +182,16 @@ def optimal_command(compute: str = typer.Argument(..., help="FLOP budget, e.g. 5
 
 @plan_app.command("gpus")
 def gpus_command():
-    """The GPUs the planner knows, with memory and dense bf16 peak."""
+    """The GPUs the planner knows, with memory, memory bandwidth and dense bf16 peak."""
     from rich.table import Table
 
     from lmforge.plan.gpus import GPUS
     table = Table(title="GPUs")
-    for column in ("name", "memory", "bf16 peak"):
+    for column in ("name", "memory", "bandwidth", "bf16 peak"):
         table.add_column(column, justify="left" if column == "name" else "right")
     for g in GPUS.values():
-        table.add_row(g.name, f"{g.memory_bytes / 2**30:.0f} GiB", f"{g.peak_flops / 1e12:,.0f} TFLOP/s")
+        table.add_row(g.name, f"{g.memory_bytes / 2**30:.0f} GiB", f"{g.bandwidth / 1e9:,.0f} GB/s",
+                      f"{g.peak_flops / 1e12:,.0f} TFLOP/s")
     Console().print(table)
 
 

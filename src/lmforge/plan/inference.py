@@ -1,7 +1,13 @@
-"""Inference memory: weights at a precision, the KV cache, and a prefill workspace.
+"""Inference memory (weights at a precision, the KV cache, a prefill workspace) and the decode
+roofline.
 
 The KV cache holds K and V for every layer and token: 2 * layers * kv_heads * head_dim * bytes,
 so grouped-query attention divides it by n_heads / n_kv_heads.
+
+A decode step reads every weight it uses and every sequence's K/V once, and does ~2 FLOPs per
+weight per sequence plus attention's 4 * layers * context * heads * head_dim per sequence: it can
+take no less than the larger of bytes / bandwidth and FLOPs / peak. At small batches the bytes win
+(decode is memory-bound), which is why fewer bytes per weight decode faster.
 """
 from __future__ import annotations
 
@@ -79,3 +85,55 @@ def max_batch(cfg: ModelConfig, memory_bytes: float, seq_len: int | None = None,
         else:
             hi = mid
     return lo
+
+
+@dataclass
+class DecodeBound:
+    """The floor under one decode step of `batch` sequences with `context` tokens each, per GPU."""
+    weight_bytes: float   # weights the step reads
+    kv_bytes: float       # K/V the step reads
+    flops: float
+    bandwidth: float      # bytes/s
+    peak_flops: float
+    batch: int
+
+    @property
+    def bytes(self) -> float:
+        return self.weight_bytes + self.kv_bytes
+
+    @property
+    def memory_bound(self) -> bool:
+        return self.bytes / self.bandwidth >= self.flops / self.peak_flops
+
+    @property
+    def seconds(self) -> float:
+        return max(self.bytes / self.bandwidth, self.flops / self.peak_flops)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Aggregate: every sequence of the batch gains one token per step."""
+        return self.batch / self.seconds
+
+
+def decode_bound(cfg: ModelConfig, batch: int, context: int, bandwidth: float, peak_flops: float,
+                 weights: str = "bf16", kv: str = "bf16", tp: int = 1) -> DecodeBound:
+    """The roofline of one decode step. The LM head is read whether or not it is tied to the
+    embedding table (whose few looked-up rows are not counted). An MoE layer reads the experts its
+    batch routes to: under uniform routing E * (1 - (1 - k/E)^batch) of them on average."""
+    if batch < 1 or context < 1 or tp < 1:
+        raise LmforgeError("batch, context and tp must be at least 1")
+    if bandwidth <= 0 or peak_flops <= 0:
+        raise LmforgeError("bandwidth and peak FLOP/s must be positive")
+    head = cfg.vocab_size * cfg.dim if cfg.tie_embeddings else 0   # num_params(embeddings=False) has an untied one
+    read = cfg.num_params(embeddings=False) + head
+    if cfg.n_experts:
+        expert = 3 * cfg.dim * cfg.hidden_dim
+        touched = cfg.n_experts * (1 - (1 - cfg.n_experts_per_token / cfg.n_experts) ** batch)
+        read -= cfg.n_layers * (cfg.n_experts - touched) * expert
+    used = cfg.num_params(active=True, embeddings=False) + head
+    attention = 4 * cfg.n_layers * context * cfg.n_heads * cfg.head_dim
+    kv_per_token = kv_cache_bytes_per_token(cfg, _lookup(KV_BYTES, kv, "KV cache"))
+    return DecodeBound(weight_bytes=read * _lookup(WEIGHT_BYTES, weights, "weight") / tp,
+                       kv_bytes=batch * context * kv_per_token / min(tp, cfg.n_kv_heads),
+                       flops=batch * (2 * used + attention) / tp, bandwidth=bandwidth, peak_flops=peak_flops,
+                       batch=batch)

@@ -6,7 +6,7 @@ from rich.table import Table
 from lmforge.plan.advice import Verdict
 from lmforge.plan.arithmetic import ModelSummary
 from lmforge.plan.fitting import FitResult
-from lmforge.plan.inference import InferenceEstimate
+from lmforge.plan.inference import DecodeBound, InferenceEstimate
 from lmforge.plan.memory import comm_bytes_per_step
 from lmforge.plan.timing import TrainingTime
 
@@ -96,7 +96,7 @@ def suggestions_table(v: Verdict) -> Table | None:
 
 
 def inference_table(name: str, e: InferenceEstimate, batch: int, seq_len: int, gpu=None, usable=None,
-                    max_batch: int | None = None) -> Table:
+                    max_batch: int | None = None, bound: DecodeBound | None = None) -> Table:
     rows = [(k, gb(v)) for k, v in e.parts.items()]
     rows.append(("[bold]total per GPU[/]", f"[bold]{gb(e.total)}[/]"))
     rows.append(("KV cache per token", f"{e.kv_per_token / 1024:,.1f} KiB"))
@@ -104,6 +104,13 @@ def inference_table(name: str, e: InferenceEstimate, batch: int, seq_len: int, g
     if gpu is not None:
         rows.append((f"fits {gpu.name} ({gb(usable)} usable)", "[green]yes[/]" if e.total <= usable else "[red]no[/]"))
         rows.append((f"largest batch at {seq_len} tokens", f"{max_batch}"))
+    if bound is not None:
+        kind = "memory" if bound.memory_bound else "compute"
+        rows.append((f"decode step floor, {seq_len} tokens of context",
+                     f"{bound.seconds * 1e3:,.2f} ms ({kind}-bound: {gb(bound.bytes)} read, "
+                     f"{bound.flops / 1e12:,.2f} TFLOP)"))
+        rows.append(("decode tokens/s ceiling", f"{bound.tokens_per_s / bound.batch:,.0f} per sequence, "
+                                                f"{bound.tokens_per_s:,.0f} for the batch"))
     return _two_columns(f"inference {name}: batch {batch} x {seq_len} tokens, tp={e.tp}", rows)
 
 
