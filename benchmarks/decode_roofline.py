@@ -84,15 +84,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def sheet_bandwidth(device: torch.device, peak_gbps: float | None) -> float | None:
+def sheet_bandwidth(device: torch.device, peak_gbps: float | None) -> tuple[str, float | None]:
+    """(where the figure comes from, bytes/s): --peak-gbps, else the planner's entry for this GPU."""
     if peak_gbps:
-        return peak_gbps * 1e9
+        return "--peak-gbps", peak_gbps * 1e9
     if device.type != "cuda":
-        return None
+        return "none for a CPU: give --peak-gbps", None
     from lmforge.plan.gpus import GPUS
     name = torch.cuda.get_device_name(device).lower()
     matches = [g for key, g in GPUS.items() if key.split("-")[0] in name]
-    return max(matches, key=lambda g: len(g.name)).bandwidth if matches else None
+    if len(matches) != 1:   # none, or several (A100 40 / 80 GB): the user says which
+        return f"{name} is not one GPU of lmforge.plan's table: give --peak-gbps", None
+    return f"the {matches[0].name} data sheet", matches[0].bandwidth
 
 
 def engine_steps(engine, prompts: list[list[int]], max_tokens: int) -> list[float]:
@@ -173,9 +176,10 @@ def main():
         hf_generate(hf, all_prompts[:2], 4, tok.eos_id or 0, device)
 
     copy_bw = copy_bandwidth(device, args.copy_gib or (4.0 if device.type == "cuda" else 1.0))
-    sheet = sheet_bandwidth(device, args.peak_gbps)
+    source, sheet = sheet_bandwidth(device, args.peak_gbps)
     print(f"{device}/{args.dtype}, torch threads {torch.get_num_threads()}, measured copy "
-          f"{copy_bw / 1e9:,.1f} GB/s" + (f", data sheet {sheet / 1e9:,.0f} GB/s" if sheet else ""), flush=True)
+          f"{copy_bw / 1e9:,.1f} GB/s, data sheet " + (f"{sheet / 1e9:,.0f} GB/s ({source})" if sheet else source),
+          flush=True)
 
     raw, summary = {}, {}
     for b in batches:
