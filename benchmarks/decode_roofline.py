@@ -20,8 +20,9 @@ Achieved bandwidth = bytes / median step time, as a fraction of
   sheet  the data sheet's memory bandwidth (a GPU in lmforge.plan's table, or --peak-gbps), and
   copy   a measured device copy of a buffer far larger than the caches (read + write counted, as
          STREAM does): the bandwidth this process can practically get.
-With many streams the step turns compute-bound, and lmforge.plan's `decode_bound` says where; the
-fraction is then of a roofline the step cannot reach.
+With many streams the step turns compute-bound (lmforge.plan's `decode_bound` says where; the
+bandwidth fraction is then of a roofline the step cannot reach): GFLOP/s counts 2 FLOPs per weight per
+stream plus attention's 4 * layers * context * heads * head_dim, the same work for every side.
 """
 from __future__ import annotations
 
@@ -99,13 +100,14 @@ def sheet_bandwidth(device: torch.device, peak_gbps: float | None) -> tuple[str,
 
 
 def engine_steps(engine, prompts: list[list[int]], max_tokens: int) -> list[float]:
-    """Seconds of each decode step (every stream's prompt already in the cache)."""
+    """Seconds of each decode step of all the streams (every prompt in the cache, none finished)."""
     from lmforge.serve import SamplingParams
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     ids = [engine.add_request(None, p, params) for p in prompts]
     times = []
     while engine.has_work:
-        decoding = all(engine.seqs[i].num_computed >= engine.seqs[i].num_prompt_tokens for i in ids)
+        seqs = [engine.seqs.get(i) for i in ids]
+        decoding = all(seq is not None and seq.num_computed >= seq.num_prompt_tokens for seq in seqs)
         start = time.perf_counter()
         engine.step()
         if decoding:
@@ -149,8 +151,10 @@ def main():
     config = EngineConfig(kv_cache_mb=1024, max_num_seqs=max(batches), prefix_caching=False,
                           compile_decode=args.compile)
     float_model = load(model_path, dtype, device)
-    kv_per_token = PagedKVCache.bytes_per_block(float_model.cfg, 1, dtype)
+    cfg = float_model.cfg
+    kv_per_token = PagedKVCache.bytes_per_block(cfg, 1, dtype)
     bytes_of = {"lmforge": weight_bytes(float_model), "hf": weight_bytes(float_model)}   # the same weights
+    n_weights = bytes_of["hf"] / float_model.embed_tokens.weight.element_size()   # 2 FLOPs each per stream
     engines = {}
     for side in sides:
         if side == "lmforge":
@@ -197,17 +201,19 @@ def main():
                 rounds[side].append(statistics.median(steps))
         print(f"\n== {b} stream(s), mean context {mean_context:.0f} tokens: median decode step over "
               f"{args.repeat} rounds ==")
-        print(f"{'side':<14}{'ms/step':>24}{'tok/s':>10}{'MB/step':>10}{'GB/s':>9}{'copy':>8}{'sheet':>8}")
+        flops = b * (2 * n_weights + 4 * cfg.n_layers * mean_context * cfg.n_heads * cfg.head_dim)
+        print(f"{'side':<14}{'ms/step':>24}{'tok/s':>10}{'MB/step':>10}{'GB/s':>9}{'copy':>8}{'sheet':>8}"
+              f"{'GFLOP/s':>10}")
         for side in sides:
             s = spread(rounds[side])
             need = bytes_of[side] + b * mean_context * kv_per_token
             gbps = need / s["median"]
             row = {"step_s": s, "bytes": need, "bandwidth": gbps, "of_copy": gbps / copy_bw,
-                   "of_sheet": gbps / sheet if sheet else None}
+                   "of_sheet": gbps / sheet if sheet else None, "flops": flops}
             summary[f"{side} x{b}"], raw[f"{side} x{b}"] = row, rounds[side]
             print(f"{side:<14}{s['median'] * 1e3:>10.2f} ({s['min'] * 1e3:.2f}-{s['max'] * 1e3:.2f})"
                   f"{b / s['median']:>10.1f}{need / 1e6:>10.1f}{gbps / 1e9:>9.1f}{gbps / copy_bw:>8.0%}"
-                  f"{(f'{gbps / sheet:.0%}' if sheet else '-'):>8}")
+                  f"{(f'{gbps / sheet:.0%}' if sheet else '-'):>8}{flops / s['median'] / 1e9:>10.1f}")
     write_json(args.json, "decode_roofline", {**vars(args), "copy_bandwidth": copy_bw, "sheet_bandwidth": sheet},
                raw, summary)
 

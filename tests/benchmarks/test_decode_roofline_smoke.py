@@ -31,3 +31,4 @@ def test_decode_roofline_runs_and_counts_the_bytes_a_step_reads(tmp_path):
         assert 0.5 * PARAMS < int4_weights < 0.6 * PARAMS     # 4-bit codes + a 16-bit scale per 32
         for row in rows.values():
             assert row["step_s"]["median"] > 0 and row["bandwidth"] == pytest.approx(row["bytes"] / row["step_s"]["median"])
+            assert row["flops"] == pytest.approx(b * 2 * PARAMS, rel=0.02)   # + attention over ~45 tokens
