@@ -2,14 +2,15 @@
 
 A float32 GEMM with a few rows (a decode batch, a speculative verification) is bound by reading the
 weight, yet `F.linear`'s BLAS call re-packs the weight into its blocked layout on every call once
-there are more than ~3 rows, so 4-16 rows cost 1.7-3x what one row does. oneDNN's inner product on a
-weight reordered once into its own layout (`mkldnn._reorder_linear_weight`, valid for any number of
-rows: what Inductor's weight prepacking emits for a dynamic batch) reads it as it is. Weights from
-beyond L2, one thread, SmolLM2 (`python benchmarks/cpu_matmul_kernels.py`): the 49152x576 LM head at
-4 / 16 rows 17.2 / 25.2 ms -> 8.8 / 12.9 ms, 576x1536 (gate, up) 457 / 618 us -> 398 / 532 us. oneDNN
-pays ~10 us more per call than BLAS, so it loses at 1-3 rows and on small weights (under
-MIN_PACKED_WEIGHT, e.g. 576x576 and 576x192); from ~256 rows (prefill) BLAS is a few % faster again.
-Those cases keep `F.linear`.
+there is more than one row (Intel Xeon: from ~4 rows; AMD EPYC: from 2), so a few rows cost 1.7-3.4x
+what one row does. oneDNN's inner product on a weight reordered once into its own layout
+(`mkldnn._reorder_linear_weight`, valid for any number of rows: what Inductor's weight prepacking
+emits for a dynamic batch) reads it as it is. Weights from beyond L2, one thread, SmolLM2
+(`python benchmarks/cpu_matmul_kernels.py`): the 49152x576 LM head at 4 / 16 rows 17.2 / 25.2 ms ->
+8.8 / 12.9 ms (Xeon), at 2 / 3 rows 17.7 / 27.3 ms -> 7.3 / 8.1 ms (EPYC); 576x1536 (gate, up) at
+16 rows 618 -> 532 us (Xeon). oneDNN pays more per call than BLAS, so it loses at one row on all but
+the largest weights and on small weights at any row count (under MIN_PACKED_WEIGHT, e.g. 576x576 and
+576x192); from ~256 rows (prefill) BLAS is a few % faster again. Those cases keep `F.linear`.
 
 Layers that read the same input (q/k/v, gate/up: `packed_project`) share one call on their weights
 stacked into one packed copy: q/k/v, too small to pack alone, pack together (576x960), and one call
@@ -31,7 +32,7 @@ from torch import nn
 from lmforge.model.prepack import prepacked
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-MIN_PACKED_ROWS = 4           # below this, BLAS's small-batch path is at least as fast
+MIN_PACKED_ROWS = 2           # one row: BLAS's matrix-vector path is as fast or faster
 MAX_PACKED_ROWS = 128         # above this (prefill), BLAS is as fast or a few % faster
 MIN_PACKED_WEIGHT = 1 << 19   # elements; smaller weights are faster through BLAS at every row count
 

@@ -31,7 +31,7 @@ from lmforge.serve.speculative import DraftBudget, SpeculativeConfig, SpecState,
 from lmforge.serve.speculative.verify import sampling_probs, verify_greedy, verify_sampled
 
 log = logging.getLogger(__name__)
-WARM_UP_STREAMS = MIN_PACKED_ROWS   # decoding together: the several-rows graph and the packed weights
+WARM_UP_STREAMS = max(2, MIN_PACKED_ROWS)   # decoding together: the several-rows graph, the packed weights
 
 @dataclass
 class EngineConfig:
