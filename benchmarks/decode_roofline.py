@@ -153,8 +153,9 @@ def main():
     float_model = load(model_path, dtype, device)
     cfg = float_model.cfg
     kv_per_token = PagedKVCache.bytes_per_block(cfg, 1, dtype)
-    bytes_of = {"lmforge": weight_bytes(float_model), "hf": weight_bytes(float_model)}   # the same weights
-    n_weights = bytes_of["hf"] / float_model.embed_tokens.weight.element_size()   # 2 FLOPs each per stream
+    float_bytes = weight_bytes(float_model)
+    bytes_of = {"lmforge": float_bytes, "hf": float_bytes}   # the same weights
+    n_weights = float_bytes / float_model.embed_tokens.weight.element_size()   # 2 FLOPs each per stream
     engines = {}
     for side in sides:
         if side == "lmforge":
@@ -174,9 +175,9 @@ def main():
     if "hf" in sides:
         import transformers
         transformers.utils.logging.disable_progress_bar()
-        source = dict(pretrained_model_name_or_path=str(model_path.parent), gguf_file=model_path.name) \
+        hf_files = dict(pretrained_model_name_or_path=str(model_path.parent), gguf_file=model_path.name) \
             if model_path.suffix == ".gguf" else dict(pretrained_model_name_or_path=str(model_path))
-        hf = transformers.AutoModelForCausalLM.from_pretrained(**source, dtype=dtype).to(device).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(**hf_files, dtype=dtype).to(device).eval()
         hf_generate(hf, all_prompts[:2], 4, tok.eos_id or 0, device)
 
     copy_bw = copy_bandwidth(device, args.copy_gib or (4.0 if device.type == "cuda" else 1.0))
