@@ -38,7 +38,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch
 
 from common import spread, write_json
-from serve import QUESTIONS, hf_generate
+from serve import QUESTIONS, hf_generate, load_hf
 
 
 def weight_bytes(model) -> int:
@@ -173,11 +173,7 @@ def main():
         print(f"{side}: warmed up in {warm:.1f} s; {bytes_of[side] / 1e6:,.1f} MB of weights per step", flush=True)
     hf = None
     if "hf" in sides:
-        import transformers
-        transformers.utils.logging.disable_progress_bar()
-        hf_files = dict(pretrained_model_name_or_path=str(model_path.parent), gguf_file=model_path.name) \
-            if model_path.suffix == ".gguf" else dict(pretrained_model_name_or_path=str(model_path))
-        hf = transformers.AutoModelForCausalLM.from_pretrained(**hf_files, dtype=dtype).to(device).eval()
+        hf = load_hf(model_path, dtype, device)
         hf_generate(hf, all_prompts[:2], 4, tok.eos_id or 0, device)
 
     copy_bw = copy_bandwidth(device, args.copy_gib or (4.0 if device.type == "cuda" else 1.0))

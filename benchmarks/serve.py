@@ -196,8 +196,19 @@ class TokenClock:
         self.stamps = []
 
     def __call__(self, input_ids, scores, **kwargs):
+        if input_ids.is_cuda:   # the step's kernels done, not only queued
+            torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def load_hf(model: Path, dtype: torch.dtype, device: torch.device):
+    """The transformers peer on the same weights: from the GGUF itself (dequantised) or a checkpoint folder."""
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    files = dict(pretrained_model_name_or_path=str(model.parent), gguf_file=model.name) if model.suffix == ".gguf" \
+        else dict(pretrained_model_name_or_path=str(model))
+    return transformers.AutoModelForCausalLM.from_pretrained(**files, dtype=dtype).to(device).eval()
 
 
 def hf_generate(hf, batch: list[list[int]], max_tokens: int, pad_id: int, device) -> list[float]:
@@ -276,7 +287,7 @@ def prepare_files(args, tmp: Path, variants: list[str]) -> dict[str, Path]:
 def main():
     from lmforge.gguf_file import bundled_smollm2
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="GGUF file (default: bundled SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default=None, help="GGUF file or checkpoint (default: bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
@@ -306,12 +317,8 @@ def main():
     print(f"model {args.model.name}, {args.device}/{args.dtype}, {args.max_tokens} new tokens per request, "
           f"torch threads {torch.get_num_threads()}, {args.repeat} interleaved rounds")
 
-    import transformers
-    transformers.utils.logging.disable_progress_bar()
     device = torch.device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(args.model.parent), gguf_file=args.model.name,
-                                                           dtype=dtype).to(device).eval()
+    hf = load_hf(args.model, getattr(torch, args.dtype), device)
     pad = tok.eos_id or 0
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))

@@ -88,28 +88,36 @@ def kernel(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("group_size,n_in", [(32, 96), (64, 576), (128, 576)])
 @pytest.mark.parametrize("asym", [False, True])
-def test_pytorch_int4_kernel_equals_the_dequantised_reference_matmul(group_size, n_in, asym, monkeypatch):
-    """576 is not a multiple of 128: the kernel path pads the input to whole groups."""
+def test_pytorch_int4_kernel_equals_the_dequantised_reference_matmul(group_size, n_in, asym, device, monkeypatch):
+    """576 is not a multiple of 128: the kernel path pads the input to whole groups. On CUDA the kernel is
+    tinygemm, with its own code layout (96 columns: K tiles of 2 x 16; 576: 4 x 16)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     _use_kernel("torch", monkeypatch)
     torch.manual_seed(3)
-    lin = nn.Linear(n_in, 64, bias=False)
-    layer = rtn_linear(lin, 4, group_size, asym)
+    layer = rtn_linear(nn.Linear(n_in, 64, bias=False), 4, group_size, asym)
     x = torch.randn(3, n_in)
-    assert layer.uses_cpu_kernel(x)
-    got = layer(x)
-    assert layer._kernel_cache[0] == "torch"
     # reference in float64 with the same bfloat16 rounding of activations and scales the kernel uses
     s = layer.scales.to(torch.bfloat16).double()
     zero = (layer.scales * (8 - layer.zeros)).to(torch.bfloat16).double()
     q = layer.codes().double()
     w = (s.repeat_interleave(group_size, 1)[:, :n_in] * (q - 8) + zero.repeat_interleave(group_size, 1)[:, :n_in])
     ref = x.to(torch.bfloat16).double() @ w.t()
-    assert got.shape == (3, 64) and got.dtype == torch.float32
-    assert (got.double() - ref).abs().max() <= 1e-2 * ref.abs().max()   # bfloat16 output: ~3 digits
     exact = x.double() @ layer.dequantized().double().t()
-    assert (got.double() - exact).abs().max() <= 3e-2 * exact.abs().max()
+    layer, x = layer.to(device), x.to(device)
+    assert layer.uses_kernel(x)
+    got = layer(x)
+    assert layer._kernel_cache[0] == "torch"
+    assert got.shape == (3, 64) and got.dtype == torch.float32
+    got = got.cpu().double()
+    assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()   # bfloat16 output: ~3 digits
+    assert (got - exact).abs().max() <= 3e-2 * exact.abs().max()
+    other = rtn_linear(nn.Linear(n_in, 32, bias=False), 4, group_size, asym).to(device)
+    for fused, alone in zip(project(x, layer, other), [layer(x), other(x)]):   # one kernel call, stacked rows
+        torch.testing.assert_close(fused, alone, rtol=1e-2, atol=1e-2 * alone.abs().max().item())
 
 
 def _int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,8 +284,8 @@ def test_large_inputs_take_the_dequantised_float_path():
     torch.manual_seed(4)
     layer = rtn_linear(nn.Linear(64, 32, bias=False), 4, 32, False)
     x = torch.randn(2, 150, 64)    # 300 rows: a scoring pass, not a decode step or a prompt chunk
-    assert not layer.uses_cpu_kernel(x)
-    assert layer.uses_cpu_kernel(x[:, :100])     # 200 rows: a serving prompt chunk takes the kernel
+    assert not layer.uses_kernel(x)
+    assert layer.uses_kernel(x[:, :100])     # 200 rows: a serving prompt chunk takes the kernel
     torch.testing.assert_close(layer(x), x @ layer.dequantized().t())
 
 

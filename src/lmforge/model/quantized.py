@@ -16,6 +16,8 @@ weights and activations, is lmforge.model.w8a8):
   checkpoint holds two codes per byte, low nibble first. `in` is padded up to a whole number of
   groups (the padding codes meet zero activations). The kernel serves decode steps and prompt
   chunks up to INT4_KERNEL_MAX_ROWS rows; longer inputs use the dequantised float weight.
+  CUDA (compute capability 8.0 and up), uniform grid: PyTorch's `_weight_int4pack_mm` (the
+  tinygemm kernel: the same zero = S (8 - Z) and bfloat16 scales, its own tiled layout of the codes).
 
 `project(x, *layers)` applies several layers that read the same input (q/k/v, gate/up): Int4Linear
 layers on the kernel path share one kernel call over their concatenated rows (built on first use,
@@ -36,7 +38,8 @@ from lmforge.model.w8a8 import W8A8Linear
 
 _CPU_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
 _CPU_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-INT4_KERNEL_GROUPS = (32, 64, 128, 256)   # group sizes the CPU int4 kernel accepts
+_CUDA_INT4_MM = hasattr(torch.ops.aten, "_weight_int4pack_mm")
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)   # group sizes PyTorch's int4 kernels accept
 # The packed kernels win when decoding (a few rows: memory-bound); a long scoring pass is
 # compute-bound, where dequantising once and calling the float matmul can be faster.
 KERNEL_MAX_ROWS = 32
@@ -143,9 +146,12 @@ class Int4Linear(nn.Module):
         w = s * self.codebook.float()[q.long()] if self.codebook is not None else s * (q - z)
         return w.view(self.out_features, -1)[:, :self.in_features]
 
-    def uses_cpu_kernel(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and _CPU_INT4_MM and self.codebook is None and _rows(x) <= INT4_KERNEL_MAX_ROWS
-                and self.group_size in INT4_KERNEL_GROUPS and self.out_features % 16 == 0)
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        if self.codebook is not None or self.group_size not in INT4_KERNEL_GROUPS or _rows(x) > INT4_KERNEL_MAX_ROWS:
+            return False
+        if x.device.type == "cpu":
+            return _CPU_INT4_MM and self.out_features % 16 == 0
+        return x.device.type == "cuda" and _CUDA_INT4_MM and self.out_features % 8 == 0 and _tinygemm_runs(x.device)
 
     def _kernel_weights(self):
         if self._kernel_cache is None:
@@ -165,7 +171,7 @@ class Int4Linear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uses_cpu_kernel(x):
+        if self.uses_kernel(x):
             return _int4_kernel_mm(x, self._kernel_weights(), self.group_size,
                                    self.n_groups * self.group_size - self.in_features, self.out_features)
         return F.linear(x, self.dequantized().to(x.dtype))
@@ -184,10 +190,20 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{self.group_size} {grid}"
 
 
+_TINYGEMM_RUNS: dict[int | None, bool] = {}
+
+
+def _tinygemm_runs(device: torch.device) -> bool:
+    """PyTorch's CUDA int4 kernel is built for compute capability 8.0 (Ampere) and up (asked once a device)."""
+    if device.index not in _TINYGEMM_RUNS:
+        _TINYGEMM_RUNS[device.index] = torch.cuda.get_device_capability(device)[0] >= 8
+    return _TINYGEMM_RUNS[device.index]
+
+
 def _int4_kernel_layout(layers) -> tuple:
-    """The CPU kernel's weight for the layers' rows stacked in order: ("lmforge", packed, asym, isa) for
-    lmforge's int4 x int8 kernel (int4_cpu) where it runs, else ("torch", int4pack weight, bf16
-    scales-and-zeros) for PyTorch's.
+    """The kernel's weight for the layers' rows stacked in order: ("lmforge", packed, asym, isa) for
+    lmforge's int4 x int8 CPU kernel (int4_cpu) where it runs, else ("torch", int4pack weight, bf16
+    scales-and-zeros) for PyTorch's (CPU or CUDA, by the layers' device).
 
     The tensors are marked static for torch.compile: as plain attributes (not buffers) their sizes would
     be symbolic, and duck sizing would tie the trailing 2 of the scales-and-zeros to a batch of 2 rows,
@@ -196,16 +212,22 @@ def _int4_kernel_layout(layers) -> tuple:
     q = torch.cat([unpack_nibbles(layer.packed) for layer in layers])
     scales = torch.cat([layer.scales.float() for layer in layers])
     zeros = torch.cat([layer.zeros.float() for layer in layers])
-    layout = None
-    if int4_cpu.isa():
-        per_block = layers[0].group_size // int4_cpu.BLOCK
-        packed = int4_cpu.pack(q, scales.repeat_interleave(per_block, 1), zeros.repeat_interleave(per_block, 1))
-        if packed is not None:   # None: a scale beyond fp16's range
+    # PyTorch's kernels compute (q - 8) scale + zero: zero = S (8 - Z) gives S (q - Z)
+    scales_and_zeros = torch.stack([scales.t(), (scales * (8 - zeros)).t()], -1).to(torch.bfloat16).contiguous()
+    if q.device.type == "cuda":   # two codes a byte, the even column in the high nibble; K in tiles of 16
+        tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)   # padded K: a multiple of 32
+        weight = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), tiles)
+        layout = ("torch", weight, scales_and_zeros)
+    else:
+        packed = None
+        if int4_cpu.isa():
+            per_block = layers[0].group_size // int4_cpu.BLOCK
+            packed = int4_cpu.pack(q, scales.repeat_interleave(per_block, 1), zeros.repeat_interleave(per_block, 1))
+        if packed is not None:   # None: no lmforge kernel here, or a scale beyond fp16's range
             layout = ("lmforge", *packed, int4_cpu.isa())
-    if layout is None:
-        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-        sz = torch.stack([scales.t(), (scales * (8 - zeros)).t()], dim=-1)   # (q - 8) s + zero = s (q - Z)
-        layout = ("torch", weight, sz.to(torch.bfloat16).contiguous())
+        else:
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+            layout = ("torch", weight, scales_and_zeros)
     for tensor in layout[1:]:
         if isinstance(tensor, torch.Tensor):
             mark_static(tensor)
@@ -221,7 +243,8 @@ def _int4_kernel_mm(x, layout: tuple, group_size: int, padding: int, out_feature
         flat = flat.to(torch.bfloat16)
         if padding:
             flat = F.pad(flat, (0, padding))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layout[1], group_size, layout[2])
+        mm = torch.ops.aten._weight_int4pack_mm if flat.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = mm(flat, layout[1], group_size, layout[2])
     return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
 
@@ -235,7 +258,7 @@ def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     if fusable(layers):
         return packed_project(x, layers)
     first = layers[0]
-    if all(isinstance(layer, Int4Linear) and layer.uses_cpu_kernel(x) and layer.group_size == first.group_size
+    if all(isinstance(layer, Int4Linear) and layer.uses_kernel(x) and layer.group_size == first.group_size
            and layer.in_features == first.in_features for layer in layers):
         return first.fused_forward(layers, x)
     return [layer(x) for layer in layers]
