@@ -120,7 +120,7 @@ def test_int4_decode_compiles_two_graphs_whatever_the_batch(tiny, compiled_steps
     assert len(compiled) == 2, f"{len(compiled)} graphs compiled (expected 2: one row, several)"
 
 
-def test_a_short_prompt_joining_decodes_reuses_the_graph(tiny, compiled_steps):
+def test_short_prompts_alone_or_joining_decodes_reuse_the_warm_up_graphs(tiny, compiled_steps):
     # the several-rows graph is first compiled (by the server's warm-up) on a decode of several
     # streams, where the step's tokens and its logits rows are equal; a short prompt (<= ROW_TOKENS)
     # arriving while others decode makes a rows step with more tokens than logits rows. Duck sizing
@@ -130,7 +130,7 @@ def test_a_short_prompt_joining_decodes_reuses_the_graph(tiny, compiled_steps):
     engine = LLMEngine(copy.deepcopy(tiny), None, EngineConfig(block_size=4, num_blocks=200, compile_decode=True))
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     engine.warm_up()
-    assert len(compiled) == 2, "the warm-up did not compile both graphs"
+    assert len(compiled) == 3, "the warm-up did not compile the three graphs"
     short = PROMPTS[2][:5]
     for p in PROMPTS[:2]:
         engine.add_request(None, p, greedy)
@@ -140,7 +140,14 @@ def test_a_short_prompt_joining_decodes_reuses_the_graph(tiny, compiled_steps):
     while engine.has_work:
         engine.step()
     assert 2 + len(short) in calls[rows:], "the short prompt's step did not take the compiled path"
-    assert len(compiled) == 2, f"{len(compiled)} graphs compiled (expected 2: one row, several)"
+    # a short prompt alone: several rows, one logits row (a size-1 dimension is always specialised)
+    lone = PROMPTS[3]
+    engine.add_request(None, lone, greedy)
+    rows = len(calls)
+    while engine.has_work:
+        engine.step()
+    assert len(lone) in calls[rows:], "the lone short prompt's step did not take the compiled path"
+    assert len(compiled) == 3, f"{len(compiled)} graphs compiled (expected 3: one row, several, a lone prompt)"
 
 
 @pytest.mark.parametrize("method", ["ngram", "medusa"])

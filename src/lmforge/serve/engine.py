@@ -304,15 +304,17 @@ class LLMEngine:
 
     # --- offline use ----------------------------------------------------------------------------
     def warm_up(self) -> float:
-        """Meet the shapes serving will meet before the first request does: one stream decoding alone
-        and WARM_UP_STREAMS together (with compile_decode, both graphs compiled; on float32 CPU, the
-        packed weights built), so that a server answers its first requests at full speed. Leaves no
+        """Meet the shapes serving will meet before the first request does: one stream decoding alone,
+        WARM_UP_STREAMS together, and a short prompt alone (several rows, one logits row; with
+        compile_decode, the three graphs compiled; on float32 CPU, the packed weights built), so that a
+        server answers its first requests at full speed. Leaves no
         trace: the prefix cache, step counters and request ids start afresh, and greedy decoding
         draws nothing from the seed generator. -> seconds taken."""
         start = time.monotonic()
         params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
         self.generate([[0] * 4], params)
         self.generate([[i] * 4 for i in range(WARM_UP_STREAMS)], params)
+        self.generate([[0] * 4], params)   # its prompt step: the first one ran before anything was compiled
         self._fresh_allocator(self.blocks.num_blocks)
         self.num_steps, self._ids = 0, itertools.count()
         self.spec_stats = dict.fromkeys(self.spec_stats, 0)
