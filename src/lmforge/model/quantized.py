@@ -212,12 +212,10 @@ def _int4_kernel_layout(layers) -> tuple:
     q = torch.cat([unpack_nibbles(layer.packed) for layer in layers])
     scales = torch.cat([layer.scales.float() for layer in layers])
     zeros = torch.cat([layer.zeros.float() for layer in layers])
-    # PyTorch's kernels compute (q - 8) scale + zero: zero = S (8 - Z) gives S (q - Z)
-    scales_and_zeros = torch.stack([scales.t(), (scales * (8 - zeros)).t()], -1).to(torch.bfloat16).contiguous()
     if q.device.type == "cuda":   # two codes a byte, the even column in the high nibble; K in tiles of 16
         tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)   # padded K: a multiple of 32
         weight = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), tiles)
-        layout = ("torch", weight, scales_and_zeros)
+        layout = ("torch", weight, _torch_scales_and_zeros(scales, zeros))
     else:
         packed = None
         if int4_cpu.isa():
@@ -227,11 +225,17 @@ def _int4_kernel_layout(layers) -> tuple:
             layout = ("lmforge", *packed, int4_cpu.isa())
         else:
             weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-            layout = ("torch", weight, scales_and_zeros)
+            layout = ("torch", weight, _torch_scales_and_zeros(scales, zeros))
     for tensor in layout[1:]:
         if isinstance(tensor, torch.Tensor):
             mark_static(tensor)
     return layout
+
+
+def _torch_scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """[n_groups, out, 2] bfloat16 for PyTorch's int4 kernels, which compute (q - 8) scale + zero:
+    zero = S (8 - Z) gives S (q - Z)."""
+    return torch.stack([scales.t(), (scales * (8 - zeros)).t()], -1).to(torch.bfloat16).contiguous()
 
 
 def _int4_kernel_mm(x, layout: tuple, group_size: int, padding: int, out_features: int) -> torch.Tensor:

@@ -314,7 +314,8 @@ class LLMEngine:
         params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
         self.generate([[0] * 4], params)
         self.generate([[i] * 4 for i in range(WARM_UP_STREAMS)], params)
-        self.generate([[0] * 4], params)   # its prompt step: the first one ran before anything was compiled
+        if self.runner.compile_decode:   # its prompt step: the first one ran before anything was compiled
+            self.generate([[0] * 4], params)
         self._fresh_allocator(self.blocks.num_blocks)
         self.num_steps, self._ids = 0, itertools.count()
         self.spec_stats = dict.fromkeys(self.spec_stats, 0)
