@@ -139,6 +139,8 @@ def main():
     if unknown:
         raise SystemExit(f"unknown --sides {sorted(unknown)}")
     batches = [int(b) for b in args.batch.split(",")]
+    if min(batches) < 1:
+        raise SystemExit(f"--batch takes stream counts of at least 1, got {args.batch}")
 
     from lmforge.model import load, save
     from lmforge.quant import quantize_model

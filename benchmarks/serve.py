@@ -309,6 +309,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.concurrency.split(",")]
+    if min(levels) < 1:
+        raise SystemExit(f"--concurrency takes stream counts of at least 1, got {args.concurrency}")
 
     from lmforge.tokenizer import load_tokenizer
     tok = load_tokenizer(args.model)

@@ -35,6 +35,14 @@ def test_greedy_identical_alone_and_batched_with_7_others(smollm, smollm_tokeniz
     assert engine.blocks.num_used == 0
 
 
+@pytest.mark.parametrize("field", ["block_size", "kv_cache_mb", "max_num_seqs", "max_batched_tokens", "num_blocks"])
+@pytest.mark.parametrize("value", [0, -3])
+def test_engine_config_rejects_sizes_below_one(field, value):
+    # max_num_seqs=0 left the scheduler nothing to run: generate() looped forever
+    with pytest.raises(LmforgeError, match=f"EngineConfig.{field} must be at least 1, got {value}"):
+        EngineConfig(**{field: value})
+
+
 def test_warm_up_leaves_no_trace(tiny, smollm_tokenizer):
     # after the warm-up (which decodes prompts of token 0, drafting from them), the engine serves as a
     # fresh one does: the same unseeded samples, no prefix-cache hits from the warm-up's blocks,

@@ -48,6 +48,14 @@ class EngineConfig:
     kv_dtype: str = "auto"              # "auto" (the model's dtype) or "int8" (per-head scales, ~2x the tokens)
     prepack_weights: bool = True        # float32 on CPU: linears through oneDNN on packed copies (model/packed_linear.py)
 
+    def __post_init__(self):   # a zero here would leave the scheduler nothing to run: a silent hang
+        sizes = {"block_size": self.block_size, "kv_cache_mb": self.kv_cache_mb, "max_num_seqs": self.max_num_seqs,
+                 "max_batched_tokens": self.max_batched_tokens,
+                 "num_blocks": 1 if self.num_blocks is None else self.num_blocks}
+        for name, value in sizes.items():
+            if value < 1:
+                raise LmforgeError(f"EngineConfig.{name} must be at least 1, got {value}")
+
 
 class LLMEngine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
